@@ -1,0 +1,201 @@
+"""LightningModule for sequence classification with the prunable BERT.
+
+Task loss is cross-entropy; metrics come from torchmetrics (accuracy, F1, and MCC
+where the task reports it); AdamW with linear warm-up then linear decay. Pruners
+change the training objective through ``Pruner.training_loss`` and may attach token
+gates (``self.token_gates``), which are part of the module's state dict, so
+``BertClassifier.load_from_checkpoint(path)`` restores the pruned model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from transformers import BertConfig
+
+from modules.bert import EncoderOutput, PrunableBertForSequenceClassification
+from pruners.base import pruners_of
+
+METRICS = ("accuracy", "f1", "mcc")
+
+
+def build_metrics(names: tuple[str, ...] | list[str], num_labels: int) -> torchmetrics.MetricCollection:
+    """A MetricCollection with the named torchmetrics (binary for 2 labels, else macro multiclass).
+
+    Raises:
+        ValueError: an unknown metric name.
+    """
+    task = "binary" if num_labels == 2 else "multiclass"
+    kw = {"task": task} if task == "binary" else {"task": task, "num_classes": num_labels, "average": "macro"}
+    makers = {
+        "accuracy": lambda: torchmetrics.Accuracy(**{k: v for k, v in kw.items() if k != "average"}),
+        "f1": lambda: torchmetrics.F1Score(**kw),
+        "mcc": lambda: torchmetrics.MatthewsCorrCoef(task=task, num_classes=num_labels),
+    }
+    unknown = [n for n in names if n not in makers]
+    if unknown:
+        raise ValueError(f"Unknown metric(s) {unknown}; choose from {sorted(makers)}.")
+    return torchmetrics.MetricCollection({n: makers[n]() for n in names})
+
+
+class BertClassifier(L.LightningModule):
+    """Fine-tunes (and hosts the pruning of) a BERT sequence classifier.
+
+    Args:
+        pretrained: local Hugging Face BERT folder; ignored when ``bert_config`` is given.
+        num_labels: number of classes.
+        lr: peak learning rate of the encoder and head (AdamW).
+        weight_decay: AdamW weight decay (not applied to biases and LayerNorm).
+        warmup_fraction: fraction of training steps with linear LR warm-up.
+        metrics: metric names, from ``accuracy``, ``f1``, ``mcc``.
+        bert_config: a ``BertConfig`` dict to build a randomly initialised model
+            (tiny test models; also how checkpoints rebuild without reloading weights).
+        remove_pruned_at_eval: at evaluation, gather out pruned tokens (real speedup);
+            False only masks them (for the removal = masking check).
+
+    Raises:
+        ValueError: neither ``pretrained`` nor ``bert_config``; unknown metric; bad lr.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        num_labels: int = 2,
+        lr: float = 5e-5,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+        metrics: tuple[str, ...] | list[str] = ("accuracy", "f1"),
+        bert_config: dict | None = None,
+        remove_pruned_at_eval: bool = True,
+    ):
+        super().__init__()
+        if lr <= 0 or not 0 <= warmup_fraction < 1:
+            raise ValueError(f"model.lr={lr} must be > 0 and model.warmup_fraction={warmup_fraction} in [0, 1).")
+        if bert_config is not None:
+            self.model = PrunableBertForSequenceClassification(BertConfig(**{**bert_config, "num_labels": num_labels}))
+        elif pretrained is not None:
+            self.model = PrunableBertForSequenceClassification.from_pretrained(pretrained, num_labels)
+            bert_config = self.model.config.to_dict()
+        else:
+            raise ValueError("BertClassifier needs model.pretrained (a local BERT folder) or a bert_config.")
+        self.save_hyperparameters({**locals_to_hparams(locals()), "bert_config": bert_config})
+        self.token_gates: torch.nn.Module | None = None
+        #: set by a pruner: checkpoints only count once validation sparsity reaches it (ToP Sec. 4.1)
+        self.checkpoint_sparsity_floor: float | None = None
+        self.val_metrics = build_metrics(list(metrics), num_labels).clone(prefix="val/")
+        self.test_metrics = build_metrics(list(metrics), num_labels).clone(prefix="test/")
+        # MACs per sample of the model as run (pruned) and of the dense model, same inputs
+        self.val_macs = torchmetrics.MetricCollection(
+            {"macs_per_sample": torchmetrics.MeanMetric(), "dense_macs_per_sample": torchmetrics.MeanMetric()}
+        ).clone(prefix="val/")
+        self.test_macs = self.val_macs.clone(prefix="test/")
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, batch: dict[str, torch.Tensor], return_scores: bool = False) -> EncoderOutput:
+        """Run the classifier on a batch of (B, N) ``input_ids``/``attention_mask``/``token_type_ids``."""
+        return self.model(
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch.get("token_type_ids"),
+            token_pruner=self.token_gates,
+            remove_pruned=(not self.training) and self.token_gates is not None and self.hparams.remove_pruned_at_eval,
+            return_scores=return_scores,
+        )
+
+    def dense_macs_per_sample(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) MACs of the unpruned model on each sample's real (unpadded) length."""
+        n = batch["attention_mask"].sum(dim=1).to(torch.float32)
+        return self.model.macs([n] * len(self.model.bert.encoder.layer))
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        pruners = pruners_of(self.trainer)
+        out = self(batch, return_scores=self.token_gates is not None)
+        loss = F.cross_entropy(out.logits, batch["labels"])
+        self.log("train/task_loss", loss, prog_bar=not pruners)
+        for pruner in pruners:
+            loss, logs = pruner.training_loss(self, batch, out, loss)
+            pruner.log_metrics(self, logs)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics, macs) -> None:
+        out = self(batch)
+        metrics.update(out.logits.argmax(dim=-1), batch["labels"])
+        prefix = macs.prefix
+        macs[f"{prefix}macs_per_sample"].update(self.model.macs(out.kept_lengths))
+        macs[f"{prefix}dense_macs_per_sample"].update(self.dense_macs_per_sample(batch))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, self.val_macs)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, self.test_macs)
+
+    def _log_eval(self, metrics, macs, stage: str) -> dict[str, torch.Tensor]:
+        values = {**metrics.compute(), **macs.compute()}
+        values[f"{stage}/sparsity"] = 1.0 - values[f"{stage}/macs_per_sample"] / values[f"{stage}/dense_macs_per_sample"]
+        for key, value in values.items():
+            self.log(key, value, prog_bar=key.endswith("/accuracy"))
+        metrics.reset()
+        macs.reset()
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._log_eval(self.val_metrics, self.val_macs, "val")
+        if self.checkpoint_sparsity_floor is not None:
+            ok = values["val/sparsity"] >= self.checkpoint_sparsity_floor
+            self.log("val/accuracy_at_target", values["val/accuracy"] if ok else torch.tensor(-1.0))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval(self.test_metrics, self.test_macs, "test")
+
+    # --------------------------------------------------------------- optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the model's trainable weights (pruner parameters are added by the pruner)."""
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim == 1 else decay).append(p)
+        opt = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay, "name": "model/decay"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "model/no_decay"},
+            ],
+            lr=self.hparams.lr,
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_fraction * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        # One lambda per group present now; groups a pruner adds later keep their own constant LR.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [schedule, schedule])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.token_gates is not None:
+            checkpoint["token_gates_config"] = self.token_gates.config()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Rebuild the gates before Lightning loads the state dict, so load_from_checkpoint
+        # returns the pruned model.
+        if "token_gates_config" in checkpoint and self.token_gates is None:
+            from pruners.top import TokenGates
+
+            self.token_gates = TokenGates(**checkpoint["token_gates_config"])
+
+
+def locals_to_hparams(local_vars: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments as plain values (lists instead of tuples) for save_hyperparameters."""
+    skip = {"self", "__class__", "bert_config"}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in local_vars.items() if k not in skip}

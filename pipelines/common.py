@@ -1,0 +1,159 @@
+"""Pieces every pipeline shares: loggers, callbacks, trainers, and the run's results.json.
+
+A run may fit several times (a dense teacher, then the pruned student). Each fit is
+a *phase* with its own checkpoint folder (``checkpoints/<phase>``) and its own
+logger run (W&B run or CSV version named after the phase), finished at the end of
+the phase so multirun jobs never merge into one W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from modules.packages import default_bert_dir
+
+RESULTS_FILE = "results.json"
+
+
+def register_resolvers() -> None:
+    """Register ``${litprune.bert_dir:}`` (folder of the shipped MiniLM BERT) with OmegaConf."""
+    if not OmegaConf.has_resolver("litprune.bert_dir"):
+        OmegaConf.register_new_resolver("litprune.bert_dir", default_bert_dir)
+
+
+def build_loggers(cfg: DictConfig, phase: str) -> list:
+    """Instantiate every logger in ``cfg.logger`` (a dict keyed by name) for one phase.
+
+    W&B runs offline unless ``logger.wandb.offline=false``: files go under the run
+    dir and are synced later with ``wandb sync``; nothing waits for a network.
+    """
+    loggers = []
+    for key, node in (cfg.get("logger") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        if "WandbLogger" in node._target_:
+            if node.get("offline", True):
+                os.environ["WANDB_MODE"] = "offline"
+            os.environ.setdefault("WANDB_SILENT", "true")
+            loggers.append(instantiate(node, name=f"{cfg.task_name}-{phase}", job_type=phase))
+        else:
+            loggers.append(instantiate(node, name=phase))
+    return loggers
+
+
+def finish_loggers(loggers: list) -> None:
+    """Close logger runs (W&B ``finish``) so the next phase or multirun job starts its own."""
+    for logger in loggers:
+        logger.finalize("success")
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+
+def build_callbacks(
+    cfg: DictConfig, phase: str, monitor: str | None, mode: str = "max", has_logger: bool = True
+) -> list[L.Callback]:
+    """Instantiate ``cfg.callbacks`` (dict keyed by name); the checkpoint callback gets the phase's folder.
+
+    Args:
+        monitor: metric that picks the best checkpoint (None: keep only the last).
+        has_logger: False drops callbacks that need a logger (LearningRateMonitor).
+    """
+    callbacks = []
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        if not has_logger and node._target_.endswith("LearningRateMonitor"):
+            continue
+        if key == "model_checkpoint":
+            callbacks.append(
+                instantiate(
+                    node,
+                    dirpath=str(Path(cfg.paths.output_dir) / "checkpoints" / phase),
+                    monitor=monitor,
+                    mode=mode,
+                    save_top_k=1 if monitor else 0,
+                )
+            )
+        else:
+            callbacks.append(instantiate(node))
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, phase: str, callbacks: list[L.Callback], loggers: list, **overrides) -> L.Trainer:
+    """``cfg.trainer`` instantiated with the phase's callbacks and loggers (``overrides`` win)."""
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+
+
+def checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint:
+    """The trainer's ModelCheckpoint.
+
+    Raises:
+        ValueError: none is configured (``callbacks.model_checkpoint`` is required).
+    """
+    if trainer.checkpoint_callback is None:
+        raise ValueError("callbacks.model_checkpoint is required: the run reloads its final checkpoint.")
+    return trainer.checkpoint_callback
+
+
+def _clean(value: Any) -> Any:
+    """Make a value JSON-safe: tensors and numpy scalars to floats, NaN/inf to None."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_results(out_dir: str | Path, results: dict[str, Any]) -> Path:
+    """Write ``results.json`` atomically (temp file + rename) under the run dir and return its path."""
+    path = Path(out_dir) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(results), indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A short text table of the headline figures (metrics, MACs, latency, speedup)."""
+    rows = []
+    models = [k for k in ("dense", "pruned", "uniform") if isinstance(results.get(k), dict)]
+    metric_names = sorted({m for k in models for m in results[k].get("metrics", {})})
+    batch_sizes = sorted({b for k in models for b in results[k].get("latency_ms", {})}, key=int)
+    header = ["model", *metric_names, "MACs/sample", "params", *[f"ms@bs{b}" for b in batch_sizes]]
+    for k in models:
+        r = results[k]
+        macs = r.get("macs_per_sample")
+        params = r.get("params")
+        rows.append(
+            [
+                k,
+                *[f"{r.get('metrics', {}).get(m, float('nan')):.4f}" for m in metric_names],
+                f"{macs / 1e6:.1f}M" if macs else "-",
+                f"{params / 1e6:.2f}M" if params else "-",
+                *[f"{r.get('latency_ms', {}).get(b, float('nan')):.1f}" for b in batch_sizes],
+            ]
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    out = [line(header), *(line(r) for r in rows)]
+    if "speedup" in results:
+        out.append("speedup: " + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup"].items()))
+    if "macs_reduction" in results:
+        out.append(f"MACs reduction: {results['macs_reduction']:.2f}x")
+    return "\n".join(out)
