@@ -386,7 +386,8 @@ class PrunableBertForSequenceClassification(nn.Module):
         scores = None
         for i, layer in enumerate(self.bert.encoder.layer):
             if i in pruning_layers:
-                keep = token_pruner.token_keep(i, scores, present)
+                alive = present if weight is None else present & (weight > 0)
+                keep = token_pruner.token_keep(i, scores, alive)
                 if keep.dtype == torch.bool:
                     present = present & keep
                     if remove_pruned:

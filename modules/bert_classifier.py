@@ -156,19 +156,19 @@ class BertClassifier(L.LightningModule):
 
     # --------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over the model's trainable weights (pruner parameters are added by the pruner)."""
+        """AdamW with linear warm-up and decay over the model's trainable weights, plus the
+        pruners' own parameter groups (``Pruner.param_groups``) at constant learning rates."""
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim == 1 else decay).append(p)
-        opt = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.hparams.weight_decay, "name": "model/decay"},
-                {"params": no_decay, "weight_decay": 0.0, "name": "model/no_decay"},
-            ],
-            lr=self.hparams.lr,
-        )
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay, "name": "model/decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "model/no_decay"},
+        ]
+        extra = [g for pruner in pruners_of(self._trainer) for g in pruner.param_groups(self)]
+        opt = torch.optim.AdamW(groups + extra, lr=self.hparams.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.hparams.warmup_fraction * total)
 
@@ -177,8 +177,8 @@ class BertClassifier(L.LightningModule):
                 return (step + 1) / (warmup + 1)
             return max(0.0, (total - step) / max(1, total - warmup))
 
-        # One lambda per group present now; groups a pruner adds later keep their own constant LR.
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [schedule, schedule])
+        lambdas = [schedule] * len(groups) + [lambda step: 1.0] * len(extra)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------- checkpoints
@@ -197,5 +197,14 @@ class BertClassifier(L.LightningModule):
 
 def locals_to_hparams(local_vars: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments as plain values (lists instead of tuples) for save_hyperparameters."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
     skip = {"self", "__class__", "bert_config"}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in local_vars.items() if k not in skip}
+    out = {}
+    for k, v in local_vars.items():
+        if k in skip:
+            continue
+        if isinstance(v, (ListConfig, DictConfig)):  # torch's weights_only loading rejects OmegaConf objects
+            v = OmegaConf.to_container(v, resolve=True)
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out

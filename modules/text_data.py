@@ -139,7 +139,15 @@ class TextClassificationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        # Batches of similar length (shuffled megabatches sorted by length) waste little
+        # compute on padding; transformers' sampler does exactly this.
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        ds = self.datasets["train"]
+        sampler = LengthGroupedSampler(self.batch_size, lengths=[len(x) for x in ds.encodings["input_ids"]])
+        return DataLoader(
+            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=self._collate
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", shuffle=False)

@@ -30,6 +30,22 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("litprune.bert_dir", default_bert_dir)
 
 
+def build(node: DictConfig, **kwargs) -> Any:
+    """``hydra.utils.instantiate`` that re-raises a constructor's own error unwrapped.
+
+    Hydra wraps constructor errors in ``InstantiationException``; our config, data and
+    file errors already say what is wrong and how to fix it, so they surface as they are.
+    """
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, FileNotFoundError)):
+            raise err.__cause__ from None
+        raise
+
+
 def build_loggers(cfg: DictConfig, phase: str) -> list:
     """Instantiate every logger in ``cfg.logger`` (a dict keyed by name) for one phase.
 

@@ -90,6 +90,15 @@ class Pruner(L.Callback):
         """
         return task_loss, {}
 
+    def param_groups(self, pl_module: L.LightningModule) -> list[dict[str, Any]]:
+        """Extra optimizer parameter groups (own learning rates, ``maximize`` for multipliers).
+
+        The module's ``configure_optimizers`` appends them after its own groups and keeps
+        their learning rate constant. Called after :meth:`setup`, so parameters created
+        there (and restored from a checkpoint) are the ones optimised.
+        """
+        return []
+
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable figures of the finished pruning (written to results.json)."""
         return {}

@@ -1,0 +1,80 @@
+"""Benchmark: dense versus ToP-pruned BERT inference latency, from a finished `pruner=top` run.
+
+    python benchmarks/top_latency.py RUN_DIR [--batch-sizes 1 8 32 64] [--repeats 30] [--threads 2]
+
+Reads RUN_DIR/results.json for the dense and pruned checkpoints, rebuilds the run's
+test split, times both models interleaved in this process (pruned tokens physically
+removed) and writes RUN_DIR/benchmark_top_latency.json, printing a table. It is a
+benchmark, not a test: it asserts nothing and only reports what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from modules.bert_classifier import BertClassifier  # noqa: E402
+from pipelines.common import build, register_resolvers  # noqa: E402
+from pipelines.text import time_models  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns what it wrote.
+
+    Raises:
+        FileNotFoundError: RUN_DIR has no results.json or no Hydra config (.hydra/config.yaml).
+        ValueError: the run has no pruned model (it was not a pruning run).
+    """
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--examples", type=int, default=64)
+    args = ap.parse_args(argv)
+    results_path = args.run_dir / "results.json"
+    config_path = args.run_dir / ".hydra" / "config.yaml"
+    for p in (results_path, config_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: RUN_DIR must be the output folder of a finished run.py run.")
+    results = json.loads(results_path.read_text())
+    if "pruned" not in results:
+        raise ValueError(f"{results_path} has no pruned model; benchmark a run with a pruner (e.g. pruner=top).")
+    register_resolvers()
+    cfg = OmegaConf.load(config_path)
+    datamodule = build(cfg.data)
+    datamodule.setup("test")
+    models = {
+        name: BertClassifier.load_from_checkpoint(results[name]["checkpoint"], map_location="cpu")
+        for name in ("dense", "pruned")
+    }
+    torch.manual_seed(0)
+    latency, proto = time_models(
+        models, datamodule, args.batch_sizes, args.warmup, args.repeats, args.threads, args.examples
+    )
+    out = {
+        "run_dir": str(args.run_dir),
+        "latency_ms": latency,
+        "speedup": {bs: latency["dense"][bs] / latency["pruned"][bs] for bs in latency["dense"]},
+        "macs_reduction": results.get("macs_reduction"),
+        "accuracy": {name: results[name]["metrics"]["accuracy"] for name in ("dense", "pruned")},
+        "protocol": proto,
+    }
+    (args.run_dir / "benchmark_top_latency.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"{'batch':>6} {'dense ms':>10} {'pruned ms':>10} {'speedup':>8}")
+    for bs in latency["dense"]:
+        print(f"{bs:>6} {latency['dense'][bs]:>10.2f} {latency['pruned'][bs]:>10.2f} {out['speedup'][bs]:>7.2f}x")
+    print(f"written: {args.run_dir / 'benchmark_top_latency.json'}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,465 @@
+"""ToP: constraint-aware, ranking-distilled token pruning (Li et al., KDD 2023, arXiv 2306.14393).
+
+Pieces:
+
+* :class:`TokenGates` - coarse-to-fine hard-concrete gates (Sec. 3.2): one gate per
+  *rank bin* per pruning layer, plus one gate per pruning layer deciding whether that
+  layer prunes at all. Tokens are ranked by the attention they received in the
+  previous layer; pruning is cumulative; [CLS] is never pruned. At evaluation the
+  gates are deterministic and closed tokens are removed (gathered out) by the encoder.
+* :func:`expected_macs` - the analytic MACs constraint from the expected kept length
+  of every layer, per sample, on the unpadded length (Sec. 3.3).
+* :func:`arp2_loss` - LambdaLoss ARP-2 ranking distillation (Wang et al. 2018; ToP Sec. 3.4).
+* :class:`ToPPruner` - the Lightning callback that trains it all: KL logits
+  distillation (T = 2) + task loss + Lagrangian ``lambda1 (s - t) + lambda2 (s - t)^2``
+  with the multipliers maximised + ranking distillation, target sparsity ``t`` ramped
+  linearly over a warm-up.
+
+Unlike the reference code, which only masks tokens, the model this trains really
+removes them at inference (see ``modules.bert.gather_tokens``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.bert import layer_macs
+from pruners.base import Pruner, PrunerConfigError, check_positive_int, check_range
+from pruners.hard_concrete import HardConcreteGates
+
+
+def straight_through_binary(z: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """``1[z > threshold]`` in the forward pass, identity gradient to ``z`` in the backward pass."""
+    hard = (z > threshold).to(z.dtype)
+    return hard + z - z.detach()
+
+
+def rank_bins(scores: torch.Tensor, candidates: torch.Tensor, bin_count: int) -> torch.Tensor:
+    """Bin of each candidate token by its normalised rank: ``floor(rank / m * bin_count)``.
+
+    Rank 0 is the highest score; ``m`` is the sample's number of candidates.
+
+    Args:
+        scores: (B, N) token scores.
+        candidates: (B, N) bool, tokens that take part in the ranking.
+        bin_count: number of bins.
+
+    Returns:
+        (B, N) int64 bins in [0, bin_count); non-candidates get bin 0 (callers mask them).
+    """
+    s = scores.detach().masked_fill(~candidates, float("-inf"))
+    order = torch.argsort(s, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+    m = candidates.sum(dim=1, keepdim=True).clamp_min(1)
+    bins = torch.div(rank * bin_count, m, rounding_mode="floor").clamp_(max=bin_count - 1)
+    return bins.masked_fill(~candidates, 0)
+
+
+class TokenGates(nn.Module):
+    """Coarse-to-fine token gates of ToP (arXiv 2306.14393 Sec. 3.2).
+
+    Args:
+        num_layers: encoder layers of the model.
+        pruning_layers: layers before which tokens may be pruned (layer 0 never prunes:
+            it has no scores yet).
+        bin_count: rank bins per pruning layer.
+        token_init_log_alpha: initial log_alpha of the token gates (positive = keep).
+        layer_init_log_alpha: initial log_alpha of the layer gates (negative = layer off).
+
+    Raises:
+        PrunerConfigError: pruning layers outside 1..num_layers-1, duplicates, bin_count < 2.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        pruning_layers: list[int] | tuple[int, ...],
+        bin_count: int = 25,
+        token_init_log_alpha: float = 2.0,
+        layer_init_log_alpha: float = -1.0,
+    ):
+        super().__init__()
+        layers = tuple(int(x) for x in pruning_layers)
+        if not layers or len(set(layers)) != len(layers) or any(not 1 <= x < num_layers for x in layers):
+            raise PrunerConfigError(
+                f"pruner.pruning_layers={list(layers)} must be distinct layer indices in 1..{num_layers - 1} "
+                f"(the model has {num_layers} layers; layer 0 has no token scores yet)."
+            )
+        check_positive_int("pruner.bin_count", bin_count, minimum=2)
+        self.num_layers = num_layers
+        self.pruning_layers = tuple(sorted(layers))
+        self.bin_count = bin_count
+        self._init = (float(token_init_log_alpha), float(layer_init_log_alpha))
+        self.token = HardConcreteGates(len(layers) * bin_count, init_log_alpha=token_init_log_alpha)
+        self.layer = HardConcreteGates(len(layers), init_log_alpha=layer_init_log_alpha)
+        self._slot = {layer: i for i, layer in enumerate(self.pruning_layers)}
+
+    def config(self) -> dict[str, Any]:
+        """Plain constructor arguments (stored in checkpoints to rebuild the gates)."""
+        return {
+            "num_layers": self.num_layers,
+            "pruning_layers": list(self.pruning_layers),
+            "bin_count": self.bin_count,
+            "token_init_log_alpha": self._init[0],
+            "layer_init_log_alpha": self._init[1],
+        }
+
+    def token_keep_prob(self) -> torch.Tensor:
+        """(P, bin_count) probability that each token gate is non-zero."""
+        return self.token.prob_nonzero().view(len(self.pruning_layers), self.bin_count)
+
+    def layer_on_prob(self) -> torch.Tensor:
+        """(P,) probability that each layer gate is on (its sample exceeds 0.5, the straight-through threshold)."""
+        return self.layer.prob_above(0.5)
+
+    def keep_ratio(self) -> torch.Tensor:
+        """(P,) expected fraction of the surviving (non-CLS) tokens each pruning layer keeps.
+
+        Bins hold equal shares of the ranked tokens, so a layer that prunes keeps the
+        mean bin keep probability: ``1 - P(on) (1 - mean_b P(z_b != 0))``.
+        """
+        return 1.0 - self.layer_on_prob() * (1.0 - self.token_keep_prob().mean(dim=1))
+
+    def deterministic(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation gates: (P,) bool layer on (log_alpha > 0) and (P, bin_count) bool kept bins (top-k)."""
+        p = len(self.pruning_layers)
+        layer_on = self.layer.log_alpha.detach() > 0
+        return layer_on, self.token.deterministic_topk(groups=p).view(p, self.bin_count)
+
+    def token_keep(self, layer: int, scores: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        """Keep mask of the tokens entering ``layer`` (the encoder's ``TokenPrunerHook``).
+
+        Args:
+            layer: a pruning layer.
+            scores: (B, N) attention received in the previous layer.
+            alive: (B, N) bool, tokens still present.
+
+        Returns:
+            training: (B, N) float in [0, 1] (sampled gates); evaluation: (B, N) bool.
+        """
+        slot = self._slot[layer]
+        candidates = alive.clone()
+        candidates[:, 0] = False  # [CLS] is never pruned
+        bins = rank_bins(scores, candidates, self.bin_count)
+        if self.training:
+            z_tok = self.token.sample().view(len(self.pruning_layers), self.bin_count)[slot]
+            z_layer = straight_through_binary(self.layer.sample()[slot])
+            keep = 1.0 - z_layer * (1.0 - z_tok[bins])
+            return torch.where(candidates, keep, alive.to(keep.dtype))
+        layer_on, kept = self.deterministic()
+        if not bool(layer_on[slot]):
+            return alive
+        return alive & (~candidates | kept[slot][bins])
+
+
+def expected_macs(gates: TokenGates, lengths: torch.Tensor, hidden: int, intermediate: int) -> torch.Tensor:
+    """Expected encoder MACs per sample under the gate distribution (arXiv 2306.14393 Sec. 3.3).
+
+    The kept length entering pruning layer ``l`` is ``1 + m_l`` with
+    ``m_l = m_{l-1} * keep_ratio_l`` ([CLS] always kept, ``m_0 = length - 1``).
+
+    Args:
+        gates: the token gates.
+        lengths: (B,) real (unpadded) sequence lengths in tokens.
+        hidden, intermediate: layer sizes.
+
+    Returns:
+        (B,) expected MACs (differentiable in the gates' log_alpha).
+    """
+    ratio = gates.keep_ratio()
+    m = lengths.to(ratio.dtype) - 1.0
+    total = torch.zeros_like(m)
+    for i in range(gates.num_layers):
+        if i in gates._slot:
+            m = m * ratio[gates._slot[i]]
+        total = total + layer_macs(1.0 + m, hidden, intermediate)
+    return total
+
+
+def arp2_loss(
+    student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, top_k: int = 20, sigma: float = 1.0
+) -> torch.Tensor:
+    """LambdaLoss ARP-2 ranking distillation over the teacher's top-K tokens.
+
+    ``sum_{i,j: y_i > y_j} |y_i - y_j| * log2(1 + exp(-sigma (s_i - s_j))) / n^2``, per
+    sample, averaged over the batch (Wang et al. 2018, "The LambdaLoss Framework";
+    ToP arXiv 2306.14393 Sec. 3.4). ``y`` are the teacher's token scores, ``s`` the
+    student's, both multiplied by the sample's valid length so they average 1 and do
+    not shrink with sequence length; ``n`` is the number of tokens ranked (<= K).
+
+    Args:
+        student: (B, N) student scores.
+        teacher: (B, N) teacher scores (relevance labels; no gradient).
+        valid: (B, N) bool, tokens to rank (no padding, no [CLS]).
+        top_k: K.
+        sigma: the logistic slope.
+
+    Returns:
+        Scalar loss.
+    """
+    n_valid = valid.sum(dim=1, keepdim=True).clamp_min(1).to(student.dtype)
+    y_all = teacher.detach().masked_fill(~valid, float("-inf"))
+    k = min(top_k, student.shape[1])
+    y, idx = torch.topk(y_all, k, dim=1)
+    in_list = torch.isfinite(y)
+    y = torch.where(in_list, y, torch.zeros_like(y)) * n_valid
+    s = torch.gather(student, 1, idx) * n_valid
+    pair = (y[:, :, None] > y[:, None, :]) & in_list[:, :, None] & in_list[:, None, :]
+    gain = (y[:, :, None] - y[:, None, :]).abs()
+    logistic = F.softplus(-sigma * (s[:, :, None] - s[:, None, :])) / math.log(2.0)
+    n = in_list.sum(dim=1).clamp_min(1).to(student.dtype)
+    per_sample = (pair * gain * logistic).sum(dim=(1, 2)) / (n * n)
+    return per_sample.mean()
+
+
+def lagrangian(expected_sparsity: torch.Tensor, target: float, lambda1: torch.Tensor, lambda2: torch.Tensor) -> torch.Tensor:
+    """``lambda1 (s - t) + lambda2 (s - t)^2`` (arXiv 2306.14393 Eq. 8; Wang et al. 2020 arXiv 1910.04732).
+
+    Minimised by the gates, maximised by the multipliers: while ``s < t`` ascent
+    drives ``lambda1`` negative, and the gates' descent then raises ``s``.
+    """
+    gap = expected_sparsity - target
+    return lambda1 * gap + lambda2 * gap * gap
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened logits times T^2 (Hinton et al. 2015). (B, C) -> scalar."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student_logits / t, dim=-1), F.softmax(teacher_logits.detach() / t, dim=-1), reduction="batchmean"
+    ) * (t * t)
+
+
+class ToPPruner(Pruner):
+    """Token pruning with ToP (arXiv 2306.14393) as a Lightning callback.
+
+    Attaches :class:`TokenGates` to the module (``pl_module.token_gates``, saved in its
+    state dict), freezes the embeddings, adds optimizer groups for the gates (descent)
+    and the Lagrange multipliers (ascent, ``maximize=True``), and replaces the training
+    loss with ``task + kd + Lagrangian + alpha_t * ranking``.
+
+    Args:
+        target_sparsity: final MACs sparsity ``1 - MACs_pruned / MACs_dense``, in [0, 1).
+        teacher_ckpt: checkpoint of a fine-tuned dense ``BertClassifier`` (a
+            ``pruner=none`` run); None lets the pipeline fine-tune one first.
+        teacher_epochs: epochs of that in-run dense fine-tuning.
+        pruning_layers: layers before which tokens are pruned; None = 1..L-1.
+        distill_layers: layers whose token scores are distilled towards the teacher's
+            final-layer ranking; None = the first half of the scoring layers (ToP: 1-3 of 12).
+        bin_count: rank bins per pruning layer (ToP: 25 for SST-2).
+        warmup_fraction: fraction of training steps over which the target ramps 0 -> target
+            and the ranking weight decays alpha -> 0.01 alpha.
+        gate_lr: learning rate of the gates' log_alpha.
+        multiplier_lr: learning rate of the Lagrange multipliers (gradient ascent).
+        rank_alpha: initial weight of the ranking loss.
+        rank_top_k: K, teacher tokens ranked.
+        kd_temperature: logits distillation temperature.
+        kd_weight, task_weight: weights of the KL and task losses.
+        token_init_log_alpha, layer_init_log_alpha: gate initialisation (keep / off).
+        freeze_embeddings: keep the embeddings fixed while pruning (as in ToP).
+        model_lr: learning rate of the model weights while pruning; None keeps ``model.lr``.
+
+    Raises:
+        PrunerConfigError: a setting out of range (named, with the allowed range).
+    """
+
+    name = "top"
+
+    def __init__(
+        self,
+        target_sparsity: float = 0.5,
+        teacher_ckpt: str | None = None,
+        teacher_epochs: int = 1,
+        pruning_layers: list[int] | None = None,
+        distill_layers: list[int] | None = None,
+        bin_count: int = 25,
+        warmup_fraction: float = 0.3,
+        gate_lr: float = 0.05,
+        multiplier_lr: float = 0.05,
+        rank_alpha: float = 0.01,
+        rank_top_k: int = 20,
+        kd_temperature: float = 2.0,
+        kd_weight: float = 1.0,
+        task_weight: float = 1.0,
+        token_init_log_alpha: float = 2.0,
+        layer_init_log_alpha: float = -1.0,
+        freeze_embeddings: bool = True,
+        model_lr: float | None = None,
+        name: str = "top",
+    ):
+        super().__init__()
+        self.target_sparsity = check_range("pruner.target_sparsity", target_sparsity, 0.0, 1.0)
+        self.teacher_ckpt = teacher_ckpt
+        self.teacher_epochs = check_positive_int("pruner.teacher_epochs", teacher_epochs)
+        self.pruning_layers = list(pruning_layers) if pruning_layers is not None else None
+        self.distill_layers = list(distill_layers) if distill_layers is not None else None
+        self.bin_count = check_positive_int("pruner.bin_count", bin_count, minimum=2)
+        self.warmup_fraction = check_range("pruner.warmup_fraction", warmup_fraction, 0.0, 1.0, high_open=False)
+        self.gate_lr = check_range("pruner.gate_lr", gate_lr, 0.0, math.inf, low_open=True)
+        self.multiplier_lr = check_range("pruner.multiplier_lr", multiplier_lr, 0.0, math.inf, low_open=True)
+        self.rank_alpha = check_range("pruner.rank_alpha", rank_alpha, 0.0, math.inf)
+        self.rank_top_k = check_positive_int("pruner.rank_top_k", rank_top_k, minimum=2)
+        self.kd_temperature = check_range("pruner.kd_temperature", kd_temperature, 0.0, math.inf, low_open=True)
+        self.kd_weight = check_range("pruner.kd_weight", kd_weight, 0.0, math.inf)
+        self.task_weight = check_range("pruner.task_weight", task_weight, 0.0, math.inf)
+        self.token_init_log_alpha = float(token_init_log_alpha)
+        self.layer_init_log_alpha = float(layer_init_log_alpha)
+        self.freeze_embeddings = bool(freeze_embeddings)
+        self.model_lr = None if model_lr is None else check_range("pruner.model_lr", model_lr, 0.0, math.inf, low_open=True)
+        self.name = name
+        self.lambda1 = nn.Parameter(torch.zeros(()))
+        self.lambda2 = nn.Parameter(torch.zeros(()))
+        self.teacher: nn.Module | None = None
+        self._total_steps = 1
+        self._last: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ setup
+    def attach(self, pl_module: L.LightningModule) -> TokenGates:
+        """Give the module its token gates (kept if already there, e.g. when resuming)."""
+        n_layers = len(pl_module.model.bert.encoder.layer)
+        if pl_module.token_gates is None:
+            layers = self.pruning_layers if self.pruning_layers is not None else list(range(1, n_layers))
+            pl_module.token_gates = TokenGates(
+                n_layers, layers, self.bin_count, self.token_init_log_alpha, self.layer_init_log_alpha
+            )
+        gates = pl_module.token_gates
+        scoring = [l - 1 for l in gates.pruning_layers]
+        if self.distill_layers is None:
+            self.distill_layers = scoring[: max(1, len(scoring) // 2)]
+        bad = [l for l in self.distill_layers if l not in scoring]
+        if bad:
+            raise PrunerConfigError(
+                f"pruner.distill_layers={self.distill_layers}: layers {bad} do not score any pruning layer; "
+                f"choose from {scoring} (each pruning layer l is scored by layer l-1)."
+            )
+        return gates
+
+    def load_teacher(self, path: str) -> nn.Module:
+        """Load the frozen dense teacher from a ``BertClassifier`` checkpoint.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+        """
+        from pathlib import Path
+
+        from modules.bert_classifier import BertClassifier
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"pruner.teacher_ckpt={path} does not exist; point it at a checkpoint of a `pruner=none` run "
+                "or leave it unset to fine-tune the teacher in this run."
+            )
+        teacher = BertClassifier.load_from_checkpoint(path, map_location="cpu").model.eval()
+        teacher.requires_grad_(False)
+        self.teacher_ckpt = str(path)
+        self.teacher = teacher
+        return teacher
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.teacher is None:
+            if self.teacher_ckpt is None:
+                raise PrunerConfigError("ToP needs a teacher: set pruner.teacher_ckpt or let the pipeline fine-tune one.")
+            self.load_teacher(self.teacher_ckpt)
+        self.attach(pl_module)
+        if self.freeze_embeddings:
+            pl_module.model.bert.embeddings.requires_grad_(False)
+        pl_module.checkpoint_sparsity_floor = self.target_sparsity - 0.01
+
+    def param_groups(self, pl_module: L.LightningModule) -> list[dict[str, Any]]:
+        """Gates (descent, ``gate_lr``) and Lagrange multipliers (ascent: ``maximize=True``, ``multiplier_lr``)."""
+        return [
+            {"params": list(pl_module.token_gates.parameters()), "lr": self.gate_lr, "weight_decay": 0.0,
+             "name": "pruner/gates"},
+            {"params": [self.lambda1, self.lambda2], "lr": self.multiplier_lr, "weight_decay": 0.0,
+             "maximize": True, "name": "pruner/lagrangian"},
+        ]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._total_steps = max(1, int(trainer.estimated_stepping_batches))
+
+    # ------------------------------------------------------------- objective
+    def schedule(self, step: int) -> tuple[float, float]:
+        """(target sparsity, ranking weight) at ``step``: linear ramp 0 -> target and decay alpha -> 0.01 alpha."""
+        warm = max(1, int(self.warmup_fraction * self._total_steps))
+        frac = min(1.0, step / warm)
+        return self.target_sparsity * frac, self.rank_alpha * (1.0 - 0.99 * frac)
+
+    def training_loss(self, pl_module, batch, outputs, task_loss):
+        gates: TokenGates = pl_module.token_gates
+        cfg = pl_module.model.config
+        with torch.no_grad():
+            teacher_out = self.teacher(
+                batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), return_scores=True
+            )
+        lengths = batch["attention_mask"].sum(dim=1)
+        exp_macs = expected_macs(gates, lengths, cfg.hidden_size, cfg.intermediate_size)
+        full = expected_macs_dense(lengths, len(pl_module.model.bert.encoder.layer), cfg.hidden_size, cfg.intermediate_size)
+        sparsity = 1.0 - exp_macs.sum() / full.sum()
+        target, alpha = self.schedule(pl_module.trainer.global_step)
+        lag = lagrangian(sparsity, target, self.lambda1, self.lambda2)
+        kd = kd_loss(outputs.logits, teacher_out.logits, self.kd_temperature)
+        valid = batch["attention_mask"].bool().clone()
+        valid[:, 0] = False
+        rank = sum(arp2_loss(outputs.scores[l], teacher_out.scores[-1], valid, self.rank_top_k) for l in self.distill_layers)
+        loss = self.task_weight * task_loss + self.kd_weight * kd + lag + alpha * rank
+        logs = {
+            "expected_sparsity": sparsity.detach(),
+            "target_sparsity": target,
+            "lambda1": self.lambda1.detach(),
+            "lambda2": self.lambda2.detach(),
+            "lagrangian": lag.detach(),
+            "kd_loss": kd.detach(),
+            "rank_loss": rank.detach(),
+        }
+        self._last = {k: float(v) for k, v in logs.items()}
+        return loss, logs
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.token_gates.token.clamp_()
+        pl_module.token_gates.layer.clamp_()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gates: TokenGates = pl_module.token_gates
+        ratio = gates.keep_ratio().detach()
+        on = gates.layer_on_prob().detach()
+        for layer, r, p in zip(gates.pruning_layers, ratio, on):
+            self.log_metrics(pl_module, {f"keep_ratio/layer{layer}": r, f"layer_on_prob/layer{layer}": p})
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "lambda1": self.lambda1.detach().clone(),
+            "lambda2": self.lambda2.detach().clone(),
+            "teacher_ckpt": self.teacher_ckpt,
+            "distill_layers": self.distill_layers,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.lambda1.copy_(state_dict["lambda1"])
+            self.lambda2.copy_(state_dict["lambda2"])
+        self.teacher_ckpt = state_dict.get("teacher_ckpt", self.teacher_ckpt)
+        self.distill_layers = state_dict.get("distill_layers", self.distill_layers)
+
+    def summary(self) -> dict[str, Any]:
+        """Settings and final training-time figures of the pruning (for results.json)."""
+        return {
+            "method": "ToP (arXiv 2306.14393)",
+            "target_sparsity": self.target_sparsity,
+            "teacher_ckpt": self.teacher_ckpt,
+            "last_train_step": self._last,
+        }
+
+
+def expected_macs_dense(lengths: torch.Tensor, num_layers: int, hidden: int, intermediate: int) -> torch.Tensor:
+    """(B,) MACs of the unpruned encoder on each sample's real length (the constraint's denominator)."""
+    return num_layers * layer_macs(lengths.to(torch.float32), hidden, intermediate)

@@ -1,0 +1,176 @@
+"""ToP pieces: hard-concrete gate statistics, deterministic eval gates, ARP-2, Lagrangian, constraint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from modules.bert import layer_macs
+from pruners.base import PrunerConfigError
+from pruners.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGates
+from pruners.top import (
+    ToPPruner,
+    TokenGates,
+    arp2_loss,
+    expected_macs,
+    expected_macs_dense,
+    lagrangian,
+    rank_bins,
+)
+
+
+def test_hard_concrete_samples_match_their_analytic_statistics():
+    torch.manual_seed(0)
+    gates = HardConcreteGates(3, init_log_alpha=0.0)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([-2.0, 0.0, 2.0]))
+    z = torch.stack([gates.sample() for _ in range(20000)])
+    assert z.min() >= 0 and z.max() <= 1
+    assert (z == 0).any() and (z == 1).any()  # the stretch puts real mass on exact 0 and 1
+    torch.testing.assert_close((z > 0).float().mean(0), gates.prob_nonzero().detach(), atol=0.015, rtol=0)
+    torch.testing.assert_close((z > 0.5).float().mean(0), gates.prob_above(0.5).detach(), atol=0.015, rtol=0)
+    # log_alpha = 0 is symmetric: P(z > 0.5) = 1/2
+    assert gates.prob_above(0.5)[1].item() == pytest.approx(0.5)
+
+
+def test_sample_is_differentiable_and_clamp_bounds_log_alpha():
+    gates = HardConcreteGates(4, init_log_alpha=0.5)
+    gates.sample().sum().backward()
+    assert gates.log_alpha.grad is not None
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([-10.0, -1.0, 1.0, 10.0]))
+    gates.clamp_()
+    assert gates.log_alpha.tolist() == pytest.approx([LOG_ALPHA_MIN, -1.0, 1.0, LOG_ALPHA_MAX])
+
+
+def test_deterministic_gates_keep_expected_count_of_largest_log_alpha():
+    gates = HardConcreteGates(8)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([4.6, -4.6, 4.6, -4.6, 4.6, 4.6, -4.6, -4.6]))
+    first = gates.deterministic_topk(groups=2)
+    second = gates.deterministic_topk(groups=2)
+    assert torch.equal(first, second)
+    expected_k = torch.round(gates.prob_nonzero().view(2, 4).sum(1)).tolist()
+    assert first.view(2, 4).sum(1).tolist() == expected_k == [2.0, 2.0]
+    assert first.tolist() == [True, False, True, False, True, True, False, False]
+
+
+def test_token_gates_are_deterministic_at_eval_and_never_drop_cls():
+    torch.manual_seed(0)
+    gates = TokenGates(4, [1, 2, 3], bin_count=5)
+    with torch.no_grad():
+        gates.layer.log_alpha.fill_(2.0)
+        gates.token.log_alpha.uniform_(-3, 3)
+    gates.eval()
+    scores = torch.rand(3, 10)
+    alive = torch.ones(3, 10, dtype=torch.bool)
+    alive[2, 6:] = False
+    a = gates.token_keep(2, scores, alive)
+    b = gates.token_keep(2, scores, alive)
+    assert a.dtype == torch.bool and torch.equal(a, b)
+    assert a[:, 0].all()
+    assert not (a & ~alive).any()  # padding stays out
+    gates.train()
+    soft = gates.token_keep(2, scores, alive)
+    assert soft.dtype == torch.float32 and (soft[:, 0] == 1).all() and (soft[~alive] == 0).all()
+
+
+def test_rank_bins_follow_score_order():
+    scores = torch.tensor([[9.0, 0.1, 0.5, 0.3, 0.9]])
+    cand = torch.tensor([[False, True, True, True, True]])
+    # ranks among candidates: 0.9 -> 0, 0.5 -> 1, 0.3 -> 2, 0.1 -> 3; 4 candidates, 2 bins
+    assert rank_bins(scores, cand, 2).tolist() == [[0, 1, 0, 1, 0]]
+
+
+def test_arp2_loss_on_a_hand_computed_example():
+    teacher = torch.tensor([[0.0, 0.5, 0.3, 0.2]])
+    student = torch.tensor([[0.0, 0.1, 0.2, 0.0]])
+    valid = torch.tensor([[False, True, True, True]])
+    # Both score vectors are scaled by the 3 valid tokens: y = (1.5, 0.9, 0.6), s = (0.3, 0.6, 0.0).
+    y, s = (1.5, 0.9, 0.6), (0.3, 0.6, 0.0)
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    want = sum(abs(y[i] - y[j]) * math.log2(1 + math.exp(-(s[i] - s[j]))) for i, j in pairs) / 9
+    assert arp2_loss(student, teacher, valid, top_k=20).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_arp2_loss_prefers_the_teacher_ranking_and_uses_only_top_k():
+    teacher = torch.tensor([[0.0, 0.4, 0.3, 0.2, 0.1]])
+    valid = torch.tensor([[False, True, True, True, True]])
+    agree = arp2_loss(torch.tensor([[0.0, 0.4, 0.3, 0.2, 0.1]]), teacher, valid)
+    reverse = arp2_loss(torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4]]), teacher, valid)
+    assert agree < reverse
+    # With K = 2 only the teacher's two best tokens are ranked: the last two do not matter.
+    a = arp2_loss(torch.tensor([[0.0, 0.4, 0.3, 0.0, 9.0]]), teacher, valid, top_k=2)
+    b = arp2_loss(torch.tensor([[0.0, 0.4, 0.3, 5.0, -9.0]]), teacher, valid, top_k=2)
+    assert a.item() == pytest.approx(b.item())
+
+
+def test_lagrangian_ascent_and_descent_push_sparsity_towards_target():
+    log_alpha = torch.zeros(4, requires_grad=True)
+    l1 = torch.zeros((), requires_grad=True)
+    l2 = torch.zeros((), requires_grad=True)
+    gate_opt = torch.optim.SGD([log_alpha], lr=0.1)
+    mult_opt = torch.optim.SGD([l1, l2], lr=0.1, maximize=True)
+    target = 0.8
+    for _ in range(5):
+        sparsity = 1 - torch.sigmoid(log_alpha).mean()  # 0.5 < target
+        loss = lagrangian(sparsity, target, l1, l2)
+        gate_opt.zero_grad()
+        mult_opt.zero_grad()
+        loss.backward()
+        gate_opt.step()
+        mult_opt.step()
+    assert l1.item() < 0  # ascent on lambda1 (s - t) with s < t drives lambda1 negative
+    assert l2.item() > 0  # ascent on lambda2 (s - t)^2 is always upwards
+    assert 1 - torch.sigmoid(log_alpha).mean().item() > 0.5  # and the gates raised the sparsity
+
+
+def test_expected_macs_bounds():
+    lengths = torch.tensor([10, 20])
+    gates = TokenGates(4, [1, 2, 3], bin_count=4)
+    dense = expected_macs_dense(lengths, 4, 8, 16)
+    torch.testing.assert_close(dense, torch.tensor([4 * layer_macs(10.0, 8, 16), 4 * layer_macs(20.0, 8, 16)]))
+    with torch.no_grad():
+        gates.layer.log_alpha.fill_(LOG_ALPHA_MIN)  # layers almost surely do not prune
+    off = expected_macs(gates, lengths, 8, 16)
+    assert ((dense - off) / dense < 0.01).all()
+    with torch.no_grad():
+        gates.layer.log_alpha.fill_(LOG_ALPHA_MAX)
+        gates.token.log_alpha.fill_(LOG_ALPHA_MIN)  # prune almost everything but CLS
+    on = expected_macs(gates, lengths, 8, 16)
+    floor = layer_macs(lengths.float(), 8, 16) + 3 * layer_macs(1.0, 8, 16)
+    assert (on >= floor - 1e-3).all() and ((on - floor) / floor < 0.2).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, setting",
+    [
+        ({"target_sparsity": 1.0}, "pruner.target_sparsity"),
+        ({"target_sparsity": -0.1}, "pruner.target_sparsity"),
+        ({"bin_count": 1}, "pruner.bin_count"),
+        ({"gate_lr": 0}, "pruner.gate_lr"),
+        ({"warmup_fraction": 1.5}, "pruner.warmup_fraction"),
+    ],
+)
+def test_bad_settings_are_config_errors_naming_the_setting(kwargs, setting):
+    with pytest.raises(PrunerConfigError, match=setting.replace(".", r"\.")):
+        ToPPruner(**kwargs)
+
+
+def test_pruning_layer_zero_is_rejected():
+    with pytest.raises(PrunerConfigError, match="pruning_layers"):
+        TokenGates(4, [0, 1])
+
+
+def test_pruner_state_round_trip():
+    a = ToPPruner(teacher_ckpt="teacher.ckpt")
+    with torch.no_grad():
+        a.lambda1.fill_(-0.7)
+        a.lambda2.fill_(0.3)
+    a.distill_layers = [0, 1]
+    b = ToPPruner()
+    b.load_state_dict(a.state_dict())
+    assert b.lambda1.item() == pytest.approx(-0.7) and b.lambda2.item() == pytest.approx(0.3)
+    assert b.teacher_ckpt == "teacher.ckpt" and b.distill_layers == [0, 1]
