@@ -1,0 +1,631 @@
+"""Time-ordered click streams cut into consecutive windows, for prequential evaluation.
+
+Three sources, one encoding:
+
+* :class:`MovieLensStream` (``data=movielens``): MovieLens-100K shipped in recbole==1.2.1,
+  sorted by timestamp, click = rating >= 4, with user / item side features and
+  past-only history features.
+* :class:`CsvStream` (``data=stream_csv``): any CSV or Parquet log with a timestamp, a
+  binary label, categorical and numeric columns.
+* :class:`CriteoStream` (``data=criteo``): the Criteo display-advertising TSV format
+  (label, 13 integer, 26 hashed categorical features; empty fields allowed; rows are
+  already in time order).
+
+Every source yields a :class:`EncodedStream` of ``N`` rows in time order:
+
+* ``dense`` ``(N, K)`` float32 numeric features (stateless transforms or past-only counts);
+* ``sparse`` ``(N, F_s)`` int64 bucket ids of the single-valued categorical features,
+  hashed into ``[1, hash_buckets)`` with a fixed hash (``pandas.util.hash_array``), so ids
+  never seen before map to a valid row and no vocabulary is built from the future;
+* ``multi`` ``(N, F_m, L)`` int64 bucket ids of multi-valued features, padded with 0;
+* ``label`` ``(N,)`` float32 0/1; ``timestamp`` ``(N,)`` float64 (seconds, or the row
+  number when the source has no clock); ``window`` ``(N,)`` int64, non-decreasing.
+
+The stream is cut into windows by ``window``: an integer (rows per window) or a time
+span string understood by ``pandas.Timedelta`` (``"7D"``, ``"12h"``). A training
+"batch" is one whole window (see ``modules.dlrm.DLRMModule``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from modules.packages import package_file
+from modules.text_data import DataError
+
+MISSING = "<missing>"
+
+
+# ----------------------------------------------------------------------------- encoding helpers
+def hash_bucket(values: pd.Series | np.ndarray, buckets: int) -> np.ndarray:
+    """Stable hash of values (as strings; missing -> ``"<missing>"``) into ``[1, buckets)``.
+
+    Row 0 of every table is reserved for padding. The hash is ``pandas.util.hash_array``
+    (SipHash with a fixed key), identical across runs and machines.
+
+    Returns:
+        ``(N,)`` int64 ids.
+    """
+    s = pd.Series(values, copy=False).astype(object)
+    s = s.where(s.notna(), MISSING).astype(str)
+    h = pd.util.hash_array(s.to_numpy(dtype=object))
+    return (h % np.uint64(buckets - 1)).astype(np.int64) + 1
+
+
+def hash_multi(values: pd.Series, buckets: int, separator: str | None) -> np.ndarray:
+    """Multi-valued strings (tokens split on ``separator``, whitespace when None) -> ``(N, L)`` ids, 0-padded."""
+    lists = [[] if (v is None or (isinstance(v, float) and math.isnan(v))) else str(v).split(separator) for v in values]
+    lists = [[t.strip() for t in row if t.strip()] for row in lists]
+    width = max(1, max((len(r) for r in lists), default=1))
+    out = np.zeros((len(lists), width), dtype=np.int64)
+    flat = [t for r in lists for t in r]
+    if flat:
+        ids = hash_bucket(np.asarray(flat, dtype=object), buckets)
+        pos = 0
+        for i, r in enumerate(lists):
+            out[i, : len(r)] = ids[pos : pos + len(r)]
+            pos += len(r)
+    return out
+
+
+def signed_log1p(x: np.ndarray) -> np.ndarray:
+    """``sign(x) * log(1 + |x|)``: a stateless squashing of counts (needs no statistics of the future)."""
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+def past_history(keys: pd.Series, timestamps: pd.Series, labels: pd.Series, prior: float = 0.5, strength: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: how many earlier events the same key had, and its smoothed past click rate.
+
+    Only events with a strictly earlier timestamp count (ties are not "before"), so a
+    feature never looks at the current event, an event at the same second, or the future.
+    Rows must already be sorted by time.
+
+    Args:
+        keys: ``(N,)`` entity of each event (user id, item id, ...).
+        timestamps: ``(N,)`` non-decreasing.
+        labels: ``(N,)`` 0/1.
+        prior, strength: the rate is ``(clicks + prior * strength) / (count + strength)``.
+
+    Returns:
+        ``count_before`` ``(N,)`` float and ``rate_before`` ``(N,)`` float.
+    """
+    frame = pd.DataFrame({"k": keys.to_numpy(), "t": timestamps.to_numpy(), "y": labels.to_numpy(dtype=float)})
+    by_key = frame.groupby("k", sort=False)
+    by_tie = frame.groupby(["k", "t"], sort=False)
+    count = by_key.cumcount().to_numpy() - by_tie.cumcount().to_numpy()
+    clicks = (by_key["y"].cumsum() - frame["y"]).to_numpy() - (by_tie["y"].cumsum() - frame["y"]).to_numpy()
+    rate = (clicks + prior * strength) / (count + strength)
+    return count.astype(float), rate
+
+
+def assign_windows(timestamps: np.ndarray, window: int | str, has_clock: bool = True) -> np.ndarray:
+    """Window index ``(N,)`` (0, 1, 2, ... consecutive, empty spans skipped) of time-ordered rows.
+
+    Args:
+        timestamps: ``(N,)`` non-decreasing, in seconds.
+        window: rows per window (int >= 1) or a time span (``"7D"``, ``"1h"``; pandas Timedelta).
+        has_clock: False when the source has no timestamps (then only row counts are allowed).
+
+    Raises:
+        DataError: a bad window setting.
+    """
+    n = len(timestamps)
+    if isinstance(window, (int, np.integer)) and not isinstance(window, bool):
+        if window < 1:
+            raise DataError(f"data.window={window} must be >= 1 rows or a time span such as '7D'.")
+        return np.arange(n, dtype=np.int64) // int(window)
+    if isinstance(window, str) and window.strip().isdigit():
+        return assign_windows(timestamps, int(window), has_clock)
+    if not has_clock:
+        raise DataError(f"data.window={window!r}: this stream has no timestamps; give a row count, e.g. data.window=10000.")
+    try:
+        span = pd.Timedelta(window).total_seconds()
+    except (ValueError, TypeError):
+        raise DataError(f"data.window={window!r} is neither a row count nor a time span like '7D' or '12h'.") from None
+    if span <= 0:
+        raise DataError(f"data.window={window!r} must be a positive time span.")
+    raw = np.floor((timestamps - timestamps[0]) / span).astype(np.int64) if n else np.zeros(0, np.int64)
+    _, dense_ids = np.unique(raw, return_inverse=True)
+    return dense_ids.astype(np.int64)
+
+
+@dataclass
+class EncodedStream:
+    """A time-ordered, encoded stream (shapes in the module docstring)."""
+
+    dense: torch.Tensor
+    sparse: torch.Tensor
+    multi: torch.Tensor
+    label: torch.Tensor
+    timestamp: torch.Tensor
+    window: torch.Tensor
+    dense_names: list[str]
+    sparse_names: list[str]
+    multi_names: list[str]
+    num_embeddings: list[int]
+    multi_num_embeddings: list[int]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    @property
+    def num_windows(self) -> int:
+        """Number of windows."""
+        return int(self.window[-1]) + 1 if len(self) else 0
+
+    def window_bounds(self) -> list[tuple[int, int]]:
+        """``[(start_row, end_row), ...]`` of each window (end exclusive)."""
+        counts = torch.bincount(self.window, minlength=self.num_windows).tolist()
+        ends = np.cumsum(counts).tolist()
+        return [(e - c, e) for c, e in zip(counts, ends)]
+
+
+def encode(
+    frame: pd.DataFrame,
+    *,
+    timestamps: np.ndarray,
+    labels: np.ndarray,
+    dense_columns: list[str],
+    sparse_columns: list[str],
+    multi_columns: list[str],
+    hash_buckets: int,
+    window: int | str,
+    multi_separator: str | None = None,
+    has_clock: bool = True,
+    info: dict | None = None,
+) -> EncodedStream:
+    """Encode a time-sorted frame whose numeric columns are already transformed (see module docstring).
+
+    Raises:
+        DataError: no categorical feature, no numeric feature, or a bad window.
+    """
+    if not sparse_columns and not multi_columns:
+        raise DataError("The stream needs at least one categorical column (data.categorical_columns).")
+    if not dense_columns:
+        raise DataError("The stream needs at least one numeric feature (data.numeric_columns or history columns).")
+    n = len(frame)
+    dense = frame[dense_columns].to_numpy(dtype=np.float32) if n else np.zeros((0, len(dense_columns)), np.float32)
+    sparse = np.stack([hash_bucket(frame[c], hash_buckets) for c in sparse_columns], axis=1) if sparse_columns else np.zeros((n, 0), np.int64)
+    if multi_columns:
+        parts = [hash_multi(frame[c], hash_buckets, multi_separator) for c in multi_columns]
+        width = max(p.shape[1] for p in parts)
+        multi = np.stack([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts], axis=1)
+    else:
+        multi = np.zeros((n, 0, 1), np.int64)
+    ts = np.asarray(timestamps, dtype=np.float64)
+    return EncodedStream(
+        dense=torch.from_numpy(np.ascontiguousarray(dense)),
+        sparse=torch.from_numpy(np.ascontiguousarray(sparse)),
+        multi=torch.from_numpy(np.ascontiguousarray(multi)),
+        label=torch.from_numpy(np.array(labels, dtype=np.float32)),
+        timestamp=torch.from_numpy(ts.copy()),
+        window=torch.from_numpy(assign_windows(ts, window, has_clock)),
+        dense_names=list(dense_columns),
+        sparse_names=list(sparse_columns),
+        multi_names=list(multi_columns),
+        num_embeddings=[hash_buckets] * len(sparse_columns),
+        multi_num_embeddings=[hash_buckets] * len(multi_columns),
+        info=dict(info or {}),
+    )
+
+
+# ----------------------------------------------------------------------------- datasets
+class WindowDataset(Dataset):
+    """Item ``w`` is window ``w`` as one dict: ``dense``, ``sparse``, ``multi``, ``label`` (rows of the
+    window), ``window`` (int), ``start`` (first timestamp) and ``minibatch_size`` (int)."""
+
+    def __init__(self, stream: EncodedStream, minibatch_size: int):
+        self.stream, self.minibatch_size = stream, minibatch_size
+        self.bounds = stream.window_bounds()
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def __getitem__(self, w: int) -> dict:
+        a, b = self.bounds[w]
+        s = self.stream
+        return {
+            "dense": s.dense[a:b],
+            "sparse": s.sparse[a:b],
+            "multi": s.multi[a:b],
+            "label": s.label[a:b],
+            "window": w,
+            "start": float(s.timestamp[a]) if b > a else math.nan,
+            "minibatch_size": self.minibatch_size,
+        }
+
+
+class StreamDataModule(L.LightningDataModule):
+    """Base class: subclasses implement :meth:`load` returning an :class:`EncodedStream`.
+
+    The train dataloader yields the windows in time order, one window per batch, never
+    shuffled. There is no validation loop: evaluation is prequential inside training.
+
+    Args:
+        window: rows per window (int) or a time span (``"7D"``).
+        batch_size: training minibatch size inside a window.
+        hash_buckets: rows of every embedding table (ids are hashed into ``[1, hash_buckets)``).
+        limit_rows: keep only the first ``limit_rows`` rows of the time-ordered stream.
+
+    Raises:
+        DataError: bad settings (at construction) or unusable data (at :meth:`setup`).
+    """
+
+    def __init__(self, window: int | str = "7D", batch_size: int = 256, hash_buckets: int = 4096, limit_rows: int | None = None):
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"data.batch_size={batch_size!r} must be an integer >= 1.")
+        if isinstance(hash_buckets, bool) or not isinstance(hash_buckets, int) or hash_buckets < 2:
+            raise DataError(f"data.hash_buckets={hash_buckets!r} must be an integer >= 2.")
+        if limit_rows is not None and (not isinstance(limit_rows, int) or limit_rows < 1):
+            raise DataError(f"data.limit_rows={limit_rows!r} must be null or an integer >= 1.")
+        self.window, self.batch_size, self.hash_buckets, self.limit_rows = window, batch_size, hash_buckets, limit_rows
+        self.stream: EncodedStream | None = None
+
+    def load(self) -> EncodedStream:
+        """Read, sort, featurize and encode the whole stream."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the stream once."""
+        if self.stream is None:
+            self.stream = self.load()
+            if len(self.stream) == 0:
+                raise DataError("The stream has no rows after loading; check the file and data.limit_rows.")
+
+    def model_sizes(self) -> dict[str, Any]:
+        """Feature sizes the DLRM needs: ``num_dense``, ``num_embeddings``, ``multi_num_embeddings``."""
+        self.setup()
+        s = self.stream
+        return {"num_dense": len(s.dense_names), "num_embeddings": s.num_embeddings, "multi_num_embeddings": s.multi_num_embeddings}
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(WindowDataset(self.stream, self.batch_size), batch_size=None, shuffle=False, num_workers=0)
+
+    def num_optimizer_steps(self) -> int:
+        """Minibatch (optimizer) steps of one pass over the stream."""
+        self.setup()
+        return sum(math.ceil((b - a) / self.batch_size) for a, b in self.stream.window_bounds())
+
+    def describe(self) -> dict[str, Any]:
+        """Stream statistics for results.json (rows, windows, click rate, time span, features)."""
+        self.setup()
+        s = self.stream
+        return {
+            "rows": len(s),
+            "windows": s.num_windows,
+            "window": self.window,
+            "click_rate": float(s.label.mean()),
+            "first_timestamp": float(s.timestamp[0]),
+            "last_timestamp": float(s.timestamp[-1]),
+            "numeric_features": s.dense_names,
+            "categorical_features": s.sparse_names,
+            "multi_valued_features": s.multi_names,
+            "hash_buckets": self.hash_buckets,
+            **s.info,
+        }
+
+    def _limit(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return frame.iloc[: self.limit_rows] if self.limit_rows else frame
+
+
+def _line_of(index_label: Any, header: bool = True) -> int:
+    """1-based file line of a row with 0-based position ``index_label`` (header line counted)."""
+    return int(index_label) + (2 if header else 1)
+
+
+# ----------------------------------------------------------------------------- MovieLens
+AGE_BINS = [0, 18, 25, 35, 45, 50, 56, 200]
+AGE_LABELS = ["<18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"]
+
+
+def read_recbole_table(path: Path) -> pd.DataFrame:
+    """Read a recbole atomic file (tab-separated, header ``name:type``), stripping the ``:type`` suffix.
+
+    Raises:
+        DataError: the file cannot be parsed.
+    """
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"Could not parse {path}: {err}") from None
+    df.columns = [c.split(":")[0] for c in df.columns]
+    return df
+
+
+def movielens_frame(inter: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+    """Join MovieLens interactions with user and item side data, sort by time, add features.
+
+    Adds (all per row, using only events with a strictly earlier timestamp for history):
+    ``label`` (rating >= 4), ``age_bucket``, ``zip_prefix`` (first 3 characters),
+    ``user_count`` / ``item_count`` (log1p of earlier events), ``user_rate`` / ``item_rate``
+    (smoothed earlier click rate), ``item_age`` (event year - release year, signed log).
+
+    Raises:
+        DataError: missing columns or non-numeric rating / timestamp.
+    """
+    for name, df, cols in (("ml-100k.inter", inter, ["user_id", "item_id", "rating", "timestamp"]),
+                           ("ml-100k.user", users, ["user_id", "age", "gender", "occupation", "zip_code"]),
+                           ("ml-100k.item", items, ["item_id", "release_year", "class"])):
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise DataError(f"{name} lacks columns {missing}; it has {list(df.columns)}. Reinstall recbole==1.2.1.")
+    df = inter.copy()
+    df["rating"] = pd.to_numeric(df["rating"], errors="coerce")
+    df["timestamp"] = pd.to_numeric(df["timestamp"], errors="coerce")
+    bad = df["rating"].isna() | df["timestamp"].isna()
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(f"ml-100k.inter line {_line_of(i)}: rating and timestamp must be numbers.")
+    df = df.merge(users, on="user_id", how="left").merge(items[["item_id", "release_year", "class"]], on="item_id", how="left")
+    df = df.sort_values("timestamp", kind="mergesort").reset_index(drop=True)
+    df["label"] = (df["rating"] >= 4).astype(np.float32)
+    age = pd.to_numeric(df["age"], errors="coerce")
+    df["age_bucket"] = pd.cut(age, AGE_BINS, right=False, labels=AGE_LABELS).astype(object)
+    df["zip_prefix"] = df["zip_code"].astype(str).str[:3]
+    for key in ("user", "item"):
+        count, rate = past_history(df[f"{key}_id"], df["timestamp"], df["label"])
+        df[f"{key}_count"] = np.log1p(count)
+        df[f"{key}_rate"] = rate
+    year = pd.to_datetime(df["timestamp"], unit="s").dt.year
+    release = pd.to_numeric(df["release_year"], errors="coerce")
+    df["item_age"] = signed_log1p((year - release).fillna(0).to_numpy(dtype=float))
+    return df
+
+
+class MovieLensStream(StreamDataModule):
+    """MovieLens-100K from recbole==1.2.1 as a time-ordered click stream (``data=movielens``).
+
+    Categorical: user_id, item_id, gender, occupation, age bucket, zip prefix, release year;
+    multi-valued: genres (an embedding bag). Numeric (past only): log user / item
+    interaction counts so far, smoothed user / item click rates so far, item age.
+
+    Raises:
+        modules.packages.MissingDataPackageError: recbole is not installed (names the pip command).
+    """
+
+    SPARSE = ["user_id", "item_id", "gender", "occupation", "age_bucket", "zip_prefix", "release_year"]
+    MULTI = ["class"]
+    DENSE = ["user_count", "item_count", "user_rate", "item_rate", "item_age"]
+
+    def load(self) -> EncodedStream:
+        base = "dataset_example/ml-100k/ml-100k"
+        inter = read_recbole_table(package_file("recbole", f"{base}.inter"))
+        users = read_recbole_table(package_file("recbole", f"{base}.user"))
+        items = read_recbole_table(package_file("recbole", f"{base}.item"))
+        df = self._limit(movielens_frame(inter, users, items))
+        return encode(
+            df, timestamps=df["timestamp"].to_numpy(float), labels=df["label"].to_numpy(), dense_columns=self.DENSE,
+            sparse_columns=self.SPARSE, multi_columns=self.MULTI, hash_buckets=self.hash_buckets, window=self.window,
+            multi_separator=None, info={"source": "MovieLens-100K (recbole==1.2.1), click = rating >= 4"},
+        )
+
+
+# ----------------------------------------------------------------------------- generic CSV / Parquet logs
+def read_log(path: str | Path) -> pd.DataFrame:
+    """Read a CSV / TSV / Parquet log by extension (.csv, .tsv/.tab, .parquet/.pq).
+
+    Raises:
+        DataError: missing file, unknown extension, malformed rows (with the line), empty file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Data file not found: {path}. Set data.path to an existing CSV or Parquet file.")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        elif suffix in (".csv", ".tsv", ".tab"):
+            df = pd.read_csv(path, sep="," if suffix == ".csv" else "\t", on_bad_lines="error")
+        else:
+            raise DataError(f"Unknown log file type {suffix!r} for {path}; use .csv, .tsv or .parquet.")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"Data file {path} is empty; it needs a header row and rows.") from None
+    except pd.errors.ParserError as err:
+        raise DataError(f"Malformed row in {path}: {err}. Every row needs as many fields as the header.") from None
+    if len(df) == 0:
+        raise DataError(f"Data file {path} has a header but no rows.")
+    return df
+
+
+def check_binary_labels(values: pd.Series, path: str | Path, column: str, header: bool = True) -> np.ndarray:
+    """0/1 labels as float32 ``(N,)``; accepts 0/1 numbers, booleans and "0"/"1"/"true"/"false".
+
+    Raises:
+        DataError: a missing or non-binary label, naming the file, line and value.
+    """
+    if values.dtype == bool:
+        return values.to_numpy(dtype=np.float32)
+    mapping = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0, "false": 0.0, "true": 1.0}
+    text = values.astype(str).str.strip().str.lower()
+    mapped = text.map(mapping)
+    bad = mapped.isna().to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{path} line {_line_of(i, header)}: label column {column!r} has value {values.iloc[i]!r}; labels must be "
+            f"binary (0/1 or true/false). Map your label to 0/1 first."
+        )
+    return mapped.to_numpy(dtype=np.float32)
+
+
+def numeric_column(values: pd.Series, path: str | Path, column: str, header: bool = True) -> np.ndarray:
+    """A numeric feature column as float ``(N,)`` (missing -> 0).
+
+    Raises:
+        DataError: a non-numeric value, naming the file, line and value.
+    """
+    num = pd.to_numeric(values, errors="coerce")
+    bad = (num.isna() & values.notna() & (values.astype(str).str.strip() != "")).to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path} line {_line_of(i, header)}: numeric column {column!r} has non-numeric value {values.iloc[i]!r}.")
+    return num.fillna(0.0).to_numpy(dtype=float)
+
+
+class CsvStream(StreamDataModule):
+    """Any CSV / Parquet interaction log (``data=stream_csv``).
+
+    Args:
+        path: the file.
+        timestamp_column: Unix seconds (numbers) or date-time strings.
+        label_column: binary label.
+        categorical_columns: single-valued categorical columns (hashed).
+        numeric_columns: numeric columns (missing -> 0, then ``sign(x) log(1+|x|)``).
+        multi_valued_columns: columns holding several tokens separated by ``multi_separator``.
+        multi_separator: token separator of multi-valued columns.
+        history_columns: columns (e.g. a user id) for which past-only interaction counts and
+            smoothed click rates are added as numeric features.
+        window, batch_size, hash_buckets, limit_rows: see :class:`StreamDataModule`.
+
+    Raises:
+        DataError: unknown columns (listing the file's columns), a missing or unparsable
+            timestamp, a non-binary label, a non-numeric numeric value (file and line).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        timestamp_column: str,
+        label_column: str,
+        categorical_columns: list[str] = (),
+        numeric_columns: list[str] = (),
+        multi_valued_columns: list[str] = (),
+        multi_separator: str = "|",
+        history_columns: list[str] = (),
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.path = path
+        self.timestamp_column, self.label_column = timestamp_column, label_column
+        self.categorical_columns = list(categorical_columns or [])
+        self.numeric_columns = list(numeric_columns or [])
+        self.multi_valued_columns = list(multi_valued_columns or [])
+        self.multi_separator = multi_separator
+        self.history_columns = list(history_columns or [])
+
+    def load(self) -> EncodedStream:
+        path = self.path
+        df = read_log(path)
+        settings = {"timestamp_column": [self.timestamp_column], "label_column": [self.label_column],
+                    "categorical_columns": self.categorical_columns, "numeric_columns": self.numeric_columns,
+                    "multi_valued_columns": self.multi_valued_columns, "history_columns": self.history_columns}
+        for setting, cols in settings.items():
+            unknown = [c for c in cols if c not in df.columns]
+            if unknown:
+                raise DataError(f"data.{setting}: column(s) {unknown} not in {path}; the file has columns {list(df.columns)}.")
+        ts_raw = df[self.timestamp_column]
+        if ts_raw.isna().any():
+            i = int(np.flatnonzero(ts_raw.isna().to_numpy())[0])
+            raise DataError(f"{path} line {_line_of(i)}: timestamp column {self.timestamp_column!r} is empty.")
+        if pd.api.types.is_numeric_dtype(ts_raw):
+            ts = ts_raw.to_numpy(dtype=float)
+        else:
+            parsed = pd.to_datetime(ts_raw, errors="coerce", utc=True)
+            if parsed.isna().any():
+                i = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+                raise DataError(f"{path} line {_line_of(i)}: cannot parse timestamp {ts_raw.iloc[i]!r}; use Unix seconds or ISO dates.")
+            ts = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=float)
+        labels = check_binary_labels(df[self.label_column], path, self.label_column)
+        feats = pd.DataFrame(index=df.index)
+        dense_names = []
+        for c in self.numeric_columns:
+            feats[f"num:{c}"] = signed_log1p(numeric_column(df[c], path, c))
+            dense_names.append(f"num:{c}")
+        for c in self.categorical_columns:
+            feats[c] = df[c]
+        for c in self.multi_valued_columns:
+            feats[f"multi:{c}"] = df[c]
+        feats["__ts"], feats["__y"] = ts, labels
+        feats = feats.iloc[np.argsort(ts, kind="mergesort")].reset_index(drop=True)
+        for c in self.history_columns:
+            col = df[c].iloc[np.argsort(ts, kind="mergesort")].reset_index(drop=True)
+            count, rate = past_history(col, feats["__ts"], feats["__y"])
+            feats[f"{c}_count"], feats[f"{c}_rate"] = np.log1p(count), rate
+            dense_names += [f"{c}_count", f"{c}_rate"]
+        feats = self._limit(feats)
+        return encode(
+            feats, timestamps=feats["__ts"].to_numpy(float), labels=feats["__y"].to_numpy(), dense_columns=dense_names,
+            sparse_columns=self.categorical_columns, multi_columns=[f"multi:{c}" for c in self.multi_valued_columns],
+            hash_buckets=self.hash_buckets, window=self.window, multi_separator=self.multi_separator,
+            info={"source": str(path)},
+        )
+
+
+# ----------------------------------------------------------------------------- Criteo
+CRITEO_INT = [f"I{i}" for i in range(1, 14)]
+CRITEO_CAT = [f"C{i}" for i in range(1, 27)]
+CRITEO_COLUMNS = ["label", *CRITEO_INT, *CRITEO_CAT]
+
+
+def read_criteo(path: str | Path) -> pd.DataFrame:
+    """Read a Criteo display-advertising TSV file: no header, 40 tab-separated fields per line
+    (label, I1..I13 integers, C1..C26 hashed categoricals), empty fields allowed.
+
+    Returns:
+        A frame with columns ``label, I1..I13, C1..C26`` (strings; empty -> "").
+
+    Raises:
+        DataError: missing file, a line with the wrong number of fields, a non-integer I
+            value or a non-binary label, naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Criteo file not found: {path}. Set data.path to a Criteo TSV file (e.g. train.txt or day_0).")
+    try:
+        df = pd.read_csv(path, sep="\t", header=None, names=CRITEO_COLUMNS, dtype=str, keep_default_na=False,
+                         na_values=[], quoting=3, on_bad_lines="error")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"Criteo file {path} is empty.") from None
+    except pd.errors.ParserError as err:
+        raise DataError(f"Malformed row in {path}: {err}. Criteo rows have exactly 40 tab-separated fields.") from None
+    if len(df) == 0:
+        raise DataError(f"Criteo file {path} is empty.")
+    short = df["C26"].isna().to_numpy()
+    if short.any():
+        i = int(np.flatnonzero(short)[0])
+        raise DataError(f"{path} line {_line_of(i, header=False)}: fewer than 40 tab-separated fields "
+                        "(label, 13 integer, 26 categorical; empty fields are allowed but the tabs must be there).")
+    return df
+
+
+class CriteoStream(StreamDataModule):
+    """The Criteo display-advertising TSV format as a stream (``data=criteo data.path=FILE``).
+
+    Rows are in time order and carry no timestamp: ``data.window`` must be a row count.
+    Integer features: missing -> 0, then ``sign(x) log(1 + |x|)``; categoricals: hashed,
+    an empty field is its own "missing" bucket.
+
+    Args:
+        path: the TSV file.
+        window, batch_size, hash_buckets, limit_rows: see :class:`StreamDataModule`.
+    """
+
+    def __init__(self, path: str, **kwargs):
+        super().__init__(**kwargs)
+        self.path = path
+
+    def load(self) -> EncodedStream:
+        df = self._limit(read_criteo(self.path))
+        labels = check_binary_labels(df["label"], self.path, "label (first field)", header=False)
+        feats = pd.DataFrame(index=df.index)
+        for c in CRITEO_INT:
+            feats[c] = signed_log1p(numeric_column(df[c], self.path, c, header=False))
+        for c in CRITEO_CAT:
+            feats[c] = df[c].where(df[c] != "", None)
+        return encode(
+            feats, timestamps=np.arange(len(df), dtype=float), labels=labels, dense_columns=CRITEO_INT,
+            sparse_columns=CRITEO_CAT, multi_columns=[], hash_buckets=self.hash_buckets, window=self.window,
+            has_clock=False, info={"source": str(self.path), "timestamp": "row number (Criteo rows are in time order)"},
+        )
