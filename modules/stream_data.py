@@ -454,7 +454,7 @@ def check_binary_labels(values: pd.Series, path: str | Path, column: str, header
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataError(
-            f"{path} line {_line_of(i, header)}: label column {column!r} has value {values.iloc[i]!r}; labels must be "
+            f"{path} line {_line_of(i, header)}: label column {column!r} has value {str(values.iloc[i])!r}; labels must be "
             f"binary (0/1 or true/false). Map your label to 0/1 first."
         )
     return mapped.to_numpy(dtype=np.float32)
@@ -470,7 +470,7 @@ def numeric_column(values: pd.Series, path: str | Path, column: str, header: boo
     bad = (num.isna() & values.notna() & (values.astype(str).str.strip() != "")).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path} line {_line_of(i, header)}: numeric column {column!r} has non-numeric value {values.iloc[i]!r}.")
+        raise DataError(f"{path} line {_line_of(i, header)}: numeric column {column!r} has non-numeric value {str(values.iloc[i])!r}.")
     return num.fillna(0.0).to_numpy(dtype=float)
 
 
@@ -592,11 +592,11 @@ def read_criteo(path: str | Path) -> pd.DataFrame:
         raise DataError(f"Malformed row in {path}: {err}. Criteo rows have exactly 40 tab-separated fields.") from None
     if len(df) == 0:
         raise DataError(f"Criteo file {path} is empty.")
-    short = df["C26"].isna().to_numpy()
-    if short.any():
-        i = int(np.flatnonzero(short)[0])
-        raise DataError(f"{path} line {_line_of(i, header=False)}: fewer than 40 tab-separated fields "
-                        "(label, 13 integer, 26 categorical; empty fields are allowed but the tabs must be there).")
+    with open(path, "rb") as f:  # pandas pads short rows silently: count the tabs of every line
+        for line_no, line in enumerate(f, start=1):
+            if line.count(b"\t") < len(CRITEO_COLUMNS) - 1 and line.strip(b"\r\n"):
+                raise DataError(f"{path} line {line_no}: fewer than 40 tab-separated fields "
+                                "(label, 13 integer, 26 categorical; empty fields are allowed but the tabs must be there).")
     return df
 
 
