@@ -24,11 +24,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from modules.dlrm import DLRMModule, count_nonzero_params, export_served
-from pipelines.common import build_callbacks, build_loggers, build_trainer, finish_loggers
+from pipelines.common import build, build_callbacks, build_loggers, build_trainer, finish_loggers
 from pipelines.latency import measure_latency_ms, protocol
 from pruners.base import pruners_of
 
@@ -56,7 +55,7 @@ def per_window(records: list[dict[str, Any]]) -> dict[str, list]:
 
 def build_module(cfg: DictConfig, dm) -> DLRMModule:
     """The DLRM LightningModule from ``cfg.model.module`` with the data's feature sizes."""
-    return instantiate(cfg.model.module, **dm.model_sizes(), _convert_="all")
+    return build(cfg.model.module, **dm.model_sizes(), _convert_="all")
 
 
 def fit_phase(cfg: DictConfig, dm, phase: str, pruner=None, after_fit=None) -> tuple[DLRMModule, list]:
@@ -143,7 +142,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    dm = instantiate(cfg.data, _convert_="all")
+    dm = build(cfg.data, _convert_="all")
     dm.setup("fit")
     results: dict[str, Any] = {
         "task": cfg.task_name,
@@ -161,7 +160,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     has_pruner = cfg.get("pruner") is not None and "_target_" in cfg.pruner
     plot_path = Path(out_dir) / PLOT_FILE
     if has_pruner:
-        pruner = instantiate(cfg.pruner, _convert_="all")
+        pruner = build(cfg.pruner, _convert_="all")
         results["pruner"] = OmegaConf.to_container(cfg.pruner, resolve=True)
 
         def after_fit(module, loggers):
