@@ -69,6 +69,7 @@ class MaskedLinear(nn.Linear):
         return _apply_mask(self.bias, self.bias_mask, self.straight_through)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., in)`` -> ``(..., out)`` with the masked weight and bias."""
         return F.linear(x, self.masked_weight(), self.masked_bias())
 
 
@@ -390,6 +391,8 @@ def count_nonzero_params(model: nn.Module) -> int:
 def window_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """ROC AUC, log loss and normalized entropy of one window.
 
+    AUC is torchmetrics' ``binary_auroc``; torchmetrics has no log-loss metric, so log loss is
+    ``torch.nn.functional.binary_cross_entropy_with_logits`` (mean, natural log).
     NE = log loss / H(p), ``H(p) = -(p log p + (1-p) log(1-p))`` with ``p`` the window's
     click rate (He et al. 2014, "Practical lessons from predicting clicks on ads at
     Facebook", section 2). Natural logarithms; lower is better; 1.0 = predicting the
@@ -502,6 +505,7 @@ class DLRMModule(L.LightningModule):
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
+        """Prequential step on one window: score it (recorded in :attr:`window_records`), then train on it."""
         window = int(batch["window"])
         labels = batch["label"].float()
         logits = self.score(batch)
