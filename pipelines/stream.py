@@ -9,6 +9,8 @@
    stream, with the pruner callback;
 4. exports served copies (masks folded, dead neurons removed), checks they compute the
    same logits, measures their CPU latency interleaved (``pipelines.latency``);
+   with an A/A control (the dense copy timed twice; ``latency_aa_ratio`` near 1 says
+   the machine was quiet enough for the speedups to mean something);
 5. plots AUC per window (dense vs pruned) and per-layer sparsity over the stream
    (PNG, also logged to W&B), and returns the results dict (``results.json``).
 
@@ -205,9 +207,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for b in lat.get("batch_sizes", [1, 4096]):
         x = latency_inputs(dm, int(b))
         calls = {k: (lambda m=m: m(*x)) for k, m in served.items()}
+        calls["dense_again"] = lambda: served["dense"](*x)  # A/A control: the same model timed twice
         ms = measure_latency_ms(calls, warmup=int(lat.get("warmup", 3)), repeats=int(lat.get("repeats", 15)), threads=threads)
-        for k, v in ms.items():
-            results[k].setdefault("latency_ms", {})[str(b)] = v
+        for k in served:
+            results[k].setdefault("latency_ms", {})[str(b)] = ms[k]
+        results.setdefault("latency_aa_ratio", {})[str(b)] = ms["dense"] / ms["dense_again"]
     what = "served copies (masks folded into nn.Linear/nn.EmbeddingBag"
     if pruner is not None and pruner.granularity == "neuron":
         what += "; pruned hidden neurons physically removed, so the MLPs are smaller)"
