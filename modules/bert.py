@@ -160,18 +160,23 @@ class BertSelfAttention(nn.Module):
         return context.transpose(1, 2).reshape(b, n, a * d), probs
 
 
-class BertSelfOutput(nn.Module):
-    """Attention output projection, dropout, residual and LayerNorm (HF ``BertSelfOutput``)."""
+class ProjectResidualNorm(nn.Module):
+    """Linear projection to the hidden size, dropout, residual add and LayerNorm.
 
-    def __init__(self, config: BertConfig):
+    Serves as HF's ``BertSelfOutput`` (after attention, ``in_features`` = A * head_dim)
+    and ``BertOutput`` (after the feed-forward expansion, ``in_features`` = I); the
+    attribute names match HF's so weights load unchanged.
+    """
+
+    def __init__(self, in_features: int, config: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """(B, N, A*head_dim), (B, N, H) -> (B, N, H)."""
-        return self.LayerNorm(self.dropout(self.dense(context)) + residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """(B, N, in_features), (B, N, H) -> (B, N, H)."""
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class BertAttention(nn.Module):
@@ -180,7 +185,7 @@ class BertAttention(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.self = BertSelfAttention(config)
-        self.output = BertSelfOutput(config)
+        self.output = ProjectResidualNorm(config.hidden_size, config)
 
 
 class BertIntermediate(nn.Module):
@@ -196,20 +201,6 @@ class BertIntermediate(nn.Module):
         return self.act(self.dense(hidden))
 
 
-class BertOutput(nn.Module):
-    """Feed-forward contraction I -> H, dropout, residual and LayerNorm."""
-
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """(B, N, I), (B, N, H) -> (B, N, H)."""
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
-
-
 class BertLayer(nn.Module):
     """One post-LayerNorm transformer encoder layer."""
 
@@ -217,7 +208,7 @@ class BertLayer(nn.Module):
         super().__init__()
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
-        self.output = BertOutput(config)
+        self.output = ProjectResidualNorm(config.intermediate_size, config)
 
     def forward(
         self,
