@@ -325,11 +325,15 @@ class PrunableBertForSequenceClassification(nn.Module):
         if config.model_type != "bert":
             raise ValueError(f"{path} holds a {config.model_type!r} model; model.pretrained must be a BERT folder.")
         verbosity = hf_logging.get_verbosity()
+        bar = hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # the "newly initialised classifier" warning is expected
+        hf_logging.disable_progress_bar()
         try:
             hf = BertForSequenceClassification.from_pretrained(path, config=config)
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bar:
+                hf_logging.enable_progress_bar()
         model = cls(config)
         model.load_state_dict(hf.state_dict(), strict=True)
         return model

@@ -113,6 +113,7 @@ class BertClassifier(L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on (B,) labels, turned into the pruning objective by every attached pruner."""
         pruners = pruners_of(self.trainer)
         out = self(batch, return_scores=self.token_gates is not None)
         loss = F.cross_entropy(out.logits, batch["labels"])
@@ -131,9 +132,11 @@ class BertClassifier(L.LightningModule):
         macs[f"{prefix}dense_macs_per_sample"].update(self.dense_macs_per_sample(batch))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Update validation metrics and MACs (pruned tokens removed, as served)."""
         self._eval_step(batch, self.val_metrics, self.val_macs)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Update test metrics and MACs (pruned tokens removed, as served)."""
         self._eval_step(batch, self.test_metrics, self.test_macs)
 
     def _log_eval(self, metrics, macs, stage: str) -> dict[str, torch.Tensor]:
@@ -146,12 +149,14 @@ class BertClassifier(L.LightningModule):
         return values
 
     def on_validation_epoch_end(self) -> None:
+        """Log val metrics, MACs, sparsity, and ``val/accuracy_at_target`` (-1 until the sparsity floor is met)."""
         values = self._log_eval(self.val_metrics, self.val_macs, "val")
         if self.checkpoint_sparsity_floor is not None:
             ok = values["val/sparsity"] >= self.checkpoint_sparsity_floor
             self.log("val/accuracy_at_target", values["val/accuracy"] if ok else torch.tensor(-1.0))
 
     def on_test_epoch_end(self) -> None:
+        """Log test metrics, MACs per sample and sparsity."""
         self._log_eval(self.test_metrics, self.test_macs, "test")
 
     # --------------------------------------------------------------- optimizer
@@ -173,6 +178,7 @@ class BertClassifier(L.LightningModule):
         warmup = int(self.hparams.warmup_fraction * total)
 
         def schedule(step: int) -> float:
+            """LR factor: linear warm-up to 1, then linear decay to 0."""
             if step < warmup:
                 return (step + 1) / (warmup + 1)
             return max(0.0, (total - step) / max(1, total - warmup))
@@ -183,10 +189,12 @@ class BertClassifier(L.LightningModule):
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the token gates' constructor arguments so the module can rebuild them on load."""
         if self.token_gates is not None:
             checkpoint["token_gates_config"] = self.token_gates.config()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the token gates (if the checkpoint has them) before the state dict is loaded."""
         # Rebuild the gates before Lightning loads the state dict, so load_from_checkpoint
         # returns the pruned model.
         if "token_gates_config" in checkpoint and self.token_gates is None:

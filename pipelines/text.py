@@ -105,7 +105,10 @@ def time_models(
         batches = latency_batches(datamodule, int(bs), examples)
 
         def make(m: BertClassifier):
+            """A zero-argument call running ``m`` on every latency batch."""
+
             def call():
+                """Run every latency batch once."""
                 for b in batches:
                     m(b)
 

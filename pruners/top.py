@@ -363,6 +363,7 @@ class ToPPruner(Pruner):
         return teacher
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Load the teacher, attach the gates, freeze embeddings, set the checkpoint sparsity floor (fit only)."""
         if stage != "fit":
             return
         if self.teacher is None:
@@ -384,6 +385,7 @@ class ToPPruner(Pruner):
         ]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Remember the total step count for the warm-up schedule."""
         self._total_steps = max(1, int(trainer.estimated_stepping_batches))
 
     # ------------------------------------------------------------- objective
@@ -394,6 +396,7 @@ class ToPPruner(Pruner):
         return self.target_sparsity * frac, self.rank_alpha * (1.0 - 0.99 * frac)
 
     def training_loss(self, pl_module, batch, outputs, task_loss):
+        """ToP objective: task + KL distillation + Lagrangian on expected MACs sparsity + ranking distillation (Sec. 3.3-3.5)."""
         gates: TokenGates = pl_module.token_gates
         cfg = pl_module.model.config
         with torch.no_grad():
@@ -424,10 +427,12 @@ class ToPPruner(Pruner):
         return loss, logs
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Clamp log_alpha after each optimizer step, as the reference code does."""
         pl_module.token_gates.token.clamp_()
         pl_module.token_gates.layer.clamp_()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log each pruning layer's expected keep ratio and layer-gate probability."""
         gates: TokenGates = pl_module.token_gates
         ratio = gates.keep_ratio().detach()
         on = gates.layer_on_prob().detach()
@@ -436,6 +441,7 @@ class ToPPruner(Pruner):
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
+        """Multipliers, teacher checkpoint path and distilled layers (plain values and tensors)."""
         return {
             "lambda1": self.lambda1.detach().clone(),
             "lambda2": self.lambda2.detach().clone(),
@@ -444,6 +450,7 @@ class ToPPruner(Pruner):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
         with torch.no_grad():
             self.lambda1.copy_(state_dict["lambda1"])
             self.lambda2.copy_(state_dict["lambda2"])
