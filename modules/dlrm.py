@@ -46,7 +46,8 @@ class MaskedLinear(nn.Linear):
     (adaptive D2S) the forward value is the masked weight but the gradient reaches
     every shadow weight unchanged (straight-through estimator), so pruned weights keep
     learning and can grow back at the next mask update. With ``straight_through=False``
-    (static pruning) pruned weights get zero gradient.
+    (static pruning) pruned weights get zero gradient. ``straight_through=None`` switches the
+    mask off (the dense model; used by pruners that also train the dense shadow directly).
 
     Buffers: ``mask`` ``(out, in)`` bool, ``bias_mask`` ``(out,)`` bool (all True: dense).
     Input ``(..., in)`` -> output ``(..., out)``.
@@ -103,8 +104,11 @@ class MaskedEmbeddingBag(nn.Module):
         return F.embedding_bag(wrap_ids(ids, self.num_embeddings), self.masked_weight(), mode=self.mode, padding_idx=0)
 
 
-def _apply_mask(weight: torch.Tensor, mask: torch.Tensor, straight_through: bool) -> torch.Tensor:
-    """``weight * mask`` in value; straight-through keeps the gradient of the dense weight."""
+def _apply_mask(weight: torch.Tensor, mask: torch.Tensor, straight_through: bool | None) -> torch.Tensor:
+    """``weight * mask`` in value; straight-through keeps the gradient of the dense weight;
+    ``straight_through=None`` means masks are switched off (the dense shadow is used as is)."""
+    if straight_through is None:
+        return weight
     masked = weight * mask
     if straight_through:
         return weight + (masked - weight).detach()
@@ -430,7 +434,8 @@ class DLRMModule(L.LightningModule):
     AUC / log loss / NE in :attr:`window_records`, then trains on it in minibatches (manual
     optimization, one Adam step per minibatch). Pruners (``pruners.base.Pruner``) see every
     optimizer step through Lightning's ``on_before_optimizer_step`` hook and may change the
-    loss through ``training_loss``.
+    loss through ``training_loss`` (called with the minibatch: ``dense``, ``sparse``,
+    ``multi``, ``label``).
 
     Args:
         num_dense, num_embeddings, multi_num_embeddings: feature sizes (from the data module).
@@ -527,10 +532,12 @@ class DLRMModule(L.LightningModule):
         pruners = pruners_of(self.trainer)
         for i in range(0, n, mb):
             idx = order[i : i + mb]
-            out = self(*self._rows(batch, idx))
+            rows = self._rows(batch, idx)
+            out = self(*rows)
             loss = F.binary_cross_entropy_with_logits(out, labels[idx])
+            minibatch = {"dense": rows[0], "sparse": rows[1], "multi": rows[2], "label": labels[idx]}
             for pruner in pruners:
-                loss, extra = pruner.training_loss(self, batch, out, loss)
+                loss, extra = pruner.training_loss(self, minibatch, out, loss)
                 if extra:
                     pruner.log_metrics(self, extra, on_step=True, on_epoch=False, batch_size=len(idx))
             opt.zero_grad()

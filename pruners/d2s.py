@@ -98,6 +98,10 @@ class D2SPruner(Pruner):
             least one, so the global ranking never disconnects the network.
         prune_embeddings: also prune the embedding tables (unstructured, one ranking over all
             tables, same schedule and target).
+        dense_loss_weight: adaptive mode only: weight of a second loss computed with the masks
+            switched off, so the dense model itself keeps training on the stream and the sparse
+            model is derived from it (the paper's dense-to-sparse paradigm); 0 trains only the
+            sparse forward (the shadows still learn through the straight-through gradient).
         total_steps: optimizer steps of the stream; None reads ``trainer.datamodule.num_optimizer_steps()``.
         name: the pruner's name in configs and metrics.
 
@@ -121,6 +125,7 @@ class D2SPruner(Pruner):
         grad_decay: float = 0.9,
         min_density: float = 0.01,
         prune_embeddings: bool = False,
+        dense_loss_weight: float = 0.0,
         total_steps: int | None = None,
         name: str = "d2s",
     ):
@@ -145,6 +150,7 @@ class D2SPruner(Pruner):
         if not isinstance(prune_embeddings, bool):
             raise PrunerConfigError(f"pruner.prune_embeddings={prune_embeddings!r} must be true or false.")
         self.prune_embeddings = prune_embeddings
+        self.dense_loss_weight = check_range("pruner.dense_loss_weight", dense_loss_weight, 0.0, 1e6)
         if total_steps is not None:
             check_positive_int("pruner.total_steps", total_steps)
         self.total_steps = total_steps
@@ -235,6 +241,27 @@ class D2SPruner(Pruner):
         metrics = {"sparsity": 1.0 - self._overall(dens), "target": self.scheduled_sparsity(self.step)}
         metrics.update({f"sparsity/{k}": 1.0 - v for k, v in dens.items()})
         self.log_metrics(pl_module, metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def training_loss(self, pl_module, batch, outputs, task_loss):
+        """Add ``dense_loss_weight`` x the click loss of the dense model (masks off) on the minibatch.
+
+        Args:
+            batch: the minibatch (``dense`` ``(B, K)``, ``sparse`` ``(B, F_s)``, ``multi``, ``label`` ``(B,)``).
+            outputs: ``(B,)`` logits of the sparse (masked) forward.
+            task_loss: scalar loss of the sparse forward.
+        """
+        if self.dense_loss_weight == 0 or self.mode != "adaptive" or self.model is None:
+            return task_loss, {}
+        tensors = list(self._tensors().values())
+        for t in tensors:
+            t.straight_through = None
+        try:
+            dense_logits = self.model(batch["dense"], batch["sparse"], batch["multi"])
+        finally:
+            for t in tensors:
+                t.straight_through = True
+        dense_loss = torch.nn.functional.binary_cross_entropy_with_logits(dense_logits, batch["label"])
+        return task_loss + self.dense_loss_weight * dense_loss, {"dense_loss": dense_loss.detach()}
 
     # ------------------------------------------------------------------ importance and masks
     def accumulate_gradients(self) -> None:

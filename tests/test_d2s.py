@@ -195,6 +195,25 @@ def test_state_survives_a_checkpoint_round_trip(stream, tmp_path):
     assert q.summary()["per_layer"] == p.summary()["per_layer"]
 
 
+def test_dense_loss_adds_the_unmasked_models_loss_and_restores_masks():
+    model = tiny_dlrm()
+    p = D2SPruner(importance="magnitude", dense_loss_weight=0.5, total_steps=10)
+    p.attach(model)
+    p.update_masks(0.6)
+    mb = {"dense": torch.randn(6, 3), "sparse": torch.randint(1, 10, (6, 2)), "multi": None, "label": torch.ones(6)}
+    sparse_logits = model(mb["dense"], mb["sparse"])
+    task = torch.nn.functional.binary_cross_entropy_with_logits(sparse_logits, mb["label"])
+    loss, extra = p.training_loss(None, mb, sparse_logits, task)
+    for layer in model.mlp_layers().values():
+        layer.straight_through = None
+    dense = torch.nn.functional.binary_cross_entropy_with_logits(model(mb["dense"], mb["sparse"]), mb["label"])
+    for layer in model.mlp_layers().values():
+        layer.straight_through = True
+    assert extra["dense_loss"] == pytest.approx(float(dense))
+    assert float(loss) == pytest.approx(float(task) + 0.5 * float(dense))
+    assert torch.allclose(model(mb["dense"], mb["sparse"]), sparse_logits)  # masks are back on
+
+
 def test_invalid_settings_raise_with_allowed_values():
     with pytest.raises(PrunerConfigError, match=r"granularity='channel'.*\['unstructured', 'neuron'\]"):
         D2SPruner(granularity="channel")
