@@ -18,7 +18,11 @@ specifies it as (``../shared/notes/algorithms.md`` section 2):
   set); ``allocation=uniform`` ranks within each layer (the same sparsity everywhere).
 * The forward uses the masked weights; gradients reach every *dense shadow* weight
   (straight-through), so pruned weights keep learning and grow back when their
-  importance overtakes a kept weight's after the data shifts.
+  importance overtakes a kept weight's after the data shifts. With
+  ``dense_loss_weight > 0`` (default 1) each step also adds the click loss of the dense
+  model (masks off), so the dense model keeps training on the stream and the sparse
+  serving model is periodically re-derived from it, as in the paper's dense-to-sparse
+  paradigm (section 3); the period is ``update_every``.
 * ``mode=static`` is the prune-once baseline: masks at the final target are computed
   once, at the first optimizer step of the stream (importance from that first
   minibatch), pruned weights are zeroed and never receive a gradient again.
@@ -118,14 +122,14 @@ class D2SPruner(Pruner):
         mode: str = "adaptive",
         allocation: str = "global",
         importance: str = "taylor",
-        update_every: int = 20,
+        update_every: int = 50,
         ramp_start: float = 0.0,
         ramp_end: float = 0.5,
         initial_sparsity: float = 0.0,
         grad_decay: float = 0.9,
         min_density: float = 0.01,
         prune_embeddings: bool = False,
-        dense_loss_weight: float = 0.0,
+        dense_loss_weight: float = 1.0,
         total_steps: int | None = None,
         name: str = "d2s",
     ):
