@@ -12,14 +12,26 @@ What the encoder adds over HF BERT:
   soft (float in [0, 1]) masks re-weight keys during training, hard (bool) masks
   exclude keys, and with ``remove_pruned=True`` the closed tokens are gathered out
   so later layers really run on shorter sequences,
-* analytic MACs per layer (:func:`layer_macs`).
+* analytic MACs per layer (:func:`layer_macs`),
+* structured masks for training without changing parameter shapes: per layer a
+  head mask (A,) and an FFN neuron mask (I,), float 0/1 buffers saved in the state
+  dict (``...attention.self.head_mask``, ``...intermediate.neuron_mask``). A head
+  mask multiplies each head's context before the attention output projection
+  (the mask variable xi_h of Michel et al. 2019, arXiv 1905.10650); a neuron mask
+  multiplies the intermediate activations. With all-ones masks (the default) they
+  are not applied at all, so the forward is exactly the unmasked one. Masks never
+  speed anything up: ``modules.structured.shrink_structured`` builds the physically
+  smaller copy whose latency and :meth:`~PrunableBertForSequenceClassification.macs`
+  really drop.
 
-Shapes: ``B`` batch, ``N`` sequence length (tokens), ``H`` hidden size, ``A`` heads.
+Shapes: ``B`` batch, ``N`` sequence length (tokens), ``H`` hidden size, ``A`` heads,
+``I`` intermediate (FFN) neurons, ``L`` encoder layers.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -91,8 +103,61 @@ class EncoderOutput:
     kept_lengths: list[torch.Tensor] = field(default_factory=list)
 
 
+def _check_unit_mask(mask: torch.Tensor, expected: int, what: str) -> torch.Tensor:
+    """Validate a structured mask: 1-D, ``expected`` entries, every value 0 or 1.
+
+    Raises:
+        ValueError: wrong shape or a value other than 0/1; the message names ``what``.
+    """
+    mask = torch.as_tensor(mask)
+    if mask.dim() != 1 or mask.shape[0] != expected:
+        raise ValueError(f"{what}: got shape {tuple(mask.shape)}, expected ({expected},) (one entry per unit present).")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{what}: values must be 0 (removed) or 1 (kept), got {mask.tolist()}.")
+    return mask
+
+
+def _masks_missing_means_ones(module: nn.Module, name: str, prefix: str, missing_keys: list[str]) -> None:
+    """After loading a state dict without mask ``name`` (HF weights, older checkpoints): all ones."""
+    key = prefix + name
+    if key in missing_keys:
+        missing_keys.remove(key)
+        with torch.no_grad():
+            getattr(module, name).fill_(1.0)
+
+
+def _slice_linear(linear: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new ``nn.Linear`` holding the given output rows / input columns of ``linear`` (copies, same dtype/device).
+
+    Zero rows or columns are allowed (a linear map from or to an empty space).
+    """
+    w = linear.weight.detach()
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+    with warnings.catch_warnings():  # no init happens, but torch warns for zero-size layers
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        out = nn.utils.skip_init(
+            nn.Linear, w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device, dtype=w.dtype
+        )
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias.detach() if rows is None else linear.bias.detach()[rows])
+    out.weight.requires_grad_(linear.weight.requires_grad)
+    if linear.bias is not None:
+        out.bias.requires_grad_(linear.bias.requires_grad)
+    return out
+
+
 class BertSelfAttention(nn.Module):
     """Multi-head self-attention whose keys can be masked or softly re-weighted.
+
+    Holds ``head_mask`` (A,), a float 0/1 buffer (saved in the state dict; missing in
+    HF state dicts, which then load as all ones). Set it with :meth:`set_head_mask`,
+    which also switches its application on or off; a mask that requires grad is
+    always applied (how :func:`modules.structured.taylor_importance` takes dL/dm).
 
     Args:
         config: a ``transformers.BertConfig``.
@@ -110,6 +175,45 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
+        self.register_buffer("head_mask", torch.ones(config.num_attention_heads))
+        self._head_masked = False  # True when head_mask holds a 0 (kept in sync by set_head_mask / loading)
+
+    @property
+    def head_mask_applied(self) -> bool:
+        """Whether forward multiplies the heads' context by ``head_mask``."""
+        return self._head_masked or self.head_mask.requires_grad
+
+    def set_head_mask(self, mask: torch.Tensor, what: str = "head mask") -> None:
+        """Copy a (A,) float 0/1 mask into ``head_mask`` (A = heads present).
+
+        Raises:
+            ValueError: wrong length or a value other than 0/1 (message starts with ``what``).
+        """
+        mask = _check_unit_mask(mask, self.num_heads, what)
+        with torch.no_grad():
+            self.head_mask.copy_(mask)
+        self._head_masked = not bool((self.head_mask == 1).all())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *rest):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *rest)
+        _masks_missing_means_ones(self, "head_mask", prefix, missing_keys)
+        self._head_masked = not bool((self.head_mask == 1).all())
+
+    def keep_heads(self, heads: torch.Tensor) -> None:
+        """Physically keep only ``heads`` (1-D long indices, ascending): slices Q/K/V output rows.
+
+        In place and shape-changing: an optimizer holding the old parameters goes stale
+        (call it on a copy, see :func:`modules.structured.shrink_structured`). The caller
+        also slices the columns of the attention output projection. ``head_mask``
+        becomes all ones of the new length.
+        """
+        d = self.head_dim
+        rows = (heads[:, None] * d + torch.arange(d, device=heads.device)[None, :]).reshape(-1)
+        self.query = _slice_linear(self.query, rows=rows)
+        self.key = _slice_linear(self.key, rows=rows)
+        self.value = _slice_linear(self.value, rows=rows)
+        self.head_mask = torch.ones(len(heads), dtype=self.head_mask.dtype, device=self.head_mask.device)
+        self._head_masked = False
 
     @property
     def num_heads(self) -> int:
@@ -133,10 +237,17 @@ class BertSelfAttention(nn.Module):
             need_probs: return the attention probabilities.
 
         Returns:
-            context (B, N, A * head_dim) and probabilities (B, A, N, N) or None.
+            context (B, N, A * head_dim), masked heads' context zero, and probabilities
+            (B, A, N, N) or None (masked heads' probabilities are not zeroed).
+            With A = 0 (every head removed) the context is (B, N, 0) and the
+            probabilities (B, 0, N, N).
         """
         b, n, _ = hidden.shape
         a, d = self.num_heads, self.head_dim
+        if a == 0:
+            probs = hidden.new_zeros(b, 0, n, n) if need_probs else None
+            return hidden.new_zeros(b, n, 0), probs
+        gate = self.head_mask[None, :, None, None].to(hidden.dtype) if self.head_mask_applied else None
         q = self.query(hidden).view(b, n, a, d).transpose(1, 2)
         k = self.key(hidden).view(b, n, a, d).transpose(1, 2)
         v = self.value(hidden).view(b, n, a, d).transpose(1, 2)
@@ -147,6 +258,8 @@ class BertSelfAttention(nn.Module):
         dropout = self.dropout_p if self.training else 0.0
         if not need_probs and key_weight is None:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout)
+            if gate is not None:
+                context = context * gate
             return context.transpose(1, 2).reshape(b, n, a * d), None
         logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
         if additive is not None:
@@ -157,6 +270,8 @@ class BertSelfAttention(nn.Module):
             probs = probs * key_weight[:, None, None, :]
             probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         context = torch.matmul(F.dropout(probs, p=dropout, training=self.training), v)
+        if gate is not None:
+            context = context * gate
         return context.transpose(1, 2).reshape(b, n, a * d), probs
 
 
@@ -189,16 +304,58 @@ class BertAttention(nn.Module):
 
 
 class BertIntermediate(nn.Module):
-    """Feed-forward expansion H -> I with the configured activation."""
+    """Feed-forward expansion H -> I with the configured activation.
+
+    Holds ``neuron_mask`` (I,), a float 0/1 buffer multiplying the activations
+    (saved in the state dict; missing in HF state dicts, which then load as all
+    ones). Set it with :meth:`set_neuron_mask`; a mask that requires grad is always applied.
+    """
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACT2FN[config.hidden_act]
+        self.register_buffer("neuron_mask", torch.ones(config.intermediate_size))
+        self._neuron_masked = False
+
+    @property
+    def neuron_mask_applied(self) -> bool:
+        """Whether forward multiplies the activations by ``neuron_mask``."""
+        return self._neuron_masked or self.neuron_mask.requires_grad
+
+    def set_neuron_mask(self, mask: torch.Tensor, what: str = "neuron mask") -> None:
+        """Copy a (I,) float 0/1 mask into ``neuron_mask`` (I = neurons present).
+
+        Raises:
+            ValueError: wrong length or a value other than 0/1 (message starts with ``what``).
+        """
+        mask = _check_unit_mask(mask, self.dense.out_features, what)
+        with torch.no_grad():
+            self.neuron_mask.copy_(mask)
+        self._neuron_masked = not bool((self.neuron_mask == 1).all())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *rest):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *rest)
+        _masks_missing_means_ones(self, "neuron_mask", prefix, missing_keys)
+        self._neuron_masked = not bool((self.neuron_mask == 1).all())
+
+    def keep_neurons(self, neurons: torch.Tensor) -> None:
+        """Physically keep only ``neurons`` (1-D long indices, ascending): slices the dense rows.
+
+        In place and shape-changing (use on a copy, see
+        :func:`modules.structured.shrink_structured`); the caller slices the columns of
+        the FFN output projection. ``neuron_mask`` becomes all ones of the new length.
+        """
+        self.dense = _slice_linear(self.dense, rows=neurons)
+        self.neuron_mask = torch.ones(len(neurons), dtype=self.neuron_mask.dtype, device=self.neuron_mask.device)
+        self._neuron_masked = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, N, H) -> (B, N, I)."""
-        return self.act(self.dense(hidden))
+        """(B, N, H) -> (B, N, I); masked neurons give 0."""
+        out = self.act(self.dense(hidden))
+        if self.neuron_mask_applied:
+            out = out * self.neuron_mask.to(out.dtype)
+        return out
 
 
 class BertLayer(nn.Module):
@@ -209,6 +366,24 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
         self.output = ProjectResidualNorm(config.intermediate_size, config)
+
+    def keep_units(self, heads: torch.Tensor, neurons: torch.Tensor) -> None:
+        """Physically keep only the given heads and FFN neurons (1-D long indices, ascending).
+
+        Slices Q/K/V output rows and the attention output projection's input columns
+        per kept head, the intermediate dense rows and the FFN output projection's
+        input columns per kept neuron. Empty index tensors remove every head (the
+        attention sublayer then adds only its output bias before the LayerNorm) or
+        every neuron (likewise for the FFN). In place and shape-changing: use on a
+        copy (:func:`modules.structured.shrink_structured`).
+        """
+        attn = self.attention.self
+        d = attn.head_dim
+        cols = (heads[:, None] * d + torch.arange(d, device=heads.device)[None, :]).reshape(-1)
+        attn.keep_heads(heads)
+        self.attention.output.dense = _slice_linear(self.attention.output.dense, cols=cols)
+        self.intermediate.keep_neurons(neurons)
+        self.output.dense = _slice_linear(self.output.dense, cols=neurons)
 
     def forward(
         self,
@@ -241,7 +416,9 @@ class PrunableBertModel(nn.Module):
         self.pooler = BertPooler(config)
 
 
-def attention_received(probs: torch.Tensor, query_present: torch.Tensor) -> torch.Tensor:
+def attention_received(
+    probs: torch.Tensor, query_present: torch.Tensor, head_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Token importance: attention each token receives, averaged over heads and present queries.
 
     arXiv 2306.14393 Sec. 3.1 (the score ToP ranks tokens by).
@@ -249,11 +426,23 @@ def attention_received(probs: torch.Tensor, query_present: torch.Tensor) -> torc
     Args:
         probs: (B, A, N, N) attention probabilities (query, key).
         query_present: (B, N) bool or float weights of the queries to average over.
+        head_weight: (A,) 0/1 head mask; the average runs over the kept heads only,
+            so a masked model scores tokens as its physically shrunk copy does.
+            None means all heads.
 
     Returns:
         (B, N) scores; padding keys get about 0.
+
+    Raises:
+        ValueError: no head to average over (A = 0 or every head masked).
     """
-    per_query = probs.mean(dim=1)  # (B, N, N)
+    if probs.shape[1] == 0 or (head_weight is not None and not bool((head_weight != 0).any())):
+        raise ValueError("No attention head left in this layer, so it gives no token scores.")
+    if head_weight is None:
+        per_query = probs.mean(dim=1)  # (B, N, N)
+    else:
+        hw = head_weight.to(probs.dtype)
+        per_query = (probs * hw[None, :, None, None]).sum(dim=1) / hw.sum()
     w = query_present.to(probs.dtype)
     return (per_query * w[:, :, None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -397,15 +586,81 @@ class PrunableBertForSequenceClassification(nn.Module):
             want = return_scores or i in need_scores
             hidden, probs = layer(hidden, key_mask, weight, need_probs=want)
             if want:
-                scores = attention_received(probs, present if weight is None else weight * present)
+                attn = layer.attention.self
+                try:
+                    scores = attention_received(
+                        probs,
+                        present if weight is None else weight * present,
+                        attn.head_mask if attn.head_mask_applied else None,
+                    )
+                except ValueError as err:
+                    raise ValueError(
+                        f"Encoder layer {i} has every attention head removed or masked, so it gives no token "
+                        "scores; token pruning right after it (or return_scores=True) needs them."
+                    ) from err
                 if return_scores:
                     out.scores.append(scores)
         pooled = self.bert.pooler(hidden)
         out.logits = self.classifier(self.dropout(pooled))
         return out
 
+    # ------------------------------------------------------- structured masks
+    def set_structured_masks(
+        self,
+        heads: torch.Tensor | list[torch.Tensor] | None = None,
+        neurons: torch.Tensor | list[torch.Tensor] | None = None,
+    ) -> None:
+        """Set the per-layer head and FFN neuron masks (training-time gates; shapes unchanged).
+
+        Args:
+            heads: (L, A) float 0/1, or a list of L tensors (A_l,) with A_l the heads
+                present in layer l; None leaves the head masks as they are.
+            neurons: (L, I) float 0/1, or a list of L tensors (I_l,); None leaves them.
+
+        Raises:
+            ValueError: not one mask per layer, a mask of the wrong length (the message
+                names the layer and the expected length), or a value other than 0/1.
+        """
+        layers = self.bert.encoder.layer
+        # Validate everything first, so a bad mask leaves every layer as it was.
+        for kind, masks in (("head", heads), ("neuron", neurons)):
+            if masks is None:
+                continue
+            if len(masks) != len(layers):
+                raise ValueError(f"{kind} masks: got {len(masks)}, expected one per encoder layer ({len(layers)}).")
+            for i, (layer, mask) in enumerate(zip(layers, masks)):
+                size = layer.attention.self.num_heads if kind == "head" else layer.intermediate.dense.out_features
+                _check_unit_mask(mask, size, f"encoder layer {i} {kind} mask")
+        for i, layer in enumerate(layers):
+            if heads is not None:
+                layer.attention.self.set_head_mask(heads[i], f"encoder layer {i} head mask")
+            if neurons is not None:
+                layer.intermediate.set_neuron_mask(neurons[i], f"encoder layer {i} neuron mask")
+
+    def clear_structured_masks(self) -> None:
+        """Reset every head and neuron mask to all ones (no masking)."""
+        self.set_structured_masks(
+            [torch.ones_like(l.attention.self.head_mask) for l in self.bert.encoder.layer],
+            [torch.ones_like(l.intermediate.neuron_mask) for l in self.bert.encoder.layer],
+        )
+
+    def structured_masks(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of the per-layer head masks [(A_l,)] and neuron masks [(I_l,)], float 0/1."""
+        layers = self.bert.encoder.layer
+        return (
+            [l.attention.self.head_mask.detach().clone() for l in layers],
+            [l.intermediate.neuron_mask.detach().clone() for l in layers],
+        )
+
+    def layer_structure(self) -> list[tuple[int, int]]:
+        """Per layer, (heads present, FFN neurons present): the physical sizes, masks ignored."""
+        return [(l.attention.self.num_heads, l.intermediate.dense.out_features) for l in self.bert.encoder.layer]
+
     def macs(self, kept_lengths: list[torch.Tensor]) -> torch.Tensor:
         """MACs per sample of the encoder layers plus pooler and classifier.
+
+        Counts the layers' physical sizes: masked heads and neurons still count (masks
+        do not speed anything up); shrink the model to count (and get) the saving.
 
         Args:
             kept_lengths: per layer, (B,) tokens computed on (from :class:`EncoderOutput`).
