@@ -247,7 +247,7 @@ class BertSelfAttention(nn.Module):
         if a == 0:
             probs = hidden.new_zeros(b, 0, n, n) if need_probs else None
             return hidden.new_zeros(b, n, 0), probs
-        gate = self.head_mask[None, :, None, None].to(hidden.dtype) if self.head_mask_applied else None
+        gate = self.head_mask[None, :, None, None] if self.head_mask_applied else None
         q = self.query(hidden).view(b, n, a, d).transpose(1, 2)
         k = self.key(hidden).view(b, n, a, d).transpose(1, 2)
         v = self.value(hidden).view(b, n, a, d).transpose(1, 2)
@@ -259,7 +259,7 @@ class BertSelfAttention(nn.Module):
         if not need_probs and key_weight is None:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=dropout)
             if gate is not None:
-                context = context * gate
+                context = context * gate.to(context.dtype)
             return context.transpose(1, 2).reshape(b, n, a * d), None
         logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d)
         if additive is not None:
@@ -271,7 +271,7 @@ class BertSelfAttention(nn.Module):
             probs = probs / probs.sum(dim=-1, keepdim=True).clamp_min(1e-12)
         context = torch.matmul(F.dropout(probs, p=dropout, training=self.training), v)
         if gate is not None:
-            context = context * gate
+            context = context * gate.to(context.dtype)
         return context.transpose(1, 2).reshape(b, n, a * d), probs
 
 
