@@ -100,6 +100,8 @@ class TokenGates(nn.Module):
         self.token = HardConcreteGates(len(layers) * bin_count, init_log_alpha=token_init_log_alpha)
         self.layer = HardConcreteGates(len(layers), init_log_alpha=layer_init_log_alpha)
         self._slot = {layer: i for i, layer in enumerate(self.pruning_layers)}
+        #: once frozen, training uses the deterministic evaluation gates too (hard masks, no gate gradients)
+        self.frozen = False
 
     def config(self) -> dict[str, Any]:
         """Plain constructor arguments (stored in checkpoints to rebuild the gates)."""
@@ -142,13 +144,14 @@ class TokenGates(nn.Module):
             alive: (B, N) bool, tokens still present.
 
         Returns:
-            training: (B, N) float in [0, 1] (sampled gates); evaluation: (B, N) bool.
+            training: (B, N) float in [0, 1] (sampled gates); evaluation, or training
+            once :attr:`frozen`: (B, N) bool (deterministic gates).
         """
         slot = self._slot[layer]
         candidates = alive.clone()
         candidates[:, 0] = False  # [CLS] is never pruned
         bins = rank_bins(scores, candidates, self.bin_count)
-        if self.training:
+        if self.training and not self.frozen:
             z_tok = self.token.sample().view(len(self.pruning_layers), self.bin_count)[slot]
             z_layer = straight_through_binary(self.layer.sample()[slot])
             keep = 1.0 - z_layer * (1.0 - z_tok[bins])
@@ -265,6 +268,12 @@ class ToPPruner(Pruner):
         token_init_log_alpha, layer_init_log_alpha: gate initialisation (keep / off).
         freeze_embeddings: keep the embeddings fixed while pruning (as in ToP).
         model_lr: learning rate of the model weights while pruning; None keeps ``model.lr``.
+        finetune_fraction: in the last ``finetune_fraction`` of training, at the first
+            validation whose measured sparsity meets the target (minus 0.01), the gates
+            are frozen at their deterministic evaluation values and the model fine-tunes
+            under exactly the pruning it will be served with (the post-pruning
+            fine-tuning of CoFi, arXiv 2204.00408 Sec. 3.3; ToP's long schedules let the
+            gates converge instead). 0 disables it.
 
     Raises:
         PrunerConfigError: a setting out of range (named, with the allowed range).
@@ -292,6 +301,7 @@ class ToPPruner(Pruner):
         layer_init_log_alpha: float = -1.0,
         freeze_embeddings: bool = True,
         model_lr: float | None = None,
+        finetune_fraction: float = 0.35,
         name: str = "top",
     ):
         super().__init__()
@@ -313,6 +323,8 @@ class ToPPruner(Pruner):
         self.layer_init_log_alpha = float(layer_init_log_alpha)
         self.freeze_embeddings = bool(freeze_embeddings)
         self.model_lr = None if model_lr is None else check_range("pruner.model_lr", model_lr, 0.0, math.inf, low_open=True)
+        self.finetune_fraction = check_range("pruner.finetune_fraction", finetune_fraction, 0.0, 1.0, high_open=False)
+        self.frozen_at_step: int | None = None
         self.name = name
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
@@ -370,7 +382,7 @@ class ToPPruner(Pruner):
             if self.teacher_ckpt is None:
                 raise PrunerConfigError("ToP needs a teacher: set pruner.teacher_ckpt or let the pipeline fine-tune one.")
             self.load_teacher(self.teacher_ckpt)
-        self.attach(pl_module)
+        self.attach(pl_module).frozen = self.frozen_at_step is not None
         if self.freeze_embeddings:
             pl_module.model.bert.embeddings.requires_grad_(False)
         pl_module.checkpoint_sparsity_floor = self.target_sparsity - 0.01
@@ -408,7 +420,8 @@ class ToPPruner(Pruner):
         full = expected_macs_dense(lengths, len(pl_module.model.bert.encoder.layer), cfg.hidden_size, cfg.intermediate_size)
         sparsity = 1.0 - exp_macs.sum() / full.sum()
         target, alpha = self.schedule(pl_module.trainer.global_step)
-        lag = lagrangian(sparsity, target, self.lambda1, self.lambda2)
+        # Frozen gates get no gradient, so the constraint has nothing left to act on.
+        lag = torch.zeros(()) if gates.frozen else lagrangian(sparsity, target, self.lambda1, self.lambda2)
         kd = kd_loss(outputs.logits, teacher_out.logits, self.kd_temperature)
         valid = batch["attention_mask"].bool().clone()
         valid[:, 0] = False
@@ -425,6 +438,17 @@ class ToPPruner(Pruner):
         }
         self._last = {k: float(v) for k, v in logs.items()}
         return loss, logs
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Freeze the gates once in the fine-tuning window and the measured val sparsity meets the target."""
+        gates = pl_module.token_gates
+        if trainer.sanity_checking or gates is None or gates.frozen or self.finetune_fraction == 0:
+            return
+        start = (1.0 - self.finetune_fraction) * self._total_steps
+        sparsity = trainer.callback_metrics.get("val/sparsity")
+        if trainer.global_step >= start and sparsity is not None and float(sparsity) >= self.target_sparsity - 0.01:
+            gates.frozen = True
+            self.frozen_at_step = int(trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Clamp log_alpha after each optimizer step, as the reference code does."""
@@ -447,6 +471,7 @@ class ToPPruner(Pruner):
             "lambda2": self.lambda2.detach().clone(),
             "teacher_ckpt": self.teacher_ckpt,
             "distill_layers": self.distill_layers,
+            "frozen_at_step": self.frozen_at_step,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -456,6 +481,7 @@ class ToPPruner(Pruner):
             self.lambda2.copy_(state_dict["lambda2"])
         self.teacher_ckpt = state_dict.get("teacher_ckpt", self.teacher_ckpt)
         self.distill_layers = state_dict.get("distill_layers", self.distill_layers)
+        self.frozen_at_step = state_dict.get("frozen_at_step")
 
     def summary(self) -> dict[str, Any]:
         """Settings and final training-time figures of the pruning (for results.json)."""
@@ -463,6 +489,7 @@ class ToPPruner(Pruner):
             "method": "ToP (arXiv 2306.14393)",
             "target_sparsity": self.target_sparsity,
             "teacher_ckpt": self.teacher_ckpt,
+            "gates_frozen_at_step": self.frozen_at_step,
             "last_train_step": self._last,
         }
 

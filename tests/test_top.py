@@ -174,3 +174,17 @@ def test_pruner_state_round_trip():
     b.load_state_dict(a.state_dict())
     assert b.lambda1.item() == pytest.approx(-0.7) and b.lambda2.item() == pytest.approx(0.3)
     assert b.teacher_ckpt == "teacher.ckpt" and b.distill_layers == [0, 1]
+
+
+def test_frozen_gates_train_under_the_evaluation_pruning():
+    torch.manual_seed(0)
+    gates = TokenGates(4, [1, 2, 3], bin_count=5)
+    with torch.no_grad():
+        gates.layer.log_alpha.fill_(2.0)
+        gates.token.log_alpha.uniform_(-3, 3)
+    scores, alive = torch.rand(3, 10), torch.ones(3, 10, dtype=torch.bool)
+    served = gates.eval().token_keep(2, scores, alive)
+    gates.train()
+    gates.frozen = True
+    trained = gates.token_keep(2, scores, alive)
+    assert trained.dtype == torch.bool and torch.equal(trained, served)

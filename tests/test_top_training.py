@@ -93,3 +93,20 @@ def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     pruner = ToPPruner(teacher_ckpt=str(tmp_path / "none.ckpt"))
     with pytest.raises(FileNotFoundError, match="pruner.teacher_ckpt"):
         pruner.load_teacher(pruner.teacher_ckpt)
+
+
+def test_gates_freeze_at_the_first_validation_that_meets_the_target(tiny_setup, tmp_path):
+    dm, teacher_ckpt, _ = tiny_setup
+    student = BertClassifier.load_from_checkpoint(teacher_ckpt)
+    pruner = ToPPruner(target_sparsity=0.0, teacher_ckpt=str(teacher_ckpt), bin_count=4, finetune_fraction=1.0)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[pruner], num_sanity_val_steps=0)
+    trainer.fit(student, datamodule=dm)
+    steps_per_epoch = trainer.num_training_batches
+    assert pruner.frozen_at_step == steps_per_epoch  # first validation, end of epoch 1
+    assert student.token_gates.frozen
+    # Once frozen the gates receive no gradient: their values stay where they were frozen.
+    assert pruner.summary()["gates_frozen_at_step"] == steps_per_epoch
+    restored = ToPPruner()
+    restored.load_state_dict(pruner.state_dict())
+    assert restored.frozen_at_step == steps_per_epoch
