@@ -6,19 +6,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from bert_inputs import bert_inputs
 from modules.bert import PrunableBertForSequenceClassification, gather_tokens, layer_macs
 from pruners.top import TokenGates
-
-
-def _inputs(vocab: int, b: int = 4, n: int = 12, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (b, n), generator=g)
-    mask = torch.ones(b, n, dtype=torch.long)
-    for i, length in enumerate([n, n - 3, 5, n - 1][:b]):
-        mask[i, length:] = 0
-    types = torch.zeros(b, n, dtype=torch.long)
-    types[:, n // 2 :] = 1
-    return ids, mask, types
 
 
 def test_logits_equal_hf_bert(tiny_bert_config):
@@ -27,7 +17,7 @@ def test_logits_equal_hf_bert(tiny_bert_config):
     hf = BertForSequenceClassification(cfg).eval()
     ours = PrunableBertForSequenceClassification(cfg).eval()
     ours.load_state_dict(hf.state_dict(), strict=True)
-    ids, mask, types = _inputs(cfg.vocab_size)
+    ids, mask, types = bert_inputs(cfg.vocab_size)
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
         got = ours(ids, mask, types).logits
@@ -42,7 +32,7 @@ def test_from_pretrained_folder_matches_hf(tmp_path, tiny_bert_config):
     BertForSequenceClassification(cfg).save_pretrained(tmp_path)
     hf = BertForSequenceClassification.from_pretrained(tmp_path).eval()
     ours = PrunableBertForSequenceClassification.from_pretrained(tmp_path, num_labels=2).eval()
-    ids, mask, types = _inputs(cfg.vocab_size)
+    ids, mask, types = bert_inputs(cfg.vocab_size)
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, mask, types).logits, hf(ids, mask, types).logits, atol=1e-5, rtol=0)
 
@@ -66,7 +56,7 @@ def test_removing_closed_tokens_equals_masking_them(tiny_bert_config):
     torch.manual_seed(2)
     model = PrunableBertForSequenceClassification(cfg).eval()
     gates = _pruning_gates(cfg.num_hidden_layers)
-    ids, mask, types = _inputs(cfg.vocab_size, n=16)
+    ids, mask, types = bert_inputs(cfg.vocab_size, n=16)
     with torch.no_grad():
         masked = model(ids, mask, types, token_pruner=gates, remove_pruned=False)
         removed = model(ids, mask, types, token_pruner=gates, remove_pruned=True)
@@ -101,6 +91,6 @@ def test_remove_pruned_refuses_soft_masks(tiny_bert_config):
     cfg = BertConfig(**tiny_bert_config, num_labels=2)
     model = PrunableBertForSequenceClassification(cfg)
     gates = TokenGates(cfg.num_hidden_layers, [1, 2], bin_count=4).train()
-    ids, mask, types = _inputs(cfg.vocab_size)
+    ids, mask, types = bert_inputs(cfg.vocab_size)
     with pytest.raises(ValueError, match="model.eval"):
         model(ids, mask, types, token_pruner=gates, remove_pruned=True)

@@ -8,22 +8,12 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+from bert_inputs import bert_inputs
 from modules.bert import PrunableBertForSequenceClassification, layer_macs
 from modules.structured import UnitImportance, shrink_structured, taylor_importance, top_unit_masks
 from pruners.top import TokenGates
 
 torch.set_num_threads(1)
-
-
-def _inputs(vocab: int, b: int = 4, n: int = 12, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (b, n), generator=g)
-    mask = torch.ones(b, n, dtype=torch.long)
-    for i, length in enumerate([n, n - 3, 5, n - 1][:b]):
-        mask[i, length:] = 0
-    types = torch.zeros(b, n, dtype=torch.long)
-    types[:, n // 2 :] = 1
-    return ids, mask, types
 
 
 def _model(tiny_bert_config, seed: int = 0, num_labels: int = 3) -> PrunableBertForSequenceClassification:
@@ -68,7 +58,7 @@ def test_default_masks_are_identity_and_hf_parity_holds(tiny_bert_config):
     assert all(bool((h == 1).all()) for h in heads) and all(bool((n == 1).all()) for n in neurons)
     layer = ours.bert.encoder.layer[0]
     assert not layer.attention.self.head_mask_applied and not layer.intermediate.neuron_mask_applied
-    ids, mask, types = _inputs(cfg.vocab_size)
+    ids, mask, types = bert_inputs(cfg.vocab_size)
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
         before = ours(ids, mask, types).logits
@@ -80,7 +70,7 @@ def test_default_masks_are_identity_and_hf_parity_holds(tiny_bert_config):
 
 def test_masks_change_the_output_and_are_in_the_state_dict(tiny_bert_config):
     model = _model(tiny_bert_config)
-    ids, mask, types = _inputs(model.config.vocab_size)
+    ids, mask, types = bert_inputs(model.config.vocab_size)
     with torch.no_grad():
         dense = model(ids, mask, types).logits
         model.set_structured_masks(*_masks(model.config))
@@ -102,7 +92,7 @@ def test_shrunk_model_equals_masked_model(tiny_bert_config, return_scores):
     empty = None if return_scores else 2
     model.set_structured_masks(*_masks(model.config, seed=1, empty_heads_layer=empty))
     small = shrink_structured(model)
-    ids, mask, types = _inputs(model.config.vocab_size)
+    ids, mask, types = bert_inputs(model.config.vocab_size)
     with torch.no_grad():
         masked = model(ids, mask, types, return_scores=return_scores)
         shrunk = small(ids, mask, types, return_scores=return_scores)
@@ -137,7 +127,7 @@ def test_shrunk_model_works_with_token_removal(tiny_bert_config):
     model.set_structured_masks(*_masks(model.config, seed=3, empty_heads_layer=2, empty_neurons_layer=1))
     small = shrink_structured(model)
     gates = _pruning_gates(model.config.num_hidden_layers)
-    ids, mask, types = _inputs(model.config.vocab_size, n=16)
+    ids, mask, types = bert_inputs(model.config.vocab_size, n=16)
     with torch.no_grad():
         masked = model(ids, mask, types, token_pruner=gates, remove_pruned=False)
         removed = small(ids, mask, types, token_pruner=gates, remove_pruned=True)
@@ -148,7 +138,7 @@ def test_shrunk_model_works_with_token_removal(tiny_bert_config):
 def test_headless_layer_cannot_give_token_scores(tiny_bert_config):
     model = _model(tiny_bert_config)
     model.set_structured_masks(*_masks(model.config, empty_heads_layer=0))
-    ids, mask, types = _inputs(model.config.vocab_size)
+    ids, mask, types = bert_inputs(model.config.vocab_size)
     for m in (model, shrink_structured(model)):
         with pytest.raises(ValueError, match="layer 0 has every attention head"):
             m(ids, mask, types, return_scores=True)
@@ -161,7 +151,7 @@ def test_shrunk_macs_equal_analytic_count(tiny_bert_config):
     small = shrink_structured(model)
     c = model.config
     d = c.hidden_size // c.num_attention_heads
-    ids, mask, types = _inputs(c.vocab_size)
+    ids, mask, types = bert_inputs(c.vocab_size)
     with torch.no_grad():
         out = small(ids, mask, types)
     n = mask.sum(dim=1).float()
@@ -182,7 +172,7 @@ def test_shrunk_macs_equal_analytic_count(tiny_bert_config):
 def _batches(vocab: int, count: int = 3):
     out = []
     for s in range(count):
-        ids, mask, types = _inputs(vocab, seed=s)
+        ids, mask, types = bert_inputs(vocab, seed=s)
         labels = torch.tensor([0, 1, 2, 1])
         out.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels})
     return out
@@ -289,7 +279,7 @@ def test_state_dict_round_trip_of_masked_model(tiny_bert_config):
     got_heads, got_neurons = fresh.structured_masks()
     assert torch.equal(torch.stack(got_heads), heads) and torch.equal(torch.stack(got_neurons), neurons)
     assert fresh.bert.encoder.layer[0].intermediate.neuron_mask_applied
-    ids, mask, types = _inputs(model.config.vocab_size)
+    ids, mask, types = bert_inputs(model.config.vocab_size)
     with torch.no_grad():
         assert torch.equal(fresh(ids, mask, types).logits, model(ids, mask, types).logits)
     # a state dict without masks (HF, or a checkpoint from before masks existed) unmasks
