@@ -57,12 +57,18 @@ def test_deterministic_gates_keep_expected_count_of_largest_log_alpha():
     assert first.tolist() == [True, False, True, False, True, True, False, False]
 
 
-def test_token_gates_are_deterministic_at_eval_and_never_drop_cls():
+def _pruning_gates() -> TokenGates:
+    """Gates of a 4-layer model whose layers all prune, with random bin log_alphas (seeded)."""
     torch.manual_seed(0)
     gates = TokenGates(4, [1, 2, 3], bin_count=5)
     with torch.no_grad():
         gates.layer.log_alpha.fill_(2.0)
         gates.token.log_alpha.uniform_(-3, 3)
+    return gates
+
+
+def test_token_gates_are_deterministic_at_eval_and_never_drop_cls():
+    gates = _pruning_gates()
     gates.eval()
     scores = torch.rand(3, 10)
     alive = torch.ones(3, 10, dtype=torch.bool)
@@ -177,11 +183,7 @@ def test_pruner_state_round_trip():
 
 
 def test_frozen_gates_train_under_the_evaluation_pruning():
-    torch.manual_seed(0)
-    gates = TokenGates(4, [1, 2, 3], bin_count=5)
-    with torch.no_grad():
-        gates.layer.log_alpha.fill_(2.0)
-        gates.token.log_alpha.uniform_(-3, 3)
+    gates = _pruning_gates()
     scores, alive = torch.rand(3, 10), torch.ones(3, 10, dtype=torch.bool)
     served = gates.eval().token_keep(2, scores, alive)
     gates.train()
