@@ -122,12 +122,12 @@ def checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint:
     return trainer.checkpoint_callback
 
 
-def _clean(value: Any) -> Any:
-    """Make a value JSON-safe: tensors and numpy scalars to floats, NaN/inf to None."""
+def json_safe(value: Any) -> Any:
+    """Make a value JSON-safe (recursively): tensors and numpy scalars to floats, NaN/inf to None."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -140,7 +140,7 @@ def write_results(out_dir: str | Path, results: dict[str, Any]) -> Path:
     path = Path(out_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_clean(results), indent=2, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(json_safe(results), indent=2, sort_keys=False) + "\n")
     tmp.replace(path)
     return path
 

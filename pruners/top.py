@@ -31,6 +31,7 @@ from torch import nn
 
 from modules.bert import layer_macs
 from pruners.base import Pruner, PrunerConfigError, check_positive_int, check_range
+from pruners.distillation import kd_loss, load_teacher_model
 from pruners.hard_concrete import HardConcreteGates
 
 
@@ -232,14 +233,6 @@ def lagrangian(expected_sparsity: torch.Tensor, target: float, lambda1: torch.Te
     return lambda1 * gap + lambda2 * gap * gap
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(teacher || student) on temperature-softened logits times T^2 (Hinton et al. 2015). (B, C) -> scalar."""
-    t = temperature
-    return F.kl_div(
-        F.log_softmax(student_logits / t, dim=-1), F.softmax(teacher_logits.detach() / t, dim=-1), reduction="batchmean"
-    ) * (t * t)
-
-
 class ToPPruner(Pruner):
     """Token pruning with ToP (arXiv 2306.14393) as a Lightning callback.
 
@@ -359,20 +352,9 @@ class ToPPruner(Pruner):
         Raises:
             FileNotFoundError: no file at ``path``.
         """
-        from pathlib import Path
-
-        from modules.bert_classifier import BertClassifier
-
-        if not Path(path).is_file():
-            raise FileNotFoundError(
-                f"pruner.teacher_ckpt={path} does not exist; point it at a checkpoint of a `pruner=none` run "
-                "or leave it unset to fine-tune the teacher in this run."
-            )
-        teacher = BertClassifier.load_from_checkpoint(path, map_location="cpu").model.eval()
-        teacher.requires_grad_(False)
+        self.teacher = load_teacher_model(path)
         self.teacher_ckpt = str(path)
-        self.teacher = teacher
-        return teacher
+        return self.teacher
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Load the teacher, attach the gates, freeze embeddings, set the checkpoint sparsity floor (fit only)."""
