@@ -14,6 +14,8 @@ pruned one with pruned tokens physically removed.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import time
@@ -24,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from modules.bert_classifier import BertClassifier
+from modules.structured import shrink_structured
 from pipelines.common import (
     build,
     build_callbacks,
@@ -145,6 +148,44 @@ def kept_tokens_per_layer(module: BertClassifier, datamodule) -> list[float]:
     return [s / count for s in (sums or [])]
 
 
+def served_model(module: BertClassifier) -> BertClassifier:
+    """The module as served: masked heads and FFN neurons physically removed (unchanged if none is masked).
+
+    The copy gives the same logits as the masked module (``modules.structured``), and its
+    analytic MACs and latency are those of the smaller model.
+    """
+    layers = module.model.bert.encoder.layer
+    if not any(l.attention.self.head_mask_applied or l.intermediate.neuron_mask_applied for l in layers):
+        return module
+    served = copy.deepcopy(module)
+    served.model = shrink_structured(module.model)
+    return served
+
+
+def add_search_results(results: dict[str, Any], pruner, out_dir: Path) -> None:
+    """Put a SwiftPruner search into ``results["search"]``, write its full history and its Pareto plot.
+
+    Writes ``search_history.json`` (every evaluated candidate and every uniform
+    configuration) and ``search_pareto.png`` under ``out_dir``.
+    """
+    from pipelines.common import json_safe
+    from pipelines.pareto import plot_pareto
+
+    results["search"] = results.pop("pruner", None) or pruner.summary()
+    history = {k: pruner.result[k] for k in ("budget_ms", "candidates", "uniform_candidates", "chosen", "uniform")}
+    path = out_dir / "search_history.json"
+    path.write_text(json.dumps(json_safe(history), indent=1))
+    results["search"]["history_file"] = str(path)
+    results["search"]["pareto_plot"] = str(plot_pareto(pruner.result, out_dir / "search_pareto.png"))
+
+
+def search_only_results(results: dict[str, Any], pruner, out_dir: Path, started: float) -> dict[str, Any]:
+    """Results of ``pruner.search_only=true``: the dense model's test metrics and the search, no fine-tuning."""
+    add_search_results(results, pruner, out_dir)
+    results["wall_clock_s"] = math.floor(time.time() - started)
+    return results
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Run the text pipeline and return the results dict (see module docstring and README)."""
     started = time.time()
@@ -173,9 +214,15 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if getattr(pruner, "model_lr", None):
             student.hparams.lr = pruner.model_lr
         pruner.load_teacher(teacher_ckpt)
-        path, score = fit_phase(cfg, "pruned", student, datamodule, "val/accuracy_at_target", extra_callbacks=[pruner])
+        if getattr(pruner, "search_only", False):
+            pruner.run_search(student.model, datamodule)
+            return search_only_results(results, pruner, out_dir, started)
+        epochs = getattr(pruner, "finetune_epochs", None)
+        overrides = {"max_epochs": epochs} if epochs else {}
+        monitor = getattr(pruner, "monitor", "val/accuracy_at_target")
+        path, score = fit_phase(cfg, "pruned", student, datamodule, monitor, extra_callbacks=[pruner], **overrides)
         del student
-        pruned = BertClassifier.load_from_checkpoint(path, map_location="cpu")
+        pruned = served_model(BertClassifier.load_from_checkpoint(path, map_location="cpu"))
         results["pruned"] = {
             "checkpoint": str(path),
             "checkpoint_met_target": score is not None and score >= 0,
@@ -185,6 +232,22 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["dense"]["kept_tokens_per_layer"] = kept_tokens_per_layer(dense, datamodule)
         results["pruner"] = pruner.summary()
         models["pruned"] = pruned
+        if hasattr(pruner, "uniform_pruner"):  # SwiftPruner: its search, and the uniform baseline fine-tuned alike
+            add_search_results(results, pruner, out_dir)
+            baseline = pruner.uniform_pruner()
+            if baseline is not None:
+                student = BertClassifier.load_from_checkpoint(teacher_ckpt, map_location="cpu")
+                if baseline.model_lr:
+                    student.hparams.lr = baseline.model_lr
+                path, _ = fit_phase(cfg, "uniform", student, datamodule, baseline.monitor, extra_callbacks=[baseline], **overrides)
+                del student
+                uniform = served_model(BertClassifier.load_from_checkpoint(path, map_location="cpu"))
+                results["uniform"] = {
+                    "checkpoint": str(path),
+                    "metrics": evaluate_test_split(cfg, uniform, datamodule),
+                    "search": pruner.result["uniform"],
+                }
+                models["uniform"] = uniform
 
     latency, proto = time_models(
         models,
@@ -211,5 +274,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["speedup"] = {bs: d["latency_ms"][bs] / p["latency_ms"][bs] for bs in d["latency_ms"]}
         results["macs_reduction"] = d["macs_per_sample"] / p["macs_per_sample"]
         results["accuracy_drop_points"] = 100.0 * (d["metrics"]["accuracy"] - p["metrics"]["accuracy"])
+    if "uniform" in results:
+        u = results["uniform"]
+        u["speedup"] = {bs: d["latency_ms"][bs] / u["latency_ms"][bs] for bs in d["latency_ms"]}
+        u["macs_reduction"] = d["macs_per_sample"] / u["macs_per_sample"]
+        results["searched_minus_uniform_points"] = 100.0 * (p["metrics"]["accuracy"] - u["metrics"]["accuracy"])
     results["wall_clock_s"] = math.floor(time.time() - started)
     return results

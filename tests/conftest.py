@@ -42,3 +42,30 @@ def _clear_hydra():
     GlobalHydra.instance().clear()
     yield
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, tiny_bert_config):
+    """(datamodule of 48 random review-like sentences, checkpoint of a tiny dense teacher fitted 1 epoch, its config)."""
+    import lightning as L
+    import pandas as pd
+    import torch
+
+    from modules.bert_classifier import BertClassifier
+    from modules.packages import default_bert_dir
+    from modules.text_data import TextFileDataModule
+
+    words = ["good", "bad", "film", "great", "awful", "plot", "acting", "boring", "fun", "the"]
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(words[i] for i in torch.randint(0, 10, (int(n),), generator=g)) for n in torch.randint(4, 14, (48,), generator=g)]
+    path = tmp_path / "tiny.csv"
+    pd.DataFrame({"text": texts, "label": [int("good" in t) for t in texts]}).to_csv(path, index=False)
+    dm = TextFileDataModule(path=str(path), tokenizer=default_bert_dir(), batch_size=8, eval_batch_size=8)
+    L.seed_everything(0)
+    teacher = BertClassifier(bert_config=tiny_bert_config, num_labels=2, lr=1e-3)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(teacher, datamodule=dm)
+    teacher_ckpt = tmp_path / "teacher.ckpt"
+    trainer.save_checkpoint(teacher_ckpt)
+    return dm, teacher_ckpt, tiny_bert_config

@@ -1,0 +1,658 @@
+"""SwiftPruner: latency-budgeted evolutionary search of layer-wise structured sparsity (arXiv 2209.00625).
+
+The published method (Sec. 3 of the paper; facts in ../shared/notes/algorithms.md section 3)
+searches a sparsity per layer of BERT with an evolutionary algorithm whose mutations
+come from a *reinforced mutator* (a policy rewarded by a latency-aware reward), with
+latency predicted rather than measured for every candidate. No code is public; this
+module implements the project's specification:
+
+* units that really lower CPU latency: attention heads and FFN neurons per layer
+  (masks while training, physically removed for measurement, ``modules.structured``);
+* a candidate = per layer, the number of heads kept and of FFN neurons kept, from
+  configured choices; it keeps the layer's most important units by first-order Taylor
+  importance of the fine-tuned dense model on held-out validation examples;
+* latency predicted by a per-layer lookup table measured on this machine
+  (:class:`pruners.latency_table.LatencyTable`) and, after the search, checked by a
+  direct measurement of every evaluated candidate's physically shrunk model;
+* quality from a fast proxy: the masks applied to the dense model (optionally a few
+  recovery steps) scored on another held-out validation subset (accuracy or ROC AUC);
+* the reward ``quality * (latency / budget)^w`` (MnasNet, arXiv 1807.11626 Eq. 2) and
+  evolution with a REINFORCE-trained or a random mutator (:mod:`pruners.evolution`);
+* the best candidate whose *measured* latency is within the budget is fine-tuned with
+  task loss + distillation from the dense model (:class:`MaskedDistillation`), and so
+  is the best uniform configuration within the same measured budget (the baseline).
+
+The search runs in ``on_fit_start`` of the fine-tuning fit (the LightningModule holds
+the dense fine-tuned weights then), is seeded, logs its progress per generation, and
+its state (importance, lookup table, population, policy, history, choices) is saved in
+checkpoints; a resumed fit does not search again.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.structured import UnitImportance, shrink_structured, taylor_importance, top_unit_masks
+from pruners.base import Pruner, PrunerConfigError, check_choice, check_positive_int, check_range
+from pruners.distillation import kd_loss, load_teacher_model
+from pruners.evolution import EvolutionarySearch, RandomMutator, ReinforcedMutator, SearchSpace
+from pruners.latency_table import LatencyTable, measure_model_ms
+
+log = logging.getLogger(__name__)
+
+MUTATORS = ("reinforced", "random")
+PROXY_METRICS = ("accuracy", "auroc")
+
+
+class MaskedDistillation(Pruner):
+    """Fine-tune a BERT under fixed head/neuron masks with task loss + logits distillation.
+
+    The masks (from a search, or a uniform baseline) are set on the module's model at
+    the start of fit; parameter shapes stay put. The loss is ``task_weight * CE +
+    kd_weight * KL(teacher || student)`` at temperature ``kd_temperature`` (Hinton et al.
+    2015, arXiv 1503.02531), the teacher being the frozen dense model. Checkpoints are
+    selected by ``val/accuracy`` (the masks, hence the MACs, are fixed).
+
+    Args:
+        head_masks: (L, A) float 0/1 per layer and head; None keeps the model's masks.
+        neuron_masks: (L, I) float 0/1 per layer and FFN neuron; None keeps them.
+        teacher_ckpt: checkpoint of the fine-tuned dense ``BertClassifier``; None lets
+            the pipeline fine-tune one first (``teacher_epochs``).
+        teacher_epochs: epochs of that in-run dense fine-tuning.
+        finetune_epochs: epochs of fine-tuning under the masks.
+        kd_weight, task_weight: loss weights (>= 0).
+        kd_temperature: distillation temperature (> 0).
+        model_lr: peak learning rate of the model while fine-tuning; None keeps ``model.lr``.
+        name: metric and state name.
+
+    Raises:
+        PrunerConfigError: a setting out of range (the message names it).
+    """
+
+    name = "masked_kd"
+    monitor = "val/accuracy"
+
+    def __init__(
+        self,
+        head_masks: torch.Tensor | None = None,
+        neuron_masks: torch.Tensor | None = None,
+        teacher_ckpt: str | None = None,
+        teacher_epochs: int = 1,
+        finetune_epochs: int = 1,
+        kd_weight: float = 1.0,
+        task_weight: float = 1.0,
+        kd_temperature: float = 2.0,
+        model_lr: float | None = None,
+        name: str = "masked_kd",
+    ):
+        super().__init__()
+        self.head_masks = None if head_masks is None else torch.as_tensor(head_masks, dtype=torch.float32)
+        self.neuron_masks = None if neuron_masks is None else torch.as_tensor(neuron_masks, dtype=torch.float32)
+        self.teacher_ckpt = teacher_ckpt
+        self.teacher_epochs = check_positive_int("pruner.teacher_epochs", teacher_epochs)
+        self.finetune_epochs = check_positive_int("pruner.finetune_epochs", finetune_epochs)
+        self.kd_weight = check_range("pruner.kd_weight", kd_weight, 0.0, math.inf)
+        self.task_weight = check_range("pruner.task_weight", task_weight, 0.0, math.inf)
+        self.kd_temperature = check_range("pruner.kd_temperature", kd_temperature, 0.0, math.inf, low_open=True)
+        self.model_lr = None if model_lr is None else check_range("pruner.model_lr", model_lr, 0.0, math.inf, low_open=True)
+        self.name = name
+        self.teacher: nn.Module | None = None
+
+    def load_teacher(self, path: str) -> nn.Module:
+        """Load the frozen dense teacher from a ``BertClassifier`` checkpoint.
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+        """
+        self.teacher = load_teacher_model(path)
+        self.teacher_ckpt = str(path)
+        return self.teacher
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Load the teacher (fit only); checkpoints count at any sparsity (the masks are fixed)."""
+        if stage != "fit":
+            return
+        if self.teacher is None:
+            if self.teacher_ckpt is None:
+                raise PrunerConfigError(
+                    f"{self.name} needs a teacher: set pruner.teacher_ckpt or let the pipeline fine-tune one."
+                )
+            self.load_teacher(self.teacher_ckpt)
+        pl_module.checkpoint_sparsity_floor = None
+
+    def apply_masks(self, pl_module: L.LightningModule) -> None:
+        """Set this pruner's masks on ``pl_module.model`` (nothing to do when it holds none)."""
+        if self.head_masks is not None or self.neuron_masks is not None:
+            pl_module.model.set_structured_masks(self.head_masks, self.neuron_masks)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Apply the masks before the first step."""
+        self.apply_masks(pl_module)
+
+    def training_loss(self, pl_module, batch, outputs, task_loss):
+        """``task_weight * task + kd_weight * KL`` against the frozen dense teacher's logits."""
+        with torch.no_grad():
+            teacher_logits = self.teacher(
+                batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
+            ).logits
+        kd = kd_loss(outputs.logits, teacher_logits, self.kd_temperature)
+        return self.task_weight * task_loss + self.kd_weight * kd, {"kd_loss": kd.detach()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The masks (tensors) and the teacher checkpoint path."""
+        return {"head_masks": self.head_masks, "neuron_masks": self.neuron_masks, "teacher_ckpt": self.teacher_ckpt}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the masks saved by :meth:`state_dict`."""
+        self.head_masks = state_dict.get("head_masks")
+        self.neuron_masks = state_dict.get("neuron_masks")
+        self.teacher_ckpt = state_dict.get("teacher_ckpt") or self.teacher_ckpt
+
+
+def proxy_score(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
+    """Proxy quality of a candidate from its held-out logits.
+
+    Args:
+        logits: (B, C) float.
+        labels: (B,) int class indices.
+        metric: ``accuracy`` (fraction correct) or ``auroc`` (ROC AUC of the class-1
+            probability for C = 2, macro one-vs-rest AUC otherwise; torchmetrics).
+
+    Returns:
+        the score in [0, 1].
+
+    Raises:
+        ValueError: an unknown metric.
+    """
+    from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
+
+    if metric == "accuracy":
+        return float((logits.argmax(dim=-1) == labels).float().mean())
+    if metric == "auroc":
+        probs = logits.float().softmax(dim=-1)
+        if probs.shape[1] == 2:
+            return float(binary_auroc(probs[:, 1], labels))
+        return float(multiclass_auroc(probs, labels, num_classes=probs.shape[1]))
+    raise ValueError(f"proxy metric {metric!r} is not supported; choose one of {list(PROXY_METRICS)}.")
+
+
+class SwiftPruner(MaskedDistillation):
+    """SwiftPruner (arXiv 2209.00625) as a Lightning callback: search, then fine-tune the chosen model.
+
+    At ``on_fit_start`` (unless restored from a checkpoint) it runs :meth:`run_search` on
+    the module's dense fine-tuned model, sets the chosen candidate's masks, and the fit
+    then fine-tunes it with task loss + distillation (:class:`MaskedDistillation`).
+    :meth:`uniform_pruner` gives the same fine-tuning for the uniform baseline.
+
+    Args:
+        latency_budget_ms: latency budget in ms per batch of ``latency_batch_size`` x
+            ``latency_seq_len`` tokens on this machine; None uses ``budget_fraction``.
+        budget_fraction: budget as a fraction of the dense model's directly measured
+            latency at that shape, in (0, 1]; used when ``latency_budget_ms`` is None.
+        head_choices: kept-head counts a layer may take; None = 0, 2, 4, ..., A.
+        ffn_fractions: kept fractions of the FFN neurons a layer may take (rounded to
+            whole neurons), each in [0, 1].
+        latency_batch_size, latency_seq_len: the shape the budget refers to.
+        latency_warmup, latency_repeats: untimed / timed calls per latency measurement.
+        lut_layers: ``shared`` (measure one layer, all layers have the same shapes) or
+            ``each``.
+        mutator: ``reinforced`` (policy trained with REINFORCE) or ``random``.
+        mutations: actions (layer, heads/FFN, up/down) per child.
+        policy_lr, policy_hidden, entropy_weight: the reinforced mutator's Adam learning
+            rate, hidden width and entropy bonus.
+        population_size, parents, generations: the evolution's sizes.
+        reward_alpha, reward_beta: exponent w of the reward within / over budget
+            (alpha <= 0, beta < 0).
+        proxy_metric: ``accuracy`` or ``auroc``.
+        proxy_examples: held-out validation examples scoring each candidate.
+        importance_examples: other held-out validation examples for Taylor importance.
+        proxy_batch_size: batch size of proxy scoring and importance.
+        proxy_recovery_steps: training steps on a shrunk copy before scoring (0 = none).
+        search_seed: seed of the subsets, the evolution and the policy.
+        search_only: the pipeline stops after the search (no fine-tuning).
+        Other arguments: see :class:`MaskedDistillation`.
+
+    Raises:
+        PrunerConfigError: a setting out of range (at construction), or a budget below
+            the smallest achievable latency (at search time; the message gives it).
+    """
+
+    name = "swiftpruner"
+
+    def __init__(
+        self,
+        latency_budget_ms: float | None = None,
+        budget_fraction: float = 0.5,
+        head_choices: Sequence[int] | None = None,
+        ffn_fractions: Sequence[float] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0),
+        latency_batch_size: int = 1,
+        latency_seq_len: int = 64,
+        latency_warmup: int = 5,
+        latency_repeats: int = 20,
+        lut_layers: str = "shared",
+        mutator: str = "reinforced",
+        mutations: int = 1,
+        policy_lr: float = 0.01,
+        policy_hidden: int = 64,
+        entropy_weight: float = 0.01,
+        population_size: int = 16,
+        parents: int = 4,
+        generations: int = 10,
+        reward_alpha: float = 0.0,
+        reward_beta: float = -1.0,
+        proxy_metric: str = "accuracy",
+        proxy_examples: int = 512,
+        importance_examples: int = 256,
+        proxy_batch_size: int = 64,
+        proxy_recovery_steps: int = 0,
+        search_seed: int = 0,
+        search_only: bool = False,
+        teacher_ckpt: str | None = None,
+        teacher_epochs: int = 1,
+        finetune_epochs: int = 1,
+        kd_weight: float = 1.0,
+        task_weight: float = 1.0,
+        kd_temperature: float = 2.0,
+        model_lr: float | None = None,
+        name: str = "swiftpruner",
+    ):
+        super().__init__(
+            teacher_ckpt=teacher_ckpt,
+            teacher_epochs=teacher_epochs,
+            finetune_epochs=finetune_epochs,
+            kd_weight=kd_weight,
+            task_weight=task_weight,
+            kd_temperature=kd_temperature,
+            model_lr=model_lr,
+            name=name,
+        )
+        self.latency_budget_ms = (
+            None
+            if latency_budget_ms is None
+            else check_range("pruner.latency_budget_ms", latency_budget_ms, 0.0, math.inf, low_open=True)
+        )
+        self.budget_fraction = check_range("pruner.budget_fraction", budget_fraction, 0.0, 1.0, low_open=True, high_open=False)
+        if head_choices is not None:
+            head_choices = [check_positive_int("pruner.head_choices[...]", int(h), minimum=0) for h in head_choices]
+            if not head_choices:
+                raise PrunerConfigError("pruner.head_choices is empty; give kept-head counts, e.g. [0, 4, 8, 12].")
+        self.head_choices = None if head_choices is None else sorted(set(head_choices))
+        fractions = [check_range("pruner.ffn_fractions[...]", f, 0.0, 1.0, high_open=False) for f in ffn_fractions]
+        if not fractions:
+            raise PrunerConfigError("pruner.ffn_fractions is empty; give kept fractions, e.g. [0, 0.25, 0.5, 1].")
+        self.ffn_fractions = sorted(set(fractions))
+        self.latency_batch_size = check_positive_int("pruner.latency_batch_size", latency_batch_size)
+        self.latency_seq_len = check_positive_int("pruner.latency_seq_len", latency_seq_len)
+        self.latency_warmup = check_positive_int("pruner.latency_warmup", latency_warmup, minimum=0)
+        self.latency_repeats = check_positive_int("pruner.latency_repeats", latency_repeats)
+        self.lut_layers = check_choice("pruner.lut_layers", lut_layers, ("shared", "each"))
+        self.mutator = check_choice("pruner.mutator", mutator, MUTATORS)
+        self.mutations = check_positive_int("pruner.mutations", mutations)
+        self.policy_lr = check_range("pruner.policy_lr", policy_lr, 0.0, math.inf, low_open=True)
+        self.policy_hidden = check_positive_int("pruner.policy_hidden", policy_hidden)
+        self.entropy_weight = check_range("pruner.entropy_weight", entropy_weight, 0.0, math.inf)
+        self.population_size = check_positive_int("pruner.population_size", population_size, minimum=2)
+        self.parents = check_positive_int("pruner.parents", parents)
+        if self.parents >= self.population_size:
+            raise PrunerConfigError(
+                f"pruner.parents={parents} must be smaller than pruner.population_size={population_size}."
+            )
+        self.generations = check_positive_int("pruner.generations", generations, minimum=0)
+        self.reward_alpha = check_range("pruner.reward_alpha", reward_alpha, -math.inf, 0.0, high_open=False)
+        self.reward_beta = check_range("pruner.reward_beta", reward_beta, -math.inf, 0.0)
+        self.proxy_metric = check_choice("pruner.proxy_metric", proxy_metric, PROXY_METRICS)
+        self.proxy_examples = check_positive_int("pruner.proxy_examples", proxy_examples)
+        self.importance_examples = check_positive_int("pruner.importance_examples", importance_examples)
+        self.proxy_batch_size = check_positive_int("pruner.proxy_batch_size", proxy_batch_size)
+        self.proxy_recovery_steps = check_positive_int("pruner.proxy_recovery_steps", proxy_recovery_steps, minimum=0)
+        self.search_seed = int(search_seed)
+        self.search_only = bool(search_only)
+        #: everything the search found (None until it ran); saved in checkpoints
+        self.result: dict[str, Any] | None = None
+        self.search: EvolutionarySearch | None = None
+        #: the evolution's state restored from a checkpoint (kept so that a later save keeps it)
+        self._search_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ the search
+    def _space(self, model) -> SearchSpace:
+        heads, neurons = model.layer_structure()[0]
+        head_choices = self.head_choices if self.head_choices is not None else list(range(0, heads + 1, 2))
+        if head_choices[-1] > heads:
+            raise PrunerConfigError(f"pruner.head_choices={head_choices}: a layer has only {heads} heads.")
+        neuron_choices = sorted({round(f * neurons) for f in self.ffn_fractions})
+        return SearchSpace(len(model.layer_structure()), tuple(head_choices), tuple(neuron_choices))
+
+    def _subsets(self, datamodule) -> tuple[list[dict], list[dict], list[dict]]:
+        """(importance batches, proxy batches, recovery batches) from seeded disjoint held-out subsets."""
+        val = datamodule.datasets["validation"]
+        if len(val) < 2:
+            raise ValueError("SwiftPruner needs at least 2 validation examples for importance and the proxy.")
+        g = torch.Generator().manual_seed(self.search_seed)
+        order = torch.randperm(len(val), generator=g).tolist()
+        n_imp = min(self.importance_examples, len(val) // 2)
+        n_proxy = min(self.proxy_examples, len(val) - n_imp)
+        imp, proxy = order[:n_imp], order[n_imp : n_imp + n_proxy]
+        proxy.sort(key=lambda i: len(val[i]["input_ids"]))  # length-sorted batches: little padding
+
+        def batches(ds, idx: list[int]) -> list[dict]:
+            bs = self.proxy_batch_size
+            return [datamodule._collate([ds[i] for i in idx[s : s + bs]]) for s in range(0, len(idx), bs)]
+
+        recovery: list[dict] = []
+        if self.proxy_recovery_steps:
+            train = datamodule.datasets["train"]
+            pick = torch.randperm(len(train), generator=g)[: self.proxy_recovery_steps * datamodule.batch_size].tolist()
+            recovery = [
+                datamodule._collate([train[i] for i in pick[s : s + datamodule.batch_size]])
+                for s in range(0, len(pick), datamodule.batch_size)
+            ]
+        return batches(val, imp), batches(val, proxy), recovery
+
+    def _quality_fn(self, model, importance: UnitImportance, proxy: list[dict], recovery: list[dict]) -> Callable:
+        """genes -> proxy quality of the candidate (the masks applied to a copy of the dense model)."""
+        work = copy.deepcopy(model).eval()
+        labels = torch.cat([b["labels"] for b in proxy])
+
+        def quality(space: SearchSpace, genes: tuple[int, ...]) -> float:
+            heads, neurons = space.decode(genes)
+            hm, nm = top_unit_masks(importance, heads, neurons)
+            work.set_structured_masks(hm, nm)
+            small = shrink_structured(work)
+            if recovery:
+                small.train()
+                opt = torch.optim.AdamW(small.parameters(), lr=self.model_lr or 5e-5)
+                for b in recovery:
+                    loss = F.cross_entropy(small(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits, b["labels"])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                small.eval()
+            with torch.inference_mode():
+                logits = torch.cat([small(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits for b in proxy])
+            return proxy_score(logits, labels, self.proxy_metric)
+
+        return quality
+
+    def _measure(self, model, importance: UnitImportance, space: SearchSpace, genes) -> float:
+        """Direct latency (ms) of the candidate's physically shrunk model at the budget's shape."""
+        work = self._measure_work
+        heads, neurons = space.decode(genes)
+        work.set_structured_masks(*top_unit_masks(importance, heads, neurons))
+        return measure_model_ms(
+            shrink_structured(work),
+            self.latency_batch_size,
+            self.latency_seq_len,
+            warmup=self.latency_warmup,
+            repeats=self.latency_repeats,
+        )
+
+    def build_mutator(self, space: SearchSpace):
+        """The configured mutator (``pruner.mutator``) for ``space``."""
+        if self.mutator == "random":
+            return RandomMutator(mutations=self.mutations)
+        return ReinforcedMutator(
+            space,
+            hidden=self.policy_hidden,
+            lr=self.policy_lr,
+            entropy_weight=self.entropy_weight,
+            mutations=self.mutations,
+            seed=self.search_seed,
+        )
+
+    def run_search(self, model, datamodule) -> dict[str, Any]:
+        """Importance, lookup table, evolution, direct measurement, choice of the searched and uniform models.
+
+        Args:
+            model: the dense fine-tuned :class:`~modules.bert.PrunableBertForSequenceClassification`
+                (unmasked, full size); it is not modified (copies are masked).
+            datamodule: a set-up text data module (its validation split gives the
+                importance and proxy subsets, its train split the recovery batches).
+
+        Returns:
+            :attr:`result`: budget, dense latency, lookup table, every evaluated candidate
+            (genes, heads/neurons per layer, proxy quality, predicted and measured ms,
+            reward), the chosen and the uniform candidate, predictor error.
+
+        Raises:
+            PrunerConfigError: the budget is below the smallest achievable latency.
+            RuntimeError: no evaluated candidate's measured latency is within budget.
+        """
+        started = time.time()
+        space = self._space(model)
+        imp_batches, proxy_batches, recovery = self._subsets(datamodule)
+        log.info("SwiftPruner: Taylor importance on %d held-out examples", sum(len(b["labels"]) for b in imp_batches))
+        importance = taylor_importance(model, imp_batches)
+        log.info("SwiftPruner: measuring the latency lookup table (%d head x %d FFN choices)", len(space.head_choices), len(space.neuron_choices))
+        table = LatencyTable.measure(
+            model,
+            list(space.head_choices),
+            list(space.neuron_choices),
+            batch_size=self.latency_batch_size,
+            seq_len=self.latency_seq_len,
+            warmup=self.latency_warmup,
+            repeats=self.latency_repeats,
+            layers=self.lut_layers,
+        )
+        dense_ms = measure_model_ms(
+            model, self.latency_batch_size, self.latency_seq_len, warmup=self.latency_warmup, repeats=self.latency_repeats
+        )
+        budget = self.latency_budget_ms if self.latency_budget_ms is not None else self.budget_fraction * dense_ms
+        smallest = table.min_ms()
+        if budget < smallest:
+            raise PrunerConfigError(
+                f"pruner.latency_budget_ms={budget:.3f} ms is below the smallest achievable latency, {smallest:.3f} ms "
+                f"(every layer at {space.head_choices[0]} heads and {space.neuron_choices[0]} FFN neurons; batch "
+                f"{self.latency_batch_size} x {self.latency_seq_len} tokens, measured on this machine; the dense model "
+                f"takes {dense_ms:.3f} ms). Set pruner.latency_budget_ms (or pruner.budget_fraction) to at least that."
+            )
+        quality = self._quality_fn(model, importance, proxy_batches, recovery)
+        qcache: dict[tuple[int, ...], float] = {}
+
+        def cached_quality(genes: tuple[int, ...]) -> float:
+            if genes not in qcache:
+                qcache[genes] = quality(space, genes)
+            return qcache[genes]
+
+        def objective(genes: tuple[int, ...]) -> tuple[float, float]:
+            heads, neurons = space.decode(genes)
+            return cached_quality(genes), table.predict_ms(heads, neurons)
+
+        def progress(summary: dict) -> None:
+            log.info(
+                "SwiftPruner search (%s mutator) generation %d/%d: %d candidates evaluated, best reward %.4f, "
+                "best proxy %s within budget %.4f",
+                self.mutator,
+                summary.get("generation", -1),
+                self.generations,
+                summary.get("evaluations", -1),
+                summary.get("best_reward", float("nan")),
+                self.proxy_metric,
+                summary.get("best_feasible_quality") or float("nan"),
+            )
+
+        self.search = EvolutionarySearch(
+            space,
+            objective,
+            budget,
+            self.build_mutator(space),
+            population_size=self.population_size,
+            parents=self.parents,
+            generations=self.generations,
+            alpha=self.reward_alpha,
+            beta=self.reward_beta,
+            seed=self.search_seed,
+            progress=progress,
+        ).run()
+        search_s = time.time() - started
+
+        # Check the predictor: measure every evaluated candidate's shrunk model directly.
+        self._measure_work = copy.deepcopy(model).eval()
+        records = []
+        for rec in self.search.history:
+            genes = tuple(rec["genes"])
+            heads, neurons = space.decode(genes)
+            records.append(
+                {
+                    **rec,
+                    "heads": heads,
+                    "ffn_neurons": neurons,
+                    "predicted_ms": rec["latency_ms"],
+                    "measured_ms": self._measure(model, importance, space, genes),
+                }
+            )
+        errors = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in records]
+        within = [r for r in records if r["measured_ms"] <= budget]
+        if not within:
+            raise RuntimeError(
+                f"No evaluated candidate's measured latency is within the budget {budget:.3f} ms (the smallest measured "
+                f"was {min(r['measured_ms'] for r in records):.3f} ms). Raise pruner.latency_budget_ms or "
+                "pruner.generations."
+            )
+        chosen = max(within, key=lambda r: (r["quality"], -r["measured_ms"]))
+
+        # The uniform baseline: every uniform configuration measured directly, the best within budget.
+        uniform = []
+        for genes in space.uniform_candidates():
+            heads, neurons = space.decode(genes)
+            ms = self._measure(model, importance, space, genes)
+            entry = {"genes": list(genes), "heads": heads, "ffn_neurons": neurons, "measured_ms": ms}
+            entry["predicted_ms"] = table.predict_ms(heads, neurons)
+            if ms <= budget:
+                entry["quality"] = cached_quality(tuple(genes))
+            uniform.append(entry)
+        del self._measure_work
+        feasible_uniform = [u for u in uniform if "quality" in u]
+        best_uniform = (
+            max(feasible_uniform, key=lambda u: (u["quality"], -u["measured_ms"])) if feasible_uniform else None
+        )
+        if best_uniform is None:
+            log.warning("SwiftPruner: no uniform configuration is within the budget %.3f ms; no baseline.", budget)
+
+        self.result = {
+            "budget_ms": budget,
+            "budget_source": "latency_budget_ms" if self.latency_budget_ms is not None else f"{self.budget_fraction} x dense",
+            "dense_ms": dense_ms,
+            "min_predicted_ms": smallest,
+            "latency_shape": {"batch_size": self.latency_batch_size, "seq_len": self.latency_seq_len},
+            "head_choices": list(space.head_choices),
+            "neuron_choices": list(space.neuron_choices),
+            "mutator": self.mutator,
+            "generations": self.generations,
+            "evaluations": self.search.evaluations,
+            "proxy": {"metric": self.proxy_metric, "examples": sum(len(b["labels"]) for b in proxy_batches),
+                      "recovery_steps": self.proxy_recovery_steps},
+            "importance": {"heads": importance.heads, "neurons": importance.neurons},
+            "lut": table.state_dict(),
+            "candidates": records,
+            "predictor_error": {
+                "mean_abs_pct": 100.0 * sum(errors) / len(errors),
+                "max_abs_pct": 100.0 * max(errors),
+                "candidates": len(errors),
+            },
+            "best_reward_curve": self.search.best_reward_curve(),
+            "chosen": chosen,
+            "uniform_candidates": uniform,
+            "uniform": best_uniform,
+            "search_seconds": search_s,
+            "total_seconds": time.time() - started,
+        }
+        self.head_masks, self.neuron_masks = self.masks_of(chosen["genes"])
+        log.info(
+            "SwiftPruner: chose heads %s, FFN neurons %s: predicted %.3f ms, measured %.3f ms (budget %.3f ms, "
+            "dense %.3f ms), proxy %s %.4f; predictor error mean %.1f%%",
+            chosen["heads"], chosen["ffn_neurons"], chosen["predicted_ms"], chosen["measured_ms"], budget, dense_ms,
+            self.proxy_metric, chosen["quality"], self.result["predictor_error"]["mean_abs_pct"],
+        )
+        return self.result
+
+    def masks_of(self, genes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, A) head and (L, I) neuron masks of a candidate's genes (after :meth:`run_search`)."""
+        if self.result is None:
+            raise RuntimeError("SwiftPruner.masks_of needs the search's importance; run the search first.")
+        space = SearchSpace(
+            len(self.result["importance"]["heads"]), tuple(self.result["head_choices"]), tuple(self.result["neuron_choices"])
+        )
+        heads, neurons = space.decode(tuple(genes))
+        imp = UnitImportance(self.result["importance"]["heads"], self.result["importance"]["neurons"])
+        return top_unit_masks(imp, heads, neurons)
+
+    def uniform_pruner(self) -> MaskedDistillation | None:
+        """The uniform baseline's fine-tuning: same teacher and loss, the best uniform masks (None if none)."""
+        if self.result is None or self.result["uniform"] is None:
+            return None
+        hm, nm = self.masks_of(self.result["uniform"]["genes"])
+        pruner = MaskedDistillation(
+            hm,
+            nm,
+            teacher_ckpt=self.teacher_ckpt,
+            teacher_epochs=self.teacher_epochs,
+            finetune_epochs=self.finetune_epochs,
+            kd_weight=self.kd_weight,
+            task_weight=self.task_weight,
+            kd_temperature=self.kd_temperature,
+            model_lr=self.model_lr,
+            name="uniform",
+        )
+        pruner.teacher = self.teacher
+        return pruner
+
+    # ------------------------------------------------------- Lightning hooks
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Search (unless restored from a checkpoint), log the history table, apply the chosen masks."""
+        if self.result is None:
+            datamodule = trainer.datamodule
+            if datamodule is None or not getattr(datamodule, "datasets", None):
+                raise RuntimeError("SwiftPruner searches on the fit's datamodule; call trainer.fit(module, datamodule=...).")
+            self.run_search(pl_module.model, datamodule)
+            self.log_history_table(trainer)
+        self.apply_masks(pl_module)
+
+    def history_table(self) -> tuple[list[str], list[list[Any]]]:
+        """(columns, rows) of every evaluated candidate, for a W&B table."""
+        columns = ["evaluation", "generation", "heads", "ffn_neurons", "quality", "predicted_ms", "measured_ms", "reward", "feasible"]
+        rows = [
+            [r["evaluation"], r["generation"], str(r["heads"]), str(r["ffn_neurons"]), r["quality"], r["predicted_ms"],
+             r["measured_ms"], r["reward"], r["measured_ms"] <= self.result["budget_ms"]]
+            for r in (self.result or {}).get("candidates", [])
+        ]
+        return columns, rows
+
+    def log_history_table(self, trainer: L.Trainer) -> None:
+        """Log the search history as a W&B table ``search/history`` (when a W&B logger is attached)."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        columns, rows = self.history_table()
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="search/history", columns=columns, data=rows)
+
+    # ----------------------------------------------------------------- state
+    def summary(self) -> dict[str, Any]:
+        """The search's figures for results.json (no importance tensors, no raw table)."""
+        if self.result is None:
+            return {}
+        keep = {k: v for k, v in self.result.items() if k not in ("importance", "lut", "candidates", "uniform_candidates")}
+        keep["lut"] = {k: v for k, v in self.result["lut"].items() if k in ("attention_ms", "ffn_ms", "fixed_ms", "head_choices", "neuron_choices")}
+        return keep
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, the search result and the evolution's state (population, policy, history, generator)."""
+        state = super().state_dict()
+        state["result"] = self.result
+        state["search"] = self.search.state_dict() if self.search is not None else self._search_state
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; a restored pruner does not search again."""
+        super().load_state_dict(state_dict)
+        self.result = state_dict.get("result")
+        self._search_state = state_dict.get("search")

@@ -1,0 +1,168 @@
+"""SwiftPruner inside Lightning on a tiny random BERT: search, budget, masks, state round trip, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import run
+from modules.bert_classifier import BertClassifier
+from pipelines.common import build
+from pipelines.text import evaluate_test_split
+from pruners.base import PrunerConfigError
+from pruners.swiftpruner import SwiftPruner, proxy_score
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def _pruner(teacher_ckpt, **kw) -> SwiftPruner:
+    settings = dict(
+        budget_fraction=0.9,
+        head_choices=[0, 2, 4],
+        ffn_fractions=[0.0, 0.5, 1.0],
+        population_size=6,
+        parents=2,
+        generations=2,
+        proxy_examples=8,
+        importance_examples=8,
+        proxy_batch_size=4,
+        latency_seq_len=16,
+        latency_warmup=3,
+        latency_repeats=10,
+        teacher_ckpt=str(teacher_ckpt),
+    )
+    return SwiftPruner(**{**settings, **kw})
+
+
+def _trainer(tmp_path, pruner, **kw) -> L.Trainer:
+    settings = dict(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=tmp_path, callbacks=[pruner], num_sanity_val_steps=0)
+    return L.Trainer(**{**settings, **kw})
+
+
+def test_search_at_fit_start_applies_a_within_budget_candidate_and_state_round_trips(tiny_setup, tmp_path):
+    dm, teacher_ckpt, _ = tiny_setup
+    student = BertClassifier.load_from_checkpoint(teacher_ckpt)
+    pruner = _pruner(teacher_ckpt)
+    trainer = _trainer(tmp_path, pruner)
+    trainer.fit(student, datamodule=dm)
+
+    result = pruner.result
+    chosen = result["chosen"]
+    assert chosen["measured_ms"] <= result["budget_ms"]
+    assert result["budget_ms"] == pytest.approx(0.9 * result["dense_ms"])
+    assert result["evaluations"] == len(result["candidates"]) >= 6
+    # The module trains under the chosen candidate's masks: per layer, exactly the chosen unit counts.
+    heads, neurons = student.model.structured_masks()
+    assert [int(h.sum()) for h in heads] == chosen["heads"]
+    assert [int(n.sum()) for n in neurons] == chosen["ffn_neurons"]
+    # The uniform baseline is uniform and within the same measured budget.
+    uniform = result["uniform"]
+    assert len(set(uniform["heads"])) == 1 and len(set(uniform["ffn_neurons"])) == 1
+    assert uniform["measured_ms"] <= result["budget_ms"]
+    baseline = pruner.uniform_pruner()
+    assert [int(m.sum()) for m in baseline.head_masks] == uniform["heads"]
+
+    # Checkpoint round trip: the pruner's state (search result, evolution state) survives torch's safe loading,
+    # and a resumed fit does not search again.
+    ckpt = tmp_path / "swift.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)["callbacks"][pruner.state_key]
+    assert state["search"]["history"] == pruner.search.state_dict()["history"]
+    fresh = _pruner(teacher_ckpt)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a resumed fit must not search again")
+
+    fresh.run_search = no_search
+    resumed = BertClassifier.load_from_checkpoint(teacher_ckpt)
+    _trainer(tmp_path, fresh, max_steps=3).fit(resumed, datamodule=dm, ckpt_path=ckpt)
+    assert fresh.result["chosen"]["genes"] == chosen["genes"]
+    assert fresh.state_dict()["search"]["history"] == state["search"]["history"]
+    for a, b in zip(resumed.model.structured_masks(), student.model.structured_masks()):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y)
+
+
+def test_search_is_reproducible_for_a_seed(tiny_setup, tmp_path):
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model
+    # A fixed budget makes the choice independent of timing noise in the dense measurement.
+    runs = [_pruner(teacher_ckpt, latency_budget_ms=1e6, search_seed=3).run_search(model, dm) for _ in range(2)]
+    strip = lambda r: [(c["genes"], c["quality"]) for c in r["candidates"]]  # noqa: E731
+    assert strip(runs[0]) == strip(runs[1])
+
+
+def test_budget_below_the_smallest_latency_is_a_config_error_naming_it(tiny_setup):
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model
+    with pytest.raises(PrunerConfigError, match=r"below the smallest achievable latency, [0-9.]+ ms"):
+        _pruner(teacher_ckpt, latency_budget_ms=1e-6).run_search(model, dm)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"budget_fraction": 0.0},
+        {"latency_budget_ms": -1.0},
+        {"mutator": "greedy"},
+        {"proxy_metric": "f2"},
+        {"parents": 6, "population_size": 6},
+        {"ffn_fractions": [0.5, 1.5]},
+        {"head_choices": []},
+        {"reward_beta": 0.5},
+    ],
+)
+def test_bad_settings_are_config_errors(setting):
+    with pytest.raises(PrunerConfigError):
+        SwiftPruner(**setting)
+
+
+def test_proxy_score_known_values():
+    logits = torch.tensor([[0.0, 0.5], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0]])
+    labels = torch.tensor([0, 1, 1, 1])
+    assert proxy_score(logits, labels, "accuracy") == pytest.approx(0.5)
+    # the negative's class-1 probability (0.62) is above one positive's (0.27), below two: AUC = 2/3
+    assert proxy_score(logits, labels, "auroc") == pytest.approx(2 / 3)
+
+
+@pytest.mark.slow
+def test_swiftpruner_job_on_a_slice_writes_search_uniform_and_reloads(tmp_path):
+    overrides = [
+        f"paths.output_dir={tmp_path}", "model=bert", "pruner=swiftpruner", "logger=csv",
+        "data.limit_per_split=64", "trainer.val_check_interval=1.0", "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false", "latency.batch_sizes=[1,4]", "latency.examples=4",
+        "latency.repeats=2", "latency.warmup=1", "pruner.generations=1", "pruner.population_size=4",
+        "pruner.parents=2", "pruner.proxy_examples=16", "pruner.importance_examples=16",
+        "pruner.latency_repeats=3", "pruner.latency_seq_len=32", "pruner.head_choices=[0,6,12]",
+        "pruner.ffn_fractions=[0,0.5,1]",
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=overrides)
+    run.train(cfg)
+    results = json.loads((tmp_path / "results.json").read_text())
+    search = results["search"]
+    assert search["chosen"]["measured_ms"] <= search["budget_ms"]
+    assert search["predictor_error"]["candidates"] == search["evaluations"]
+    assert Path(search["pareto_plot"]).stat().st_size > 0
+    for name in ("dense", "pruned", "uniform"):
+        assert set(results[name]["latency_ms"]) == {"1", "4"}
+        assert 0.0 <= results[name]["metrics"]["accuracy"] <= 1.0
+    assert results["macs_reduction"] == pytest.approx(
+        results["dense"]["macs_per_sample"] / results["pruned"]["macs_per_sample"]
+    )
+    # The final checkpoint reloads as the masked model and reproduces the served (shrunk) model's accuracy.
+    reloaded = BertClassifier.load_from_checkpoint(results["pruned"]["checkpoint"])
+    heads, _ = reloaded.model.structured_masks()
+    assert [int(h.sum()) for h in heads] == search["chosen"]["heads"]
+    datamodule = build(cfg.data)
+    datamodule.setup("test")
+    again = evaluate_test_split(cfg, reloaded, datamodule)
+    assert again["accuracy"] == pytest.approx(results["pruned"]["metrics"]["accuracy"])
