@@ -217,7 +217,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if getattr(pruner, "search_only", False):
             pruner.run_search(student.model, datamodule)
             return search_only_results(results, pruner, out_dir, started)
-        epochs = getattr(pruner, "finetune_epochs", None)
+        epochs = getattr(pruner, "finetune_epochs", None) or getattr(pruner, "pruning_epochs", None)
         overrides = {"max_epochs": epochs} if epochs else {}
         monitor = getattr(pruner, "monitor", "val/accuracy_at_target")
         path, score = fit_phase(cfg, "pruned", student, datamodule, monitor, extra_callbacks=[pruner], **overrides)

@@ -267,6 +267,8 @@ class ToPPruner(Pruner):
             under exactly the pruning it will be served with (the post-pruning
             fine-tuning of CoFi, arXiv 2204.00408 Sec. 3.3; ToP's long schedules let the
             gates converge instead). 0 disables it.
+        pruning_epochs: epochs of the pruning fit (after the teacher); None uses
+            ``trainer.max_epochs``.
 
     Raises:
         PrunerConfigError: a setting out of range (named, with the allowed range).
@@ -295,6 +297,7 @@ class ToPPruner(Pruner):
         freeze_embeddings: bool = True,
         model_lr: float | None = None,
         finetune_fraction: float = 0.35,
+        pruning_epochs: int | None = None,
         name: str = "top",
     ):
         super().__init__()
@@ -317,6 +320,7 @@ class ToPPruner(Pruner):
         self.freeze_embeddings = bool(freeze_embeddings)
         self.model_lr = None if model_lr is None else check_range("pruner.model_lr", model_lr, 0.0, math.inf, low_open=True)
         self.finetune_fraction = check_range("pruner.finetune_fraction", finetune_fraction, 0.0, 1.0, high_open=False)
+        self.pruning_epochs = None if pruning_epochs is None else check_positive_int("pruner.pruning_epochs", pruning_epochs)
         self.frozen_at_step: int | None = None
         self.name = name
         self.lambda1 = nn.Parameter(torch.zeros(()))

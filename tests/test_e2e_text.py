@@ -34,7 +34,8 @@ def test_top_main_job_on_a_slice_writes_results_and_reloads(tmp_path):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(
             "config",
-            overrides=[f"paths.output_dir={tmp_path}", "model=bert", "pruner=top", "pruner.teacher_epochs=1", *SMALL],
+            overrides=[f"paths.output_dir={tmp_path}", "model=bert", "pruner=top", "pruner.teacher_epochs=1",
+                       "pruner.pruning_epochs=1", *SMALL],
         )
     results = run.train(cfg)
     on_disk = json.loads((tmp_path / "results.json").read_text())
