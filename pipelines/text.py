@@ -5,11 +5,16 @@ and its own logger run):
 
 1. ``dense``: fine-tune the dense model (skipped when ``pruner.teacher_ckpt`` is set;
    for ``pruner=none`` this is the whole job).
-2. ``pruned``: load the dense checkpoint, attach the pruner (a callback) and fit.
+2. ``pruned``: load the dense checkpoint, attach the pruner (a callback) and fit
+   (``pruner.pruning_epochs`` / ``pruner.finetune_epochs`` when the pruner has them,
+   else ``trainer.max_epochs``). SwiftPruner searches at the start of this fit.
+3. ``uniform`` (SwiftPruner only): the best uniform configuration within the same
+   measured latency budget, fine-tuned the same way (the baseline).
 
-Both final models are reloaded from their checkpoints (``load_from_checkpoint``),
-tested on the test split, and timed in this process on the same test inputs, the
-pruned one with pruned tokens physically removed.
+All final models are reloaded from their checkpoints (``load_from_checkpoint``),
+served as they would be (pruned tokens gathered out, masked heads and FFN neurons
+physically removed), tested on the test split, and timed in this process on the same
+test inputs. ``pruner.search_only=true`` (SwiftPruner) stops after the search.
 """
 
 from __future__ import annotations
