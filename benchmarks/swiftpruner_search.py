@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "swiftpruner_search"))
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")  # the search's progress
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = [f"threads={args.threads}", f"pruner.budget_fraction={args.budget_fraction}", *args.extra]
