@@ -38,14 +38,28 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 import run  # noqa: E402
+from pipelines.common import write_results  # noqa: E402
 
 
-def run_job(overrides: list[str]) -> dict:
-    """Compose the real config with ``overrides``, run it, return its results dict."""
+def run_job(overrides: list[str], reuse: bool = False) -> dict:
+    """Compose the real config with ``overrides``, run it, return its results dict.
+
+    With ``reuse``, a run whose output dir already holds a results.json with the same
+    overrides is not run again (its results are read).
+    """
+    out_dir = Path(next(o for o in overrides if o.startswith("paths.output_dir=")).split("=", 1)[1])
+    done = out_dir / "results.json"
+    if reuse and done.is_file():
+        results = json.loads(done.read_text())
+        if results.get("benchmark_overrides") == overrides:
+            return results
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose("config", overrides=["model=bert", "logger=csv", *overrides])
-    return run.train(cfg)
+    results = run.train(cfg)
+    results["benchmark_overrides"] = overrides
+    write_results(out_dir, results)
+    return results
 
 
 def evaluations_to_reach(curve: list[float], target: float) -> int | None:
@@ -88,6 +102,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "swiftpruner_search"))
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs with the same overrides")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")  # the search's progress
     out = Path(args.out)
@@ -105,9 +120,11 @@ def main() -> None:
     curves: dict[str, list[list[float]]] = {"reinforced": [], "random": []}
     for seed in args.seeds:
         full = run_job(["pruner=swiftpruner", f"seed={seed}", f"pruner.teacher_ckpt={teacher}",
-                        f"paths.output_dir={out / f'seed{seed}'}", *common])
+                        f"paths.output_dir={out / f'seed{seed}'}", *common], reuse=args.reuse)
+        # Same seed (same generation 0) and the same budget in ms, so the curves compare at one budget.
         rand = run_job(["pruner=swiftpruner", f"seed={seed}", f"pruner.teacher_ckpt={teacher}", "pruner.mutator=random",
-                        "pruner.search_only=true", f"paths.output_dir={out / f'random_seed{seed}'}", *common])
+                        "pruner.search_only=true", f"pruner.latency_budget_ms={full['search']['budget_ms']}",
+                        f"paths.output_dir={out / f'random_seed{seed}'}", *common], reuse=args.reuse)
         s, r = full["search"], rand["search"]
         curves["reinforced"].append(s["best_reward_curve"])
         curves["random"].append(r["best_reward_curve"])

@@ -64,8 +64,9 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> Path:
                    edgecolors="tab:orange", s=30, label="uniform (within budget)")
     ax.axvline(result["budget_ms"], color="tab:red", ls="--", lw=1, label=f"budget {result['budget_ms']:.2f} ms")
     ch = result["chosen"]
-    ax.scatter([ch["measured_ms"]], [ch["quality"]], marker="*", s=220, color="tab:red", edgecolors="k", zorder=5,
-               label="chosen")
+    if ch is not None:  # None: a search-only run found nothing within the measured budget
+        ax.scatter([ch["measured_ms"]], [ch["quality"]], marker="*", s=220, color="tab:red", edgecolors="k",
+                   zorder=5, label="chosen")
     if result.get("uniform"):
         u = result["uniform"]
         ax.scatter([u["measured_ms"]], [u["quality"]], marker="D", s=80, color="tab:orange", edgecolors="k", zorder=5,

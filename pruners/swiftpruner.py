@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.structured import UnitImportance, shrink_structured, taylor_importance, top_unit_masks
-from pruners.base import Pruner, PrunerConfigError, check_choice, check_positive_int, check_range
-from pruners.distillation import kd_loss, load_teacher_model
+from pruners.base import PrunerConfigError, check_choice, check_positive_int, check_range
+from pruners.distillation import TeacherPruner, kd_loss
 from pruners.evolution import EvolutionarySearch, RandomMutator, ReinforcedMutator, SearchSpace
 from pruners.latency_table import LatencyTable, measure_model_ms
 
@@ -53,7 +53,7 @@ MUTATORS = ("reinforced", "random")
 PROXY_METRICS = ("accuracy", "auroc")
 
 
-class MaskedDistillation(Pruner):
+class MaskedDistillation(TeacherPruner):
     """Fine-tune a BERT under fixed head/neuron masks with task loss + logits distillation.
 
     The masks (from a search, or a uniform baseline) are set on the module's model at
@@ -107,26 +107,11 @@ class MaskedDistillation(Pruner):
         self.name = name
         self.teacher: nn.Module | None = None
 
-    def load_teacher(self, path: str) -> nn.Module:
-        """Load the frozen dense teacher from a ``BertClassifier`` checkpoint.
-
-        Raises:
-            FileNotFoundError: no file at ``path``.
-        """
-        self.teacher = load_teacher_model(path)
-        self.teacher_ckpt = str(path)
-        return self.teacher
-
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Load the teacher (fit only); checkpoints count at any sparsity (the masks are fixed)."""
         if stage != "fit":
             return
-        if self.teacher is None:
-            if self.teacher_ckpt is None:
-                raise PrunerConfigError(
-                    f"{self.name} needs a teacher: set pruner.teacher_ckpt or let the pipeline fine-tune one."
-                )
-            self.load_teacher(self.teacher_ckpt)
+        self.ensure_teacher()
         pl_module.checkpoint_sparsity_floor = None
 
     def apply_masks(self, pl_module: L.LightningModule) -> None:
@@ -424,7 +409,8 @@ class SwiftPruner(MaskedDistillation):
 
         Raises:
             PrunerConfigError: the budget is below the smallest achievable latency.
-            RuntimeError: no evaluated candidate's measured latency is within budget.
+            RuntimeError: no evaluated candidate's measured latency is within budget
+                (with ``search_only`` the result has ``chosen`` None instead).
         """
         started = time.time()
         space = self._space(model)
@@ -512,12 +498,15 @@ class SwiftPruner(MaskedDistillation):
         errors = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in records]
         within = [r for r in records if r["measured_ms"] <= budget]
         if not within:
-            raise RuntimeError(
+            message = (
                 f"No evaluated candidate's measured latency is within the budget {budget:.3f} ms (the smallest measured "
                 f"was {min(r['measured_ms'] for r in records):.3f} ms). Raise pruner.latency_budget_ms or "
                 "pruner.generations."
             )
-        chosen = max(within, key=lambda r: (r["quality"], -r["measured_ms"]))
+            if not self.search_only:
+                raise RuntimeError(message)
+            log.warning("SwiftPruner: %s", message)  # a search-only run still reports its history
+        chosen = max(within, key=lambda r: (r["quality"], -r["measured_ms"])) if within else None
 
         # The uniform baseline: every uniform configuration measured directly, the best within budget.
         uniform = []
@@ -565,6 +554,8 @@ class SwiftPruner(MaskedDistillation):
             "search_seconds": search_s,
             "total_seconds": time.time() - started,
         }
+        if chosen is None:
+            return self.result
         self.head_masks, self.neuron_masks = self.masks_of(chosen["genes"])
         log.info(
             "SwiftPruner: chose heads %s, FFN neurons %s: predicted %.3f ms, measured %.3f ms (budget %.3f ms, "

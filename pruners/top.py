@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.bert import layer_macs
-from pruners.base import Pruner, PrunerConfigError, check_positive_int, check_range
-from pruners.distillation import kd_loss, load_teacher_model
+from pruners.base import PrunerConfigError, check_positive_int, check_range
+from pruners.distillation import TeacherPruner, kd_loss
 from pruners.hard_concrete import HardConcreteGates
 
 
@@ -233,7 +233,7 @@ def lagrangian(expected_sparsity: torch.Tensor, target: float, lambda1: torch.Te
     return lambda1 * gap + lambda2 * gap * gap
 
 
-class ToPPruner(Pruner):
+class ToPPruner(TeacherPruner):
     """Token pruning with ToP (arXiv 2306.14393) as a Lightning callback.
 
     Attaches :class:`TokenGates` to the module (``pl_module.token_gates``, saved in its
@@ -350,24 +350,11 @@ class ToPPruner(Pruner):
             )
         return gates
 
-    def load_teacher(self, path: str) -> nn.Module:
-        """Load the frozen dense teacher from a ``BertClassifier`` checkpoint.
-
-        Raises:
-            FileNotFoundError: no file at ``path``.
-        """
-        self.teacher = load_teacher_model(path)
-        self.teacher_ckpt = str(path)
-        return self.teacher
-
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Load the teacher, attach the gates, freeze embeddings, set the checkpoint sparsity floor (fit only)."""
         if stage != "fit":
             return
-        if self.teacher is None:
-            if self.teacher_ckpt is None:
-                raise PrunerConfigError("ToP needs a teacher: set pruner.teacher_ckpt or let the pipeline fine-tune one.")
-            self.load_teacher(self.teacher_ckpt)
+        self.ensure_teacher()
         self.attach(pl_module).frozen = self.frozen_at_step is not None
         if self.freeze_embeddings:
             pl_module.model.bert.embeddings.requires_grad_(False)
