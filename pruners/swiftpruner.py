@@ -367,9 +367,11 @@ class SwiftPruner(MaskedDistillation):
 
         return quality
 
-    def _measure(self, model, importance: UnitImportance, space: SearchSpace, genes) -> float:
-        """Direct latency (ms) of the candidate's physically shrunk model at the budget's shape."""
-        work = self._measure_work
+    def _measure(self, work, importance: UnitImportance, space: SearchSpace, genes) -> float:
+        """Direct latency (ms) of the candidate's physically shrunk model at the budget's shape.
+
+        ``work`` is a scratch copy of the dense model whose masks this call overwrites.
+        """
         heads, neurons = space.decode(genes)
         work.set_structured_masks(*top_unit_masks(importance, heads, neurons))
         return measure_model_ms(
@@ -481,7 +483,7 @@ class SwiftPruner(MaskedDistillation):
         search_s = time.time() - started
 
         # Check the predictor: measure every evaluated candidate's shrunk model directly.
-        self._measure_work = copy.deepcopy(model).eval()
+        work = copy.deepcopy(model).eval()  # scratch copy: its masks are set per candidate
         records = []
         for rec in self.search.history:
             genes = tuple(rec["genes"])
@@ -492,7 +494,7 @@ class SwiftPruner(MaskedDistillation):
                     "heads": heads,
                     "ffn_neurons": neurons,
                     "predicted_ms": rec["latency_ms"],
-                    "measured_ms": self._measure(model, importance, space, genes),
+                    "measured_ms": self._measure(work, importance, space, genes),
                 }
             )
         errors = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in records]
@@ -512,13 +514,13 @@ class SwiftPruner(MaskedDistillation):
         uniform = []
         for genes in space.uniform_candidates():
             heads, neurons = space.decode(genes)
-            ms = self._measure(model, importance, space, genes)
+            ms = self._measure(work, importance, space, genes)
             entry = {"genes": list(genes), "heads": heads, "ffn_neurons": neurons, "measured_ms": ms}
             entry["predicted_ms"] = table.predict_ms(heads, neurons)
             if ms <= budget:
                 entry["quality"] = cached_quality(tuple(genes))
             uniform.append(entry)
-        del self._measure_work
+        del work
         feasible_uniform = [u for u in uniform if "quality" in u]
         best_uniform = (
             max(feasible_uniform, key=lambda u: (u["quality"], -u["measured_ms"])) if feasible_uniform else None
