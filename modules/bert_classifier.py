@@ -86,6 +86,8 @@ class BertClassifier(L.LightningModule):
         self.token_gates: torch.nn.Module | None = None
         #: set by a pruner: checkpoints only count once validation sparsity reaches it (ToP Sec. 4.1)
         self.checkpoint_sparsity_floor: float | None = None
+        #: set by a pruner: checkpoints only count once the token gates are frozen
+        self.checkpoint_requires_frozen_gates = False
         self.val_metrics = build_metrics(list(metrics), num_labels).clone(prefix="val/")
         self.test_metrics = build_metrics(list(metrics), num_labels).clone(prefix="test/")
         # MACs per sample of the model as run (pruned) and of the dense model, same inputs
@@ -149,10 +151,13 @@ class BertClassifier(L.LightningModule):
         return values
 
     def on_validation_epoch_end(self) -> None:
-        """Log val metrics, MACs, sparsity, and ``val/accuracy_at_target`` (-1 until the sparsity floor is met)."""
+        """Log val metrics, MACs, sparsity, and ``val/accuracy_at_target``: -1 until the sparsity
+        floor is met (and, if a pruner requires it, the token gates are frozen)."""
         values = self._log_eval(self.val_metrics, self.val_macs, "val")
         if self.checkpoint_sparsity_floor is not None:
             ok = values["val/sparsity"] >= self.checkpoint_sparsity_floor
+            if self.checkpoint_requires_frozen_gates:
+                ok = ok and self.token_gates is not None and self.token_gates.frozen
             self.log("val/accuracy_at_target", values["val/accuracy"] if ok else torch.tensor(-1.0))
 
     def on_test_epoch_end(self) -> None:

@@ -101,8 +101,30 @@ class TokenGates(nn.Module):
         self.token = HardConcreteGates(len(layers) * bin_count, init_log_alpha=token_init_log_alpha)
         self.layer = HardConcreteGates(len(layers), init_log_alpha=layer_init_log_alpha)
         self._slot = {layer: i for i, layer in enumerate(self.pruning_layers)}
-        #: once frozen, training uses the deterministic evaluation gates too (hard masks, no gate gradients)
-        self.frozen = False
+        # Frozen gates: a snapshot of the evaluation gates that training then uses too
+        # (hard masks, no gate gradients). Buffers, so checkpoints serve exactly that pruning.
+        p = len(layers)
+        self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("frozen_layer_on", torch.zeros(p, dtype=torch.bool))
+        self.register_buffer("frozen_kept", torch.zeros(p, bin_count, dtype=torch.bool))
+
+    @property
+    def frozen(self) -> bool:
+        """True once :meth:`freeze` was called: evaluation and training use the frozen snapshot."""
+        return bool(self.frozen_flag)
+
+    def freeze(self, layer_on: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> None:
+        """Fix the gates at ``(layer_on, kept)`` ((P,) bool and (P, bin_count) bool); None = :meth:`deterministic`."""
+        det_on, det_kept = self.deterministic()
+        self.frozen_layer_on.copy_(det_on if layer_on is None else layer_on)
+        self.frozen_kept.copy_(det_kept if kept is None else kept)
+        self.frozen_flag.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Checkpoints written before gates could be frozen load as unfrozen.
+        for name in ("frozen_flag", "frozen_layer_on", "frozen_kept"):
+            state_dict.setdefault(prefix + name, getattr(self, name).clone())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def config(self) -> dict[str, Any]:
         """Plain constructor arguments (stored in checkpoints to rebuild the gates)."""
@@ -131,7 +153,10 @@ class TokenGates(nn.Module):
         return 1.0 - self.layer_on_prob() * (1.0 - self.token_keep_prob().mean(dim=1))
 
     def deterministic(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluation gates: (P,) bool layer on (log_alpha > 0) and (P, bin_count) bool kept bins (top-k)."""
+        """Evaluation gates: (P,) bool layer on (log_alpha > 0) and (P, bin_count) bool kept bins (top-k);
+        once :attr:`frozen`, the frozen snapshot."""
+        if self.frozen:
+            return self.frozen_layer_on, self.frozen_kept
         p = len(self.pruning_layers)
         layer_on = self.layer.log_alpha.detach() > 0
         return layer_on, self.token.deterministic_topk(groups=p).view(p, self.bin_count)
@@ -185,6 +210,81 @@ def expected_macs(gates: TokenGates, lengths: torch.Tensor, hidden: int, interme
             m = m * ratio[gates._slot[i]]
         total = total + layer_macs(1.0 + m, hidden, intermediate)
     return total
+
+
+def deterministic_kept_lengths(
+    gates: TokenGates, layer_on: torch.Tensor, kept: torch.Tensor, lengths: torch.Tensor
+) -> list[torch.Tensor]:
+    """Tokens each layer computes on under fixed evaluation gates, computed without running the model.
+
+    Exact, because a sample's rank bins depend only on how many candidates it has: the
+    ``m`` non-[CLS] tokens entering a pruning layer fall into bins ``floor(r * B / m)``
+    for ranks ``r < m``, whatever the scores (see :func:`rank_bins`).
+
+    Args:
+        gates: the token gates (layer layout and bin count).
+        layer_on: (P,) bool, which pruning layers prune.
+        kept: (P, bin_count) bool, kept rank bins.
+        lengths: (S,) real (unpadded) sequence lengths, [CLS] included.
+
+    Returns:
+        per encoder layer, (S,) float tokens computed on ([CLS] included), as the
+        encoder's ``EncoderOutput.kept_lengths`` at evaluation.
+    """
+    m = lengths.to(torch.long) - 1
+    ranks = torch.arange(int(m.max().clamp_min(1)) if m.numel() else 1)
+    out = []
+    for i in range(gates.num_layers):
+        slot = gates._slot.get(i)
+        if slot is not None and bool(layer_on[slot]) and m.numel():
+            bins = torch.div(ranks[None, :] * gates.bin_count, m.clamp_min(1)[:, None], rounding_mode="floor")
+            bins = bins.clamp_(max=gates.bin_count - 1)
+            m = (kept[slot][bins] & (ranks[None, :] < m[:, None])).sum(dim=1)
+        out.append((1 + m).to(torch.float32))
+    return out
+
+
+def project_to_sparsity(
+    gates: TokenGates, lengths: torch.Tensor, macs_fn, target: float
+) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """Evaluation gates tightened until their MACs sparsity on ``lengths`` reaches ``target``.
+
+    Starting from :meth:`TokenGates.deterministic`, closes one open bin at a time, the one
+    with the lowest log_alpha among the layers that prune (switching on the off layer with
+    the highest layer log_alpha when none prunes), until
+    ``1 - MACs(gates) / MACs(dense) >= target``. Gates already at or over the target are
+    returned unchanged. Used when the gates are frozen for the final fine-tuning, so the
+    served model meets the target however close the stochastic training got to it.
+
+    Args:
+        gates: the token gates.
+        lengths: (S,) real sequence lengths of the samples to measure on (e.g. validation).
+        macs_fn: kept lengths per layer -> (S,) MACs (the model's ``macs``).
+        target: MACs sparsity to reach, a fraction in [0, 1).
+
+    Returns:
+        (layer_on (P,) bool, kept (P, bin_count) bool, sparsity reached (fraction),
+        number of gates changed).
+    """
+    layer_on, kept = (t.clone() for t in gates.deterministic())
+    dense = macs_fn([lengths.to(torch.float32)] * gates.num_layers).sum()
+    token_la = gates.token.log_alpha.detach().view(len(gates.pruning_layers), gates.bin_count)
+    layer_la = gates.layer.log_alpha.detach()
+    changed = 0
+    while True:
+        sparsity = float(1.0 - macs_fn(deterministic_kept_lengths(gates, layer_on, kept, lengths)).sum() / dense)
+        if sparsity >= target:
+            break
+        open_bins = kept & layer_on[:, None]
+        if open_bins.any():
+            flat = torch.where(open_bins, token_la, torch.full_like(token_la, math.inf)).argmin()
+            kept.view(-1)[flat] = False
+        elif not layer_on.all():
+            layer_on[torch.where(layer_on, torch.full_like(layer_la, -math.inf), layer_la).argmax()] = True
+        else:  # every token but [CLS] already pruned
+            break
+        changed += 1
+    return layer_on, kept, sparsity, changed
 
 
 def arp2_loss(
@@ -261,14 +361,19 @@ class ToPPruner(TeacherPruner):
         token_init_log_alpha, layer_init_log_alpha: gate initialisation (keep / off).
         freeze_embeddings: keep the embeddings fixed while pruning (as in ToP).
         model_lr: learning rate of the model weights while pruning; None keeps ``model.lr``.
-        finetune_fraction: in the last ``finetune_fraction`` of training, at the first
-            validation whose measured sparsity meets the target (minus 0.01), the gates
-            are frozen at their deterministic evaluation values and the model fine-tunes
-            under exactly the pruning it will be served with (the post-pruning
-            fine-tuning of CoFi, arXiv 2204.00408 Sec. 3.3; ToP's long schedules let the
-            gates converge instead). 0 disables it.
+        finetune_fraction: at the first validation in the last ``finetune_fraction`` of
+            training, the gates are frozen at their deterministic evaluation values,
+            tightened if needed until the validation MACs sparsity reaches the target
+            (:func:`project_to_sparsity`), and the model fine-tunes under exactly the
+            pruning it will be served with (the post-pruning fine-tuning of CoFi,
+            arXiv 2204.00408 Sec. 3.3; ToP's long schedules let the gates converge
+            instead). Only checkpoints from this window are kept. 0 disables it
+            (checkpoints then count once validation sparsity is within 0.01 of the target).
         pruning_epochs: epochs of the pruning fit (after the teacher); None uses
             ``trainer.max_epochs``.
+        cache_teacher: keep the frozen teacher's logits and final-layer token scores per
+            training sample after their first computation, so later epochs skip the
+            teacher's forward pass (the teacher is in eval mode: its outputs never change).
 
     Raises:
         PrunerConfigError: a setting out of range (named, with the allowed range).
@@ -298,6 +403,7 @@ class ToPPruner(TeacherPruner):
         model_lr: float | None = None,
         finetune_fraction: float = 0.35,
         pruning_epochs: int | None = None,
+        cache_teacher: bool = True,
         name: str = "top",
     ):
         super().__init__()
@@ -322,6 +428,10 @@ class ToPPruner(TeacherPruner):
         self.finetune_fraction = check_range("pruner.finetune_fraction", finetune_fraction, 0.0, 1.0, high_open=False)
         self.pruning_epochs = None if pruning_epochs is None else check_positive_int("pruner.pruning_epochs", pruning_epochs)
         self.frozen_at_step: int | None = None
+        self.freeze_info: dict[str, Any] | None = None
+        self.cache_teacher = bool(cache_teacher)
+        self._teacher_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._val_lengths: list[torch.Tensor] = []
         self.name = name
         self.lambda1 = nn.Parameter(torch.zeros(()))
         self.lambda2 = nn.Parameter(torch.zeros(()))
@@ -355,10 +465,12 @@ class ToPPruner(TeacherPruner):
         if stage != "fit":
             return
         self.ensure_teacher()
-        self.attach(pl_module).frozen = self.frozen_at_step is not None
+        self.attach(pl_module)  # a resumed fit restores the frozen snapshot with the module's state dict
         if self.freeze_embeddings:
             pl_module.model.bert.embeddings.requires_grad_(False)
         pl_module.checkpoint_sparsity_floor = self.target_sparsity - 0.01
+        # With a fine-tuning window, only models under their final (frozen) pruning are kept.
+        pl_module.checkpoint_requires_frozen_gates = self.finetune_fraction > 0
 
     def param_groups(self, pl_module: L.LightningModule) -> list[dict[str, Any]]:
         """Gates (descent, ``gate_lr``) and Lagrange multipliers (ascent: ``maximize=True``, ``multiplier_lr``)."""
@@ -380,14 +492,42 @@ class ToPPruner(TeacherPruner):
         frac = min(1.0, step / warm)
         return self.target_sparsity * frac, self.rank_alpha * (1.0 - 0.99 * frac)
 
+    @torch.no_grad()
+    def teacher_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's (B, C) logits and (B, N) final-layer token scores on ``batch``.
+
+        With ``cache_teacher``, rows seen before (same tokens and segments) come from the
+        cache; a batch with any unseen row runs the teacher and caches every row. Scores
+        at padding positions are 0 (the ranking loss masks them).
+        """
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        types = batch.get("token_type_ids")
+        if not self.cache_teacher:
+            out = self.teacher(ids, batch["attention_mask"], types, return_scores=True)
+            return out.logits, out.scores[-1]
+        keys = [
+            ids[i][mask[i]].numpy().tobytes() + (b"" if types is None else types[i][mask[i]].numpy().tobytes())
+            for i in range(ids.shape[0])
+        ]
+        if not all(k in self._teacher_cache for k in keys):
+            out = self.teacher(ids, batch["attention_mask"], types, return_scores=True)
+            for i, k in enumerate(keys):
+                self._teacher_cache[k] = (out.logits[i].clone(), out.scores[-1][i][mask[i]].clone())
+        logits = torch.stack([self._teacher_cache[k][0] for k in keys])
+        scores = torch.zeros(ids.shape, dtype=logits.dtype)
+        for i, k in enumerate(keys):
+            scores[i][mask[i]] = self._teacher_cache[k][1]
+        return logits, scores
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Drop the teacher cache."""
+        self._teacher_cache.clear()
+
     def training_loss(self, pl_module, batch, outputs, task_loss):
         """ToP objective: task + KL distillation + Lagrangian on expected MACs sparsity + ranking distillation (Sec. 3.3-3.5)."""
         gates: TokenGates = pl_module.token_gates
         cfg = pl_module.model.config
-        with torch.no_grad():
-            teacher_out = self.teacher(
-                batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"), return_scores=True
-            )
+        teacher_logits, teacher_scores = self.teacher_outputs(batch)
         lengths = batch["attention_mask"].sum(dim=1)
         exp_macs = expected_macs(gates, lengths, cfg.hidden_size, cfg.intermediate_size)
         full = expected_macs_dense(lengths, len(pl_module.model.bert.encoder.layer), cfg.hidden_size, cfg.intermediate_size)
@@ -395,10 +535,10 @@ class ToPPruner(TeacherPruner):
         target, alpha = self.schedule(pl_module.trainer.global_step)
         # Frozen gates get no gradient, so the constraint has nothing left to act on.
         lag = torch.zeros(()) if gates.frozen else lagrangian(sparsity, target, self.lambda1, self.lambda2)
-        kd = kd_loss(outputs.logits, teacher_out.logits, self.kd_temperature)
+        kd = kd_loss(outputs.logits, teacher_logits, self.kd_temperature)
         valid = batch["attention_mask"].bool().clone()
         valid[:, 0] = False
-        rank = sum(arp2_loss(outputs.scores[l], teacher_out.scores[-1], valid, self.rank_top_k) for l in self.distill_layers)
+        rank = sum(arp2_loss(outputs.scores[l], teacher_scores, valid, self.rank_top_k) for l in self.distill_layers)
         loss = self.task_weight * task_loss + self.kd_weight * kd + lag + alpha * rank
         logs = {
             "expected_sparsity": sparsity.detach(),
@@ -412,16 +552,39 @@ class ToPPruner(TeacherPruner):
         self._last = {k: float(v) for k, v in logs.items()}
         return loss, logs
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start collecting the validation lengths (for the projection at freezing time)."""
+        self._val_lengths = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        """Record each validation sample's real length."""
+        self._val_lengths.append(batch["attention_mask"].sum(dim=1).cpu())
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Freeze the gates once in the fine-tuning window and the measured val sparsity meets the target."""
+        """At the first validation in the fine-tuning window, freeze the gates at the target.
+
+        The evaluation gates are first tightened on this validation split's lengths until
+        their MACs sparsity reaches ``target_sparsity`` (:func:`project_to_sparsity`), so
+        the fine-tuned model is served at the target whether or not the stochastic gates
+        got there. Checkpoints count only after this (``checkpoint_requires_frozen_gates``).
+        """
         gates = pl_module.token_gates
         if trainer.sanity_checking or gates is None or gates.frozen or self.finetune_fraction == 0:
             return
-        start = (1.0 - self.finetune_fraction) * self._total_steps
-        sparsity = trainer.callback_metrics.get("val/sparsity")
-        if trainer.global_step >= start and sparsity is not None and float(sparsity) >= self.target_sparsity - 0.01:
-            gates.frozen = True
-            self.frozen_at_step = int(trainer.global_step)
+        if trainer.global_step < (1.0 - self.finetune_fraction) * self._total_steps or not self._val_lengths:
+            return
+        measured = trainer.callback_metrics.get("val/sparsity")
+        layer_on, kept, sparsity, changed = project_to_sparsity(
+            gates, torch.cat(self._val_lengths), pl_module.model.macs, self.target_sparsity
+        )
+        gates.freeze(layer_on, kept)
+        self.frozen_at_step = int(trainer.global_step)
+        self.freeze_info = {
+            "step": self.frozen_at_step,
+            "val_sparsity_before": None if measured is None else float(measured),
+            "val_sparsity_frozen": sparsity,
+            "gates_changed_by_projection": changed,
+        }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Clamp log_alpha after each optimizer step, as the reference code does."""
@@ -445,6 +608,7 @@ class ToPPruner(TeacherPruner):
             "teacher_ckpt": self.teacher_ckpt,
             "distill_layers": self.distill_layers,
             "frozen_at_step": self.frozen_at_step,
+            "freeze_info": self.freeze_info,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -455,6 +619,7 @@ class ToPPruner(TeacherPruner):
         self.teacher_ckpt = state_dict.get("teacher_ckpt", self.teacher_ckpt)
         self.distill_layers = state_dict.get("distill_layers", self.distill_layers)
         self.frozen_at_step = state_dict.get("frozen_at_step")
+        self.freeze_info = state_dict.get("freeze_info")
 
     def summary(self) -> dict[str, Any]:
         """Settings and final training-time figures of the pruning (for results.json)."""
@@ -463,6 +628,7 @@ class ToPPruner(TeacherPruner):
             "target_sparsity": self.target_sparsity,
             "teacher_ckpt": self.teacher_ckpt,
             "gates_frozen_at_step": self.frozen_at_step,
+            "freeze": self.freeze_info,
             "last_train_step": self._last,
         }
 

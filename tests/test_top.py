@@ -14,9 +14,11 @@ from pruners.top import (
     ToPPruner,
     TokenGates,
     arp2_loss,
+    deterministic_kept_lengths,
     expected_macs,
     expected_macs_dense,
     lagrangian,
+    project_to_sparsity,
     rank_bins,
 )
 
@@ -187,6 +189,90 @@ def test_frozen_gates_train_under_the_evaluation_pruning():
     scores, alive = torch.rand(3, 10), torch.ones(3, 10, dtype=torch.bool)
     served = gates.eval().token_keep(2, scores, alive)
     gates.train()
-    gates.frozen = True
+    gates.freeze()
     trained = gates.token_keep(2, scores, alive)
     assert trained.dtype == torch.bool and torch.equal(trained, served)
+    # The frozen gates are a snapshot: later log_alpha changes do not move them.
+    with torch.no_grad():
+        gates.token.log_alpha.neg_()
+    assert torch.equal(gates.token_keep(2, scores, alive), served)
+
+
+def test_frozen_snapshot_survives_a_state_dict_round_trip_and_old_state_dicts_load_unfrozen():
+    gates = _pruning_gates()
+    layer_on = torch.tensor([True, False, True])
+    kept = torch.rand(3, 5) > 0.5
+    gates.freeze(layer_on, kept)
+    fresh = TokenGates(**gates.config())
+    fresh.load_state_dict(gates.state_dict())
+    assert fresh.frozen and torch.equal(fresh.deterministic()[0], layer_on) and torch.equal(fresh.deterministic()[1], kept)
+    old = {k: v for k, v in gates.state_dict().items() if not k.startswith("frozen")}
+    legacy = TokenGates(**gates.config())
+    legacy.load_state_dict(old)
+    assert not legacy.frozen
+
+
+def test_deterministic_kept_lengths_equal_the_encoders_at_eval(tiny_bert_config):
+    from transformers import BertConfig
+
+    from modules.bert import PrunableBertForSequenceClassification
+
+    torch.manual_seed(1)
+    model = PrunableBertForSequenceClassification(BertConfig(**tiny_bert_config, num_labels=2)).eval()
+    gates = TokenGates(3, [1, 2], bin_count=4)
+    with torch.no_grad():
+        gates.token.log_alpha.uniform_(-3, 3)
+    gates.eval()
+    lengths = torch.tensor([2, 3, 7, 12, 20])
+    ids = torch.randint(1000, 2000, (5, 20))
+    mask = (torch.arange(20)[None, :] < lengths[:, None]).long()
+    for layer_on in (torch.tensor([True, True]), torch.tensor([False, True])):
+        gates.freeze(layer_on, torch.rand(2, 4) > 0.4)
+        out = model(ids, mask, token_pruner=gates, remove_pruned=True)
+        analytic = deterministic_kept_lengths(gates, *gates.deterministic(), lengths)
+        assert [a.tolist() for a in analytic] == [n.float().tolist() for n in out.kept_lengths]
+
+
+def test_projection_reaches_the_target_by_closing_the_weakest_bins_and_leaves_met_targets_alone():
+    gates = _pruning_gates()
+    lengths = torch.randint(5, 60, (50,))
+
+    def macs(kept):
+        return sum(layer_macs(n, 32, 64) for n in kept)
+
+    start_on, start_kept = (t.clone() for t in gates.deterministic())
+    start = 1 - macs(deterministic_kept_lengths(gates, start_on, start_kept, lengths)).sum() / macs([lengths.float()] * 4).sum()
+    target = float(start) + 0.2
+    layer_on, kept, reached, changed = project_to_sparsity(gates, lengths, macs, target)
+    assert reached >= target and changed > 0
+    assert not (kept & ~start_kept).any()  # only closes bins
+    closed = start_kept & ~kept
+    la = gates.token.log_alpha.detach().view(3, 5)
+    assert la[closed].max() <= la[kept & layer_on[:, None]].min()  # the weakest ones
+    same_on, same_kept, same, none = project_to_sparsity(gates, lengths, macs, float(start) - 0.05)
+    assert none == 0 and torch.equal(same_kept, start_kept) and same == pytest.approx(float(start))
+
+
+def test_cached_teacher_outputs_equal_fresh_ones_whatever_the_padding(tiny_setup):
+    from pruners.distillation import load_teacher_model
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    pruner = ToPPruner(teacher_ckpt=str(teacher_ckpt))
+    pruner.teacher = load_teacher_model(teacher_ckpt)
+    ds = dm.datasets["train"]
+    batch = dm._collate([ds[i] for i in range(6)])
+    fresh = ToPPruner(teacher_ckpt=str(teacher_ckpt), cache_teacher=False)
+    fresh.teacher = pruner.teacher
+    logits, scores = fresh.teacher_outputs(batch)
+    pruner.teacher_outputs(batch)  # fills the cache
+    assert len(pruner._teacher_cache) == 6
+    # The same rows in another order and padded to another length come from the cache.
+    reordered = dm._collate([ds[i] for i in [5, 3, 1]])
+    pruner.teacher = None  # a cache miss would fail
+    cached_logits, cached_scores = pruner.teacher_outputs(reordered)
+    torch.testing.assert_close(cached_logits, logits[[5, 3, 1]])
+    mask = reordered["attention_mask"].bool()
+    for row, i in enumerate([5, 3, 1]):
+        torch.testing.assert_close(cached_scores[row][mask[row]], scores[i][batch["attention_mask"][i].bool()])
+        assert (cached_scores[row][~mask[row]] == 0).all()

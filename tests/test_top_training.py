@@ -74,18 +74,32 @@ def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
         pruner.load_teacher(pruner.teacher_ckpt)
 
 
-def test_gates_freeze_at_the_first_validation_that_meets_the_target(tiny_setup, tmp_path):
+def test_gates_freeze_at_the_target_at_the_first_validation_in_the_window(tiny_setup, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     dm, teacher_ckpt, _ = tiny_setup
     student = BertClassifier.load_from_checkpoint(teacher_ckpt)
-    pruner = ToPPruner(target_sparsity=0.0, teacher_ckpt=str(teacher_ckpt), bin_count=4, finetune_fraction=1.0)
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, callbacks=[pruner], num_sanity_val_steps=0)
+    # Two epochs, window = the second half: freezing happens at the first validation in it (end of epoch 1),
+    # projected to the target however far the stochastic gates got in one short epoch.
+    pruner = ToPPruner(target_sparsity=0.3, teacher_ckpt=str(teacher_ckpt), bin_count=4, finetune_fraction=0.5)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/accuracy_at_target", mode="max", save_last=True)
+    trainer = L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, callbacks=[pruner, ckpt], num_sanity_val_steps=0)
     trainer.fit(student, datamodule=dm)
     steps_per_epoch = trainer.num_training_batches
-    assert pruner.frozen_at_step == steps_per_epoch  # first validation, end of epoch 1
+    assert pruner.frozen_at_step == 2 * steps_per_epoch  # first validation with step >= half of 3 epochs
     assert student.token_gates.frozen
-    # Once frozen the gates receive no gradient: their values stay where they were frozen.
-    assert pruner.summary()["gates_frozen_at_step"] == steps_per_epoch
+    assert pruner.freeze_info["val_sparsity_frozen"] >= 0.3
+    # The model is served at the target: validation measures what the projection computed.
+    (val,) = trainer.validate(student, datamodule=dm, verbose=False)
+    assert val["val/sparsity"] == pytest.approx(pruner.freeze_info["val_sparsity_frozen"], abs=1e-5)
+    # Only the checkpoint after freezing counted, and it reloads with the frozen gates.
+    assert f"epoch=2-step={3 * steps_per_epoch}" in ckpt.best_model_path
+    reloaded = BertClassifier.load_from_checkpoint(ckpt.best_model_path)
+    assert reloaded.token_gates.frozen
+    assert torch.equal(reloaded.token_gates.deterministic()[1], student.token_gates.deterministic()[1])
+    assert pruner.summary()["gates_frozen_at_step"] == 2 * steps_per_epoch
     restored = ToPPruner()
     restored.load_state_dict(pruner.state_dict())
-    assert restored.frozen_at_step == steps_per_epoch
+    assert restored.frozen_at_step == 2 * steps_per_epoch
+    assert restored.freeze_info == pruner.freeze_info
