@@ -7,7 +7,8 @@ Every seed is one ``run.py model=bert pruner=swiftpruner`` run (composed from th
 configs) sharing one dense teacher (fine-tuned first by a ``pruner=none`` run unless
 ``--teacher-ckpt`` is given): it searches with the reinforced mutator under a budget of
 ``--budget-fraction`` (default 0.5) of the dense model's directly measured batch-1
-latency, fine-tunes the chosen model and the best uniform model within the same
+latency (measured in the first seed's run; later seeds get the same budget in ms, or
+``--budget-ms`` for all), fine-tunes the chosen model and the best uniform model within the same
 measured budget (task loss + distillation), and tests and times both. A second,
 search-only run per seed uses ``pruner.mutator=random`` with the same seed (same
 generation 0). Figures:
@@ -98,6 +99,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget-fraction", type=float, default=0.5)
+    parser.add_argument("--budget-ms", type=float, default=None,
+                        help="budget in ms for every seed; default: --budget-fraction of the first run's dense latency")
     parser.add_argument("--teacher-ckpt", default=None, help="dense BertClassifier checkpoint; default: fine-tune one")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "swiftpruner_search"))
@@ -118,9 +121,14 @@ def main() -> None:
 
     per_seed = []
     curves: dict[str, list[list[float]]] = {"reinforced": [], "random": []}
+    budget_ms = args.budget_ms
     for seed in args.seeds:
+        # One budget in ms for every seed: the first run's fraction of its measured dense latency
+        # (or --budget-ms), so the seeds differ only in the search, not in how loaded the machine was.
+        budget = [] if budget_ms is None else [f"pruner.latency_budget_ms={budget_ms}"]
         full = run_job(["pruner=swiftpruner", f"seed={seed}", f"pruner.teacher_ckpt={teacher}",
-                        f"paths.output_dir={out / f'seed{seed}'}", *common], reuse=args.reuse)
+                        f"paths.output_dir={out / f'seed{seed}'}", *common, *budget], reuse=args.reuse)
+        budget_ms = full["search"]["budget_ms"]
         # Same seed (same generation 0) and the same budget in ms, so the curves compare at one budget.
         rand = run_job(["pruner=swiftpruner", f"seed={seed}", f"pruner.teacher_ckpt={teacher}", "pruner.mutator=random",
                         "pruner.search_only=true", f"pruner.latency_budget_ms={full['search']['budget_ms']}",
@@ -144,6 +152,7 @@ def main() -> None:
             "speedup": {"searched": full["speedup"], "uniform": full["uniform"]["speedup"]},
             "macs_reduction": {"searched": full["macs_reduction"], "uniform": full["uniform"]["macs_reduction"]},
             "predictor_error_mean_abs_pct": s["predictor_error"]["mean_abs_pct"],
+            "two_anchor_predictor_error_mean_abs_pct": s["predictor_error"].get("two_anchor_fit_mean_abs_pct"),
             "evaluations": {"reinforced": s["evaluations"], "random": r["evaluations"]},
             "random_best_reward": random_best,
             "reinforced_best_reward": s["best_reward_curve"][-1],
@@ -172,6 +181,9 @@ def main() -> None:
             1 for x in reach if x["reinforced"] is not None and x["reinforced"] < x["random"]
         ),
         "mean_predictor_error_abs_pct": mean([p["predictor_error_mean_abs_pct"] for p in per_seed]),
+        "mean_two_anchor_predictor_error_abs_pct": mean(
+            [p["two_anchor_predictor_error_mean_abs_pct"] for p in per_seed if p["two_anchor_predictor_error_mean_abs_pct"] is not None]
+        ),
         "per_seed": per_seed,
         "curves": curves,
         "wall_clock_s": round(time.time() - started),

@@ -205,6 +205,8 @@ class LatencyTable:
         smallest_model_ms, largest_model_ms: measured ms of the whole model with every
             layer at the smallest (largest) choices, the calibration anchors; None if
             not measured.
+        calibration_points: whole-model measurements ``scale`` and ``fixed_ms`` were
+            fitted to (2: the anchors; more after :meth:`refit`).
 
     Raises:
         ValueError: on construction, when the rows do not match the choices or the
@@ -227,6 +229,7 @@ class LatencyTable:
     scale: float = 1.0
     smallest_model_ms: float | None = None
     largest_model_ms: float | None = None
+    calibration_points: int = 2
 
     def __post_init__(self) -> None:
         self.head_choices = [int(c) for c in self.head_choices]
@@ -462,6 +465,57 @@ class LatencyTable:
             total += self.attention_ms[layer][h] + self.ffn_ms[layer][n]
         return total
 
+    def refit(self, samples: Sequence[tuple[Sequence[int], Sequence[int], float]]) -> "LatencyTable":
+        """A copy whose ``scale`` and ``fixed_ms`` are fitted by least squares to whole-model measurements.
+
+        Extends the two-anchor calibration of :meth:`measure` to any number of measured
+        models: with ``x`` the summed (monotone, unscaled) isolated block timings of a
+        configuration, fits ``measured_ms = scale * x + fixed_ms`` over ``samples`` and the
+        table's own anchors. Averaging over many configurations corrects the bias of the
+        isolated timings instead of trusting two single measurements. A fit with a
+        negative ``fixed_ms`` is redone through the origin (``fixed_ms = 0``), so
+        predictions stay positive. A degenerate fit (fewer than two distinct ``x``, or a
+        non-positive slope) returns an unchanged copy.
+
+        Args:
+            samples: (heads kept per layer, neurons kept per layer, measured ms) of
+                physically shrunk models at the table's shape.
+
+        Returns:
+            the refitted table (``calibration_points`` records how many models it used).
+
+        Raises:
+            ValueError: a configuration not in the table's choices (see :meth:`predict_ms`).
+        """
+        def isolated(heads, neurons) -> float:
+            return (self.predict_ms(heads, neurons) - self.fixed_ms) / self.scale
+
+        points = [(isolated(h, n), float(ms)) for h, n, ms in samples]
+        L = self.num_layers
+        for counts, ms in (((self.head_choices[0], self.neuron_choices[0]), self.smallest_model_ms),
+                           ((self.head_choices[-1], self.neuron_choices[-1]), self.largest_model_ms)):
+            if ms is not None:
+                points.append((isolated([counts[0]] * L, [counts[1]] * L), float(ms)))
+        out = copy.deepcopy(self)
+        xs = torch.tensor([p[0] for p in points], dtype=torch.float64)
+        ys = torch.tensor([p[1] for p in points], dtype=torch.float64)
+        if len(points) < 2 or float(xs.max() - xs.min()) <= 0:
+            return out
+        xc = xs - xs.mean()
+        slope = float((xc * (ys - ys.mean())).sum() / (xc * xc).sum())
+        fixed = float(ys.mean()) - slope * float(xs.mean())
+        if fixed < 0:  # a negative fixed part is unphysical (and predicts <= 0 ms): fit through the origin
+            slope, fixed = float((xs * ys).sum() / (xs * xs).sum()), 0.0
+        if slope <= 0:
+            return out
+        rescale = slope / self.scale
+        out.attention_ms = [[rescale * v for v in r] for r in self.attention_ms]
+        out.ffn_ms = [[rescale * v for v in r] for r in self.ffn_ms]
+        out.fixed_ms = fixed
+        out.scale = slope
+        out.calibration_points = len(points)
+        return out
+
     def min_ms(self) -> float:
         """Smallest achievable predicted ms: every layer at its fastest choices (the smallest, rows being monotone)."""
         return self.fixed_ms + sum(min(a) + min(f) for a, f in zip(self.attention_ms, self.ffn_ms))
@@ -487,6 +541,7 @@ class LatencyTable:
             "scale": self.scale,
             "smallest_model_ms": self.smallest_model_ms,
             "largest_model_ms": self.largest_model_ms,
+            "calibration_points": self.calibration_points,
         }
 
     @classmethod
@@ -511,7 +566,10 @@ class LatencyTable:
         missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"LatencyTable state is missing {missing}.")
-        optional = ("raw_attention_ms", "raw_ffn_ms", "layers", "scale", "smallest_model_ms", "largest_model_ms")
+        optional = (
+            "raw_attention_ms", "raw_ffn_ms", "layers", "scale", "smallest_model_ms", "largest_model_ms",
+            "calibration_points",
+        )  # fmt: skip
         return cls(**{k: d[k] for k in required}, **{k: d[k] for k in optional if k in d})
 
 

@@ -197,11 +197,15 @@ class SwiftPruner(MaskedDistillation):
         population_size, parents, generations: the evolution's sizes.
         reward_alpha, reward_beta: exponent w of the reward within / over budget
             (alpha <= 0, beta < 0).
-        proxy_metric: ``accuracy`` or ``auroc``.
+        proxy_metric: ``accuracy`` or ``auroc`` (threshold-free: it ignores the shift of
+            the decision threshold that pruning causes and the fine-tuning quickly undoes).
         proxy_examples: held-out validation examples scoring each candidate.
         importance_examples: other held-out validation examples for Taylor importance.
         proxy_batch_size: batch size of proxy scoring and importance.
         proxy_recovery_steps: training steps on a shrunk copy before scoring (0 = none).
+        calibration_models: random configurations whose shrunk models are measured
+            directly before the search to refit the lookup table's scale and fixed part
+            by least squares (:meth:`LatencyTable.refit`); 0 keeps the two-anchor fit.
         search_seed: seed of the subsets, the evolution and the policy.
         search_only: the pipeline stops after the search (no fine-tuning).
         Other arguments: see :class:`MaskedDistillation`.
@@ -239,6 +243,7 @@ class SwiftPruner(MaskedDistillation):
         importance_examples: int = 256,
         proxy_batch_size: int = 64,
         proxy_recovery_steps: int = 0,
+        calibration_models: int = 16,
         search_seed: int = 0,
         search_only: bool = False,
         teacher_ckpt: str | None = None,
@@ -299,6 +304,7 @@ class SwiftPruner(MaskedDistillation):
         self.importance_examples = check_positive_int("pruner.importance_examples", importance_examples)
         self.proxy_batch_size = check_positive_int("pruner.proxy_batch_size", proxy_batch_size)
         self.proxy_recovery_steps = check_positive_int("pruner.proxy_recovery_steps", proxy_recovery_steps, minimum=0)
+        self.calibration_models = check_positive_int("pruner.calibration_models", calibration_models, minimum=0)
         self.search_seed = int(search_seed)
         self.search_only = bool(search_only)
         #: everything the search found (None until it ran); saved in checkpoints
@@ -367,6 +373,28 @@ class SwiftPruner(MaskedDistillation):
 
         return quality
 
+    def _refit_table(self, table: LatencyTable, work, importance: UnitImportance, space: SearchSpace) -> LatencyTable:
+        """The table refitted (:meth:`LatencyTable.refit`) to ``calibration_models`` random whole models measured directly.
+
+        The configurations are drawn uniformly from the search space with a generator
+        seeded by ``search_seed + 1`` (the evolution's own random stream is untouched).
+        """
+        if not self.calibration_models:
+            return table
+        g = torch.Generator().manual_seed(self.search_seed + 1)
+        sizes = [len(space.head_choices)] * space.num_layers + [len(space.neuron_choices)] * space.num_layers
+        samples = []
+        for _ in range(self.calibration_models):
+            genes = tuple(int(torch.randint(n, (1,), generator=g)) for n in sizes)
+            heads, neurons = space.decode(genes)
+            samples.append((heads, neurons, self._measure(work, importance, space, genes)))
+        refit = table.refit(samples)
+        log.info(
+            "SwiftPruner: latency table refitted to %d measured models: scale %.3f -> %.3f, fixed %.3f -> %.3f ms",
+            refit.calibration_points, table.scale, refit.scale, table.fixed_ms, refit.fixed_ms,
+        )
+        return refit
+
     def _measure(self, work, importance: UnitImportance, space: SearchSpace, genes) -> float:
         """Direct latency (ms) of the candidate's physically shrunk model at the budget's shape.
 
@@ -433,6 +461,9 @@ class SwiftPruner(MaskedDistillation):
         dense_ms = measure_model_ms(
             model, self.latency_batch_size, self.latency_seq_len, warmup=self.latency_warmup, repeats=self.latency_repeats
         )
+        work = copy.deepcopy(model).eval()  # scratch copy: its masks are set per measured candidate
+        anchor_table = table
+        table = self._refit_table(table, work, importance, space)
         budget = self.latency_budget_ms if self.latency_budget_ms is not None else self.budget_fraction * dense_ms
         smallest = table.min_ms()
         if budget < smallest:
@@ -483,7 +514,6 @@ class SwiftPruner(MaskedDistillation):
         search_s = time.time() - started
 
         # Check the predictor: measure every evaluated candidate's shrunk model directly.
-        work = copy.deepcopy(model).eval()  # scratch copy: its masks are set per candidate
         records = []
         for rec in self.search.history:
             genes = tuple(rec["genes"])
@@ -494,10 +524,12 @@ class SwiftPruner(MaskedDistillation):
                     "heads": heads,
                     "ffn_neurons": neurons,
                     "predicted_ms": rec["latency_ms"],
+                    "two_anchor_predicted_ms": anchor_table.predict_ms(heads, neurons),
                     "measured_ms": self._measure(work, importance, space, genes),
                 }
             )
         errors = [abs(r["predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in records]
+        anchor_errors = [abs(r["two_anchor_predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in records]
         within = [r for r in records if r["measured_ms"] <= budget]
         if not within:
             message = (
@@ -548,6 +580,8 @@ class SwiftPruner(MaskedDistillation):
                 "mean_abs_pct": 100.0 * sum(errors) / len(errors),
                 "max_abs_pct": 100.0 * max(errors),
                 "candidates": len(errors),
+                "calibration_models": self.calibration_models,
+                "two_anchor_fit_mean_abs_pct": 100.0 * sum(anchor_errors) / len(anchor_errors),
             },
             "best_reward_curve": self.search.best_reward_curve(),
             "chosen": chosen,

@@ -247,14 +247,17 @@ def deterministic_kept_lengths(
 def project_to_sparsity(
     gates: TokenGates, lengths: torch.Tensor, macs_fn, target: float
 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """Evaluation gates tightened until their MACs sparsity on ``lengths`` reaches ``target``.
+    """Evaluation gates moved to a MACs sparsity on ``lengths`` just at or above ``target``.
 
-    Starting from :meth:`TokenGates.deterministic`, closes one open bin at a time, the one
-    with the lowest log_alpha among the layers that prune (switching on the off layer with
-    the highest layer log_alpha when none prunes), until
-    ``1 - MACs(gates) / MACs(dense) >= target``. Gates already at or over the target are
-    returned unchanged. Used when the gates are frozen for the final fine-tuning, so the
-    served model meets the target however close the stochastic training got to it.
+    The deterministic gates (:meth:`TokenGates.deterministic`) can miss the target either
+    way: they round each layer's expected kept bins and switch whole layers on or off,
+    while training constrained the *expected* sparsity. Starting from them, when over the
+    target, closed bins of the pruning layers are reopened, highest log_alpha first, until
+    the next one would take ``1 - MACs(gates) / MACs(dense)`` below ``target``; when under it,
+    the open bin with the lowest log_alpha is closed (switching on the off layer with the
+    highest layer log_alpha when no layer prunes) until it reaches ``target``. Used when
+    the gates are frozen for the final fine-tuning, so the served model meets the target
+    without pruning more than it asks for.
 
     Args:
         gates: the token gates.
@@ -264,15 +267,30 @@ def project_to_sparsity(
 
     Returns:
         (layer_on (P,) bool, kept (P, bin_count) bool, sparsity reached (fraction),
-        number of gates changed).
+        number of gates changed, opened or closed).
     """
     layer_on, kept = (t.clone() for t in gates.deterministic())
     dense = macs_fn([lengths.to(torch.float32)] * gates.num_layers).sum()
     token_la = gates.token.log_alpha.detach().view(len(gates.pruning_layers), gates.bin_count)
     layer_la = gates.layer.log_alpha.detach()
+
+    def sparsity_of(on: torch.Tensor, kept_bins: torch.Tensor) -> float:
+        return float(1.0 - macs_fn(deterministic_kept_lengths(gates, on, kept_bins, lengths)).sum() / dense)
+
     changed = 0
+    # Over the target: reopen the strongest closed bins of pruning layers while the target still holds.
     while True:
-        sparsity = float(1.0 - macs_fn(deterministic_kept_lengths(gates, layer_on, kept, lengths)).sum() / dense)
+        closed = ~kept & layer_on[:, None]
+        if not closed.any():
+            break
+        trial = kept.clone()
+        trial.view(-1)[torch.where(closed, token_la, torch.full_like(token_la, -math.inf)).argmax()] = True
+        if sparsity_of(layer_on, trial) < target:
+            break
+        kept, changed = trial, changed + 1
+    # Under the target: close the weakest open bins (or switch a layer on) until it holds.
+    while True:
+        sparsity = sparsity_of(layer_on, kept)
         if sparsity >= target:
             break
         open_bins = kept & layer_on[:, None]
@@ -363,7 +381,7 @@ class ToPPruner(TeacherPruner):
         model_lr: learning rate of the model weights while pruning; None keeps ``model.lr``.
         finetune_fraction: at the first validation in the last ``finetune_fraction`` of
             training, the gates are frozen at their deterministic evaluation values,
-            tightened if needed until the validation MACs sparsity reaches the target
+            moved to a validation MACs sparsity just at or above the target
             (:func:`project_to_sparsity`), and the model fine-tunes under exactly the
             pruning it will be served with (the post-pruning fine-tuning of CoFi,
             arXiv 2204.00408 Sec. 3.3; ToP's long schedules let the gates converge
@@ -563,10 +581,10 @@ class ToPPruner(TeacherPruner):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """At the first validation in the fine-tuning window, freeze the gates at the target.
 
-        The evaluation gates are first tightened on this validation split's lengths until
-        their MACs sparsity reaches ``target_sparsity`` (:func:`project_to_sparsity`), so
-        the fine-tuned model is served at the target whether or not the stochastic gates
-        got there. Checkpoints count only after this (``checkpoint_requires_frozen_gates``).
+        The evaluation gates are first moved, on this validation split's lengths, to a
+        MACs sparsity just at or above ``target_sparsity`` (:func:`project_to_sparsity`),
+        so the fine-tuned model is served at the target whether the deterministic gates
+        fell short of it or overshot it. Checkpoints count only after this (``checkpoint_requires_frozen_gates``).
         """
         gates = pl_module.token_gates
         if trainer.sanity_checking or gates is None or gates.frozen or self.finetune_fraction == 0:

@@ -91,6 +91,26 @@ def test_noisy_rows_are_made_monotone_and_calibrated(tiny_bert_config, monkeypat
     assert LatencyTable.from_state_dict(t.state_dict()) == t
 
 
+def test_refit_recovers_a_known_affine_map_and_round_trips():
+    t = _hand_table()
+    configs = [([0, 2], [32, 0]), ([4, 4], [64, 32]), ([2, 0], [0, 64]), ([4, 2], [32, 32]), ([0, 0], [0, 0])]
+    # Whole models that really take 1.5 x the table's blocks + 0.7 ms.
+    samples = [(h, n, 1.5 * (t.predict_ms(h, n) - 2.0) + 0.7) for h, n in configs]
+    r = t.refit(samples)
+    assert r.scale == pytest.approx(1.5) and r.fixed_ms == pytest.approx(0.7) and r.calibration_points == 5
+    for h, n, ms in samples:
+        assert r.predict_ms(h, n) == pytest.approx(ms)
+    assert r.attention_ms[1] == pytest.approx([0.3, 0.9, 1.5])
+    assert t.scale == 1.0 and t.fixed_ms == 2.0  # the original is untouched
+    assert LatencyTable.from_state_dict(r.state_dict()) == r
+    # An affine fit with a negative fixed part is refitted through the origin.
+    through_origin = t.refit([(h, n, 2.0 * (t.predict_ms(h, n) - 2.0) - 0.5) for h, n in configs])
+    assert through_origin.fixed_ms == 0.0 and through_origin.min_ms() > 0
+    # Degenerate fits keep the table: one point, or a slope <= 0 from noise.
+    assert t.refit(samples[:1]) == t
+    assert t.refit([(h, n, 10.0 - t.predict_ms(h, n)) for h, n in configs]) == t
+
+
 def test_each_layer_mode_masked_model_and_model_unchanged(tiny_bert_config):
     model = _model(tiny_bert_config).train()
     heads = torch.ones(3, 4)

@@ -109,6 +109,41 @@ def test_budget_below_the_smallest_latency_is_a_config_error_naming_it(tiny_setu
         _pruner(teacher_ckpt, latency_budget_ms=1e-6).run_search(model, dm)
 
 
+def test_nothing_measured_within_budget_fails_a_run_but_a_search_only_run_reports_it(tiny_setup, monkeypatch):
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model
+    # The table predicts candidates within budget, but every direct measurement is over it.
+    monkeypatch.setattr(SwiftPruner, "_measure", lambda self, *a: 1e9)
+    with pytest.raises(RuntimeError, match="No evaluated candidate's measured latency is within the budget"):
+        _pruner(teacher_ckpt, latency_budget_ms=1e6, calibration_models=0).run_search(model, dm)
+    pruner = _pruner(teacher_ckpt, latency_budget_ms=1e6, calibration_models=0, search_only=True)
+    result = pruner.run_search(model, dm)
+    assert result["chosen"] is None and result["uniform"] is None
+    assert len(result["candidates"]) == result["evaluations"] > 0
+    assert pruner.summary()["chosen"] is None
+
+
+def test_search_history_is_logged_as_a_wandb_table(tiny_setup, tmp_path):
+    from lightning.pytorch.loggers import WandbLogger
+
+    dm, teacher_ckpt, _ = tiny_setup
+    student = BertClassifier.load_from_checkpoint(teacher_ckpt)
+    pruner = _pruner(teacher_ckpt, latency_budget_ms=1e3, generations=1)
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="litprune-test")
+    trainer = _trainer(tmp_path, pruner, max_steps=1, logger=logger)
+    trainer.fit(student, datamodule=dm)  # the search at fit start logs the table
+    columns, rows = pruner.history_table()
+    assert len(rows) == pruner.result["evaluations"] and "measured_ms" in columns
+    logger.experiment.finish()
+    tables = list(tmp_path.rglob("search/history_*.table.json"))
+    assert tables, "no W&B table file was written for search/history"
+    import json
+
+    logged = json.loads(tables[0].read_text())
+    assert logged["columns"] == columns and len(logged["data"]) == len(rows)
+
+
 @pytest.mark.parametrize(
     "setting",
     [
