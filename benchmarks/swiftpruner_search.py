@@ -11,7 +11,7 @@ latency (measured in the first seed's run; later seeds get the same budget in ms
 ``--budget-ms`` for all), fine-tunes the chosen model and the best uniform model within the same
 measured budget (task loss + distillation), and tests and times both. A second,
 search-only run per seed uses ``pruner.mutator=random`` with the same seed (same
-generation 0). Figures:
+generation 0), budget and lookup table (``pruner.latency_table``). Figures:
 
 1. the chosen model's measured latency against the budget (must be within);
 2. test accuracy of the searched minus the uniform model (mean over seeds);
@@ -129,9 +129,11 @@ def main() -> None:
         full = run_job(["pruner=swiftpruner", f"seed={seed}", f"pruner.teacher_ckpt={teacher}",
                         f"paths.output_dir={out / f'seed{seed}'}", *common, *budget], reuse=args.reuse)
         budget_ms = full["search"]["budget_ms"]
-        # Same seed (same generation 0) and the same budget in ms, so the curves compare at one budget.
+        # Same seed (same generation 0), the same budget in ms and the same lookup table, so both mutators
+        # see the same rewards and the curves compare.
         rand = run_job(["pruner=swiftpruner", f"seed={seed}", f"pruner.teacher_ckpt={teacher}", "pruner.mutator=random",
                         "pruner.search_only=true", f"pruner.latency_budget_ms={full['search']['budget_ms']}",
+                        f"pruner.latency_table={out / f'seed{seed}' / 'latency_table.json'}",
                         f"paths.output_dir={out / f'random_seed{seed}'}", *common], reuse=args.reuse)
         s, r = full["search"], rand["search"]
         curves["reinforced"].append(s["best_reward_curve"])

@@ -171,7 +171,8 @@ def add_search_results(results: dict[str, Any], pruner, out_dir: Path) -> None:
     """Put a SwiftPruner search into ``results["search"]``, write its full history and its Pareto plot.
 
     Writes ``search_history.json`` (every evaluated candidate and every uniform
-    configuration) and ``search_pareto.png`` under ``out_dir``.
+    configuration), ``latency_table.json`` (the lookup table, reusable with
+    ``pruner.latency_table``) and ``search_pareto.png`` under ``out_dir``.
     """
     from pipelines.common import json_safe
     from pipelines.pareto import plot_pareto
@@ -181,6 +182,9 @@ def add_search_results(results: dict[str, Any], pruner, out_dir: Path) -> None:
     path = out_dir / "search_history.json"
     path.write_text(json.dumps(json_safe(history), indent=1))
     results["search"]["history_file"] = str(path)
+    table = out_dir / "latency_table.json"  # reusable with pruner.latency_table=PATH
+    table.write_text(json.dumps(json_safe(pruner.result["lut"]), indent=1))
+    results["search"]["latency_table_file"] = str(table)
     results["search"]["pareto_plot"] = str(plot_pareto(pruner.result, out_dir / "search_pareto.png"))
 
 

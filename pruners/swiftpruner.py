@@ -31,9 +31,11 @@ checkpoints; a resumed fit does not search again.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -206,6 +208,10 @@ class SwiftPruner(MaskedDistillation):
         calibration_models: random configurations whose shrunk models are measured
             directly before the search to refit the lookup table's scale and fixed part
             by least squares (:meth:`LatencyTable.refit`); 0 keeps the two-anchor fit.
+        latency_table: path of a ``latency_table.json`` written by an earlier run on this
+            machine (same choices and shape) to reuse instead of measuring; None
+            measures. Two searches with one table rank candidates by the same predictions
+            (e.g. the mutator comparison of the benchmark).
         search_seed: seed of the subsets, the evolution and the policy.
         search_only: the pipeline stops after the search (no fine-tuning).
         Other arguments: see :class:`MaskedDistillation`.
@@ -244,6 +250,7 @@ class SwiftPruner(MaskedDistillation):
         proxy_batch_size: int = 64,
         proxy_recovery_steps: int = 0,
         calibration_models: int = 16,
+        latency_table: str | None = None,
         search_seed: int = 0,
         search_only: bool = False,
         teacher_ckpt: str | None = None,
@@ -305,6 +312,7 @@ class SwiftPruner(MaskedDistillation):
         self.proxy_batch_size = check_positive_int("pruner.proxy_batch_size", proxy_batch_size)
         self.proxy_recovery_steps = check_positive_int("pruner.proxy_recovery_steps", proxy_recovery_steps, minimum=0)
         self.calibration_models = check_positive_int("pruner.calibration_models", calibration_models, minimum=0)
+        self.latency_table = None if latency_table is None else str(latency_table)
         self.search_seed = int(search_seed)
         self.search_only = bool(search_only)
         #: everything the search found (None until it ran); saved in checkpoints
@@ -372,6 +380,33 @@ class SwiftPruner(MaskedDistillation):
             return proxy_score(logits, labels, self.proxy_metric)
 
         return quality
+
+    def _load_table(self, space: SearchSpace) -> LatencyTable:
+        """The lookup table saved by an earlier run (``pruner.latency_table``), checked against this search.
+
+        Raises:
+            FileNotFoundError: the file does not exist.
+            PrunerConfigError: the file is not a table, or its choices or shape differ from this search's.
+        """
+        path = Path(self.latency_table)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"pruner.latency_table={path} does not exist; give the latency_table.json of an earlier SwiftPruner "
+                "run, or null to measure the table."
+            )
+        try:
+            table = LatencyTable.from_state_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as err:
+            raise PrunerConfigError(f"pruner.latency_table={path} is not a latency table: {err}") from None
+        expected = (list(space.head_choices), list(space.neuron_choices), space.num_layers, self.latency_batch_size, self.latency_seq_len)
+        found = (table.head_choices, table.neuron_choices, table.num_layers, table.batch_size, table.seq_len)
+        if found != expected:
+            raise PrunerConfigError(
+                f"pruner.latency_table={path} holds (head choices, FFN choices, layers, batch size, seq len) {found}, "
+                f"but this search needs {expected}; measure a new table (pruner.latency_table=null)."
+            )
+        log.info("SwiftPruner: latency table loaded from %s", path)
+        return table
 
     def _refit_table(self, table: LatencyTable, work, importance: UnitImportance, space: SearchSpace) -> LatencyTable:
         """The table refitted (:meth:`LatencyTable.refit`) to ``calibration_models`` random whole models measured directly.
@@ -447,23 +482,26 @@ class SwiftPruner(MaskedDistillation):
         imp_batches, proxy_batches, recovery = self._subsets(datamodule)
         log.info("SwiftPruner: Taylor importance on %d held-out examples", sum(len(b["labels"]) for b in imp_batches))
         importance = taylor_importance(model, imp_batches)
-        log.info("SwiftPruner: measuring the latency lookup table (%d head x %d FFN choices)", len(space.head_choices), len(space.neuron_choices))
-        table = LatencyTable.measure(
-            model,
-            list(space.head_choices),
-            list(space.neuron_choices),
-            batch_size=self.latency_batch_size,
-            seq_len=self.latency_seq_len,
-            warmup=self.latency_warmup,
-            repeats=self.latency_repeats,
-            layers=self.lut_layers,
-        )
+        work = copy.deepcopy(model).eval()  # scratch copy: its masks are set per measured candidate
+        if self.latency_table is not None:
+            table = anchor_table = self._load_table(space)
+        else:
+            log.info("SwiftPruner: measuring the latency lookup table (%d head x %d FFN choices)", len(space.head_choices), len(space.neuron_choices))
+            table = LatencyTable.measure(
+                model,
+                list(space.head_choices),
+                list(space.neuron_choices),
+                batch_size=self.latency_batch_size,
+                seq_len=self.latency_seq_len,
+                warmup=self.latency_warmup,
+                repeats=self.latency_repeats,
+                layers=self.lut_layers,
+            )
+            anchor_table = table
+            table = self._refit_table(table, work, importance, space)
         dense_ms = measure_model_ms(
             model, self.latency_batch_size, self.latency_seq_len, warmup=self.latency_warmup, repeats=self.latency_repeats
         )
-        work = copy.deepcopy(model).eval()  # scratch copy: its masks are set per measured candidate
-        anchor_table = table
-        table = self._refit_table(table, work, importance, space)
         budget = self.latency_budget_ms if self.latency_budget_ms is not None else self.budget_fraction * dense_ms
         smallest = table.min_ms()
         if budget < smallest:

@@ -144,6 +144,27 @@ def test_search_history_is_logged_as_a_wandb_table(tiny_setup, tmp_path):
     assert logged["columns"] == columns and len(logged["data"]) == len(rows)
 
 
+def test_a_saved_latency_table_is_reused_and_a_mismatched_one_is_a_clear_error(tiny_setup, tmp_path):
+    import json
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model
+    first = _pruner(teacher_ckpt, latency_budget_ms=1e6, generations=1).run_search(model, dm)
+    path = tmp_path / "latency_table.json"
+    path.write_text(json.dumps(first["lut"]))
+    again = _pruner(teacher_ckpt, latency_budget_ms=1e6, generations=1, latency_table=str(path)).run_search(model, dm)
+    assert again["lut"] == first["lut"]
+    # Same seed, same table: the same candidates with the same predicted latencies.
+    assert [(c["genes"], c["predicted_ms"]) for c in again["candidates"]] == [
+        (c["genes"], c["predicted_ms"]) for c in first["candidates"]
+    ]
+    with pytest.raises(PrunerConfigError, match="pruner.latency_table=.*holds"):
+        _pruner(teacher_ckpt, latency_budget_ms=1e6, latency_seq_len=8, latency_table=str(path)).run_search(model, dm)
+    with pytest.raises(FileNotFoundError, match="pruner.latency_table"):
+        _pruner(teacher_ckpt, latency_table=str(tmp_path / "none.json")).run_search(model, dm)
+
+
 @pytest.mark.parametrize(
     "setting",
     [
