@@ -41,6 +41,15 @@ def straight_through_binary(z: torch.Tensor, threshold: float = 0.5) -> torch.Te
     return hard + z - z.detach()
 
 
+def bin_of_rank(rank: torch.Tensor, m: torch.Tensor, bin_count: int) -> torch.Tensor:
+    """Bin ``floor(rank * bin_count / m)`` (clamped to the last bin) of rank(s) among ``m`` candidates.
+
+    ``rank`` and ``m`` broadcast; ``m`` must be >= 1. Shared by :func:`rank_bins` and
+    :func:`deterministic_kept_lengths`, so the analytic count matches the encoder.
+    """
+    return torch.div(rank * bin_count, m, rounding_mode="floor").clamp_(max=bin_count - 1)
+
+
 def rank_bins(scores: torch.Tensor, candidates: torch.Tensor, bin_count: int) -> torch.Tensor:
     """Bin of each candidate token by its normalised rank: ``floor(rank / m * bin_count)``.
 
@@ -59,8 +68,7 @@ def rank_bins(scores: torch.Tensor, candidates: torch.Tensor, bin_count: int) ->
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
     m = candidates.sum(dim=1, keepdim=True).clamp_min(1)
-    bins = torch.div(rank * bin_count, m, rounding_mode="floor").clamp_(max=bin_count - 1)
-    return bins.masked_fill(~candidates, 0)
+    return bin_of_rank(rank, m, bin_count).masked_fill(~candidates, 0)
 
 
 class TokenGates(nn.Module):
@@ -115,9 +123,12 @@ class TokenGates(nn.Module):
 
     def freeze(self, layer_on: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> None:
         """Fix the gates at ``(layer_on, kept)`` ((P,) bool and (P, bin_count) bool); None = :meth:`deterministic`."""
-        det_on, det_kept = self.deterministic()
-        self.frozen_layer_on.copy_(det_on if layer_on is None else layer_on)
-        self.frozen_kept.copy_(det_kept if kept is None else kept)
+        if layer_on is None or kept is None:
+            det_on, det_kept = self.deterministic()
+            layer_on = det_on if layer_on is None else layer_on
+            kept = det_kept if kept is None else kept
+        self.frozen_layer_on.copy_(layer_on)
+        self.frozen_kept.copy_(kept)
         self.frozen_flag.fill_(True)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -237,8 +248,7 @@ def deterministic_kept_lengths(
     for i in range(gates.num_layers):
         slot = gates._slot.get(i)
         if slot is not None and bool(layer_on[slot]) and m.numel():
-            bins = torch.div(ranks[None, :] * gates.bin_count, m.clamp_min(1)[:, None], rounding_mode="floor")
-            bins = bins.clamp_(max=gates.bin_count - 1)
+            bins = bin_of_rank(ranks[None, :], m.clamp_min(1)[:, None], gates.bin_count)
             m = (kept[slot][bins] & (ranks[None, :] < m[:, None])).sum(dim=1)
         out.append((1 + m).to(torch.float32))
     return out
@@ -445,7 +455,6 @@ class ToPPruner(TeacherPruner):
         self.model_lr = None if model_lr is None else check_range("pruner.model_lr", model_lr, 0.0, math.inf, low_open=True)
         self.finetune_fraction = check_range("pruner.finetune_fraction", finetune_fraction, 0.0, 1.0, high_open=False)
         self.pruning_epochs = None if pruning_epochs is None else check_positive_int("pruner.pruning_epochs", pruning_epochs)
-        self.frozen_at_step: int | None = None
         self.freeze_info: dict[str, Any] | None = None
         self.cache_teacher = bool(cache_teacher)
         self._teacher_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -570,6 +579,11 @@ class ToPPruner(TeacherPruner):
         self._last = {k: float(v) for k, v in logs.items()}
         return loss, logs
 
+    @property
+    def frozen_at_step(self) -> int | None:
+        """Global step at which the gates were frozen (None: not frozen)."""
+        return None if self.freeze_info is None else self.freeze_info["step"]
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start collecting the validation lengths (for the projection at freezing time)."""
         self._val_lengths = []
@@ -596,9 +610,8 @@ class ToPPruner(TeacherPruner):
             gates, torch.cat(self._val_lengths), pl_module.model.macs, self.target_sparsity
         )
         gates.freeze(layer_on, kept)
-        self.frozen_at_step = int(trainer.global_step)
         self.freeze_info = {
-            "step": self.frozen_at_step,
+            "step": int(trainer.global_step),
             "val_sparsity_before": None if measured is None else float(measured),
             "val_sparsity_frozen": sparsity,
             "gates_changed_by_projection": changed,
@@ -625,7 +638,6 @@ class ToPPruner(TeacherPruner):
             "lambda2": self.lambda2.detach().clone(),
             "teacher_ckpt": self.teacher_ckpt,
             "distill_layers": self.distill_layers,
-            "frozen_at_step": self.frozen_at_step,
             "freeze_info": self.freeze_info,
         }
 
@@ -636,7 +648,6 @@ class ToPPruner(TeacherPruner):
             self.lambda2.copy_(state_dict["lambda2"])
         self.teacher_ckpt = state_dict.get("teacher_ckpt", self.teacher_ckpt)
         self.distill_layers = state_dict.get("distill_layers", self.distill_layers)
-        self.frozen_at_step = state_dict.get("frozen_at_step")
         self.freeze_info = state_dict.get("freeze_info")
 
     def summary(self) -> dict[str, Any]:
