@@ -545,7 +545,8 @@ class PrunableBertForSequenceClassification(nn.Module):
             token_pruner: asked for a keep mask before each of its pruning layers.
             remove_pruned: gather out tokens whose (bool) keep mask is False, so later
                 layers run on shorter sequences. Requires the pruner to return bool masks.
-            return_scores: also return the per-layer token scores.
+            return_scores: also return the per-layer token scores, always (B, N) in the
+                input's token positions (removed tokens score 0, as masked ones do).
 
         Returns:
             :class:`EncoderOutput`.
@@ -568,6 +569,9 @@ class PrunableBertForSequenceClassification(nn.Module):
         weight: torch.Tensor | None = None  # cumulative soft keep, training only
         out = EncoderOutput(logits=torch.empty(0))
         scores = None
+        # Input position of each current token; gathered along with the tokens so
+        # returned scores stay in input coordinates after a removal.
+        positions: torch.Tensor | None = None
         for i, layer in enumerate(self.bert.encoder.layer):
             if i in pruning_layers:
                 alive = present if weight is None else present & (weight > 0)
@@ -575,7 +579,12 @@ class PrunableBertForSequenceClassification(nn.Module):
                 if keep.dtype == torch.bool:
                     present = present & keep
                     if remove_pruned:
-                        present, (hidden,) = gather_tokens(present, hidden)
+                        if return_scores and positions is None:
+                            positions = torch.arange(n, device=hidden.device).expand(b, n)
+                        if positions is None:
+                            present, (hidden,) = gather_tokens(present, hidden)
+                        else:
+                            present, (hidden, positions) = gather_tokens(present, hidden, positions)
                     key_mask = present
                 else:
                     if remove_pruned:
@@ -599,7 +608,11 @@ class PrunableBertForSequenceClassification(nn.Module):
                         "scores; token pruning right after it (or return_scores=True) needs them."
                     ) from err
                 if return_scores:
-                    out.scores.append(scores)
+                    if positions is None:
+                        out.scores.append(scores)
+                    else:
+                        full = scores.new_zeros(b, n)
+                        out.scores.append(full.scatter(1, positions, scores * present.to(scores.dtype)))
         pooled = self.bert.pooler(hidden)
         out.logits = self.classifier(self.dropout(pooled))
         return out

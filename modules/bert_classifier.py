@@ -54,8 +54,9 @@ class BertClassifier(L.LightningModule):
         metrics: metric names, from ``accuracy``, ``f1``, ``mcc``.
         bert_config: a ``BertConfig`` dict to build a randomly initialised model
             (tiny test models; also how checkpoints rebuild without reloading weights).
-        remove_pruned_at_eval: at evaluation, gather out pruned tokens (real speedup);
-            False only masks them (for the removal = masking check).
+        remove_pruned_at_eval: at evaluation, and in training once the token gates are
+            frozen, gather out pruned tokens (real speedup); False only masks them (for
+            the removal = masking check).
 
     Raises:
         ValueError: neither ``pretrained`` nor ``bert_config``; unknown metric; bad lr.
@@ -104,9 +105,17 @@ class BertClassifier(L.LightningModule):
             batch.get("attention_mask"),
             batch.get("token_type_ids"),
             token_pruner=self.token_gates,
-            remove_pruned=(not self.training) and self.token_gates is not None and self.hparams.remove_pruned_at_eval,
+            remove_pruned=self._remove_pruned(),
             return_scores=return_scores,
         )
+
+    def _remove_pruned(self) -> bool:
+        # Evaluation gathers pruned tokens out (the real speedup). Training does too once
+        # the gates are frozen: their masks are then hard, and removal computes exactly
+        # what masking does, on shorter sequences.
+        if self.token_gates is None or not self.hparams.remove_pruned_at_eval:
+            return False
+        return not self.training or bool(getattr(self.token_gates, "frozen", False))
 
     def dense_macs_per_sample(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) MACs of the unpruned model on each sample's real (unpadded) length."""

@@ -71,6 +71,34 @@ def test_removing_closed_tokens_equals_masking_them(tiny_bert_config):
         assert (upper <= lower).all()
 
 
+def test_training_with_frozen_gates_removal_equals_masking_in_loss_gradients_and_scores(tiny_bert_config):
+    # Once ToP's gates are frozen, training gathers pruned tokens out (shorter sequences);
+    # it must compute what masking computes: same logits, same gradients, and scores
+    # returned in input positions (0 where a token was removed or masked).
+    cfg = BertConfig(**tiny_bert_config, num_labels=2)  # no dropout: both passes are deterministic
+    ids, mask, types = bert_inputs(cfg.vocab_size, n=16)
+    gates = _pruning_gates(cfg.num_hidden_layers)
+    gates.train()
+    gates.freeze()
+    runs = []
+    for remove in (False, True):
+        torch.manual_seed(2)
+        model = PrunableBertForSequenceClassification(cfg).train()
+        out = model(ids, mask, types, token_pruner=gates, remove_pruned=remove, return_scores=True)
+        out.logits.square().sum().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        runs.append((out, grads))
+    (masked, g_masked), (removed, g_removed) = runs
+    assert removed.kept_lengths[2].max() < ids.shape[1]  # tokens really were removed
+    torch.testing.assert_close(removed.logits, masked.logits, atol=1e-5, rtol=0)
+    assert g_masked.keys() == g_removed.keys()
+    for k in g_masked:
+        torch.testing.assert_close(g_removed[k], g_masked[k], atol=1e-5, rtol=1e-4, msg=k)
+    for s_removed, s_masked in zip(removed.scores, masked.scores):
+        assert s_removed.shape == ids.shape
+        torch.testing.assert_close(s_removed, s_masked, atol=1e-6, rtol=0)
+
+
 def test_gather_tokens_keeps_order_and_cls():
     keep = torch.tensor([[True, False, True, True], [True, True, False, False]])
     x = torch.arange(8.0).view(2, 4, 1)
