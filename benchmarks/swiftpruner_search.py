@@ -20,6 +20,18 @@ generation 0), budget and lookup table (``pruner.latency_table``). Figures:
 
 Writes ``<out>.json`` and ``<out>_curves.png``; each run's folder keeps its results.json,
 search_history.json and search_pareto.png.
+
+Two cheaper modes compare only the mutators:
+
+    python benchmarks/swiftpruner_search.py --toy --threads 1      # seconds; <out>_toy.json
+    python benchmarks/swiftpruner_search.py --mutators-only --threads 1 --teacher-ckpt PATH \
+        --budget-ms 8.99 --out benchmarks/results/swiftpruner_search_mutators --extra pruner.generations=8
+
+``--toy`` runs both mutators on :func:`toy_problem` (many seeds, synthetic quality, the
+real lookup table's latencies) with the default reinforced settings and ablations.
+``--mutators-only`` runs, per seed and in one process, the random then the reinforced
+search only (no fine-tuning) on the real model, with the seed's saved lookup table
+(``--tables``) and one cache of proxy scores shared by both searches.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -35,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
@@ -94,6 +108,166 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- mutator comparison
+def summarise_mutators(curves: dict[str, list[list[float]]], seeds: list[int]) -> dict:
+    """Per seed and overall: evaluations each mutator needs to reach the random mutator's final best reward.
+
+    ``curves[name][i]`` is the best-reward-so-far curve of seed ``seeds[i]``. A reinforced
+    search that never reaches it counts as not sooner (and is left out of the means).
+    """
+    per_seed, reach = [], []
+    for i, seed in enumerate(seeds):
+        rand, rl = curves["random"][i], curves["reinforced"][i]
+        target = rand[-1]
+        x = {"reinforced": evaluations_to_reach(rl, target), "random": evaluations_to_reach(rand, target)}
+        reach.append(x)
+        per_seed.append({"seed": seed, "random_best_reward": target, "reinforced_best_reward": rl[-1],
+                         "evaluations": {"reinforced": len(rl), "random": len(rand)}, "evaluations_to_random_best": x})
+    reached = [x["reinforced"] for x in reach if x["reinforced"] is not None]
+    return {
+        "seeds": len(seeds),
+        "reinforced_sooner": sum(1 for x in reach if x["reinforced"] is not None and x["reinforced"] < x["random"]),
+        "reinforced_reached": len(reached),
+        "reinforced_higher_final_best": sum(1 for p in per_seed if p["reinforced_best_reward"] > p["random_best_reward"]),
+        "mean_evaluations_to_random_best": {"reinforced (seeds that reached it)": statistics.mean(reached) if reached else None,
+                                            "random": statistics.mean(x["random"] for x in reach)},
+        "median_evaluations_to_random_best": {
+            "reinforced (never = inf)": statistics.median([x["reinforced"] or math.inf for x in reach]),
+            "random": statistics.median(x["random"] for x in reach)},
+        "mean_final_best_reward": {k: statistics.mean(c[-1] for c in curves[k]) for k in ("reinforced", "random")},
+        "per_seed": per_seed,
+    }
+
+
+def toy_problem(seed: int, table, importance_noise: float = 0.5, quality_noise: float = 0.003):
+    """A synthetic search resembling the MiniLM one: (space, objective, budget_ms, estimated importance).
+
+    6 layers, the choices and additive latency of ``table`` (a real lookup table), budget 50% of
+    the dense prediction. True unit importances are exponential with a log-normal scale per
+    layer and kind; quality = 0.5 + 0.4 * concave(kept importance share, heads and FFN
+    weighted) + deterministic per-genes noise (sd ``quality_noise``, like a proxy on a small
+    subset). The mutator gets the true importances times log-normal noise (``importance_noise``),
+    as Taylor importance is only an estimate.
+    """
+    from modules.structured import UnitImportance
+    from pruners.evolution import SearchSpace
+
+    space = SearchSpace(table.num_layers, tuple(table.head_choices), tuple(table.neuron_choices))
+    g = torch.Generator().manual_seed(10_000 + seed)
+    L, A, I = table.num_layers, table.head_choices[-1], table.neuron_choices[-1]
+    heads = torch.exp(torch.randn(L, 1, generator=g)) * -torch.rand(L, A, generator=g).log()
+    neurons = torch.exp(torch.randn(L, 1, generator=g)) * -torch.rand(L, I, generator=g).log()
+    estimate = UnitImportance(heads * torch.exp(importance_noise * torch.randn(L, A, generator=g)),
+                              neurons * torch.exp(importance_noise * torch.randn(L, I, generator=g)))
+    share = [torch.cat([torch.zeros(L, 1), x.sort(1, descending=True).values.cumsum(1)], 1) / x.sum() for x in (heads, neurons)]
+    w_heads = 0.25 + 0.5 * float(torch.rand(1, generator=g))
+    salt = int(torch.randint(1 << 30, (1,), generator=g))
+
+    def objective(genes):
+        h, n = space.decode(genes)
+        kept = sum(w_heads * float(share[0][l, h[l]]) + (1 - w_heads) * float(share[1][l, n[l]]) for l in range(L))
+        noise = float(torch.randn(1, generator=torch.Generator().manual_seed(hash((salt, *genes)) % (1 << 62))))
+        return 0.5 + 0.4 * (1 - math.exp(-4 * kept / L)) / (1 - math.exp(-4)) + quality_noise * noise, table.predict_ms(h, n)
+
+    budget = 0.5 * table.predict_ms([A] * L, [I] * L)
+    return space, objective, budget, estimate
+
+
+def toy_study(args) -> None:
+    """Reinforced vs random mutator on :func:`toy_problem`, many seeds; writes ``<out>_toy.json``."""
+    from pruners.evolution import EvolutionarySearch, RandomMutator
+    from pruners.latency_table import LatencyTable
+    from pruners.swiftpruner import SwiftPruner
+
+    table = LatencyTable.from_state_dict(json.loads(Path(args.toy_table).read_text()))
+    variants = {
+        "reinforced (defaults: prior + REINFORCE)": {},
+        "prior only (policy_lr=1e-12: no learning)": {"policy_lr": 1e-12},
+        "REINFORCE from a uniform start (policy_prior=0)": {"policy_prior": 0.0},
+        "REINFORCE from a uniform start, MLP 32 (policy_prior=0, policy_hidden=32)": {"policy_prior": 0.0, "policy_hidden": 32},
+    }
+    seeds = list(range(args.toy_seeds))
+    out: dict = {"setting": {"layers": table.num_layers, "head_choices": table.head_choices, "neuron_choices": table.neuron_choices,
+                             "latency_table": args.toy_table, "budget": "50% of the dense prediction", "population_size": 16,
+                             "parents": 4, "generations": args.toy_generations, "seeds": len(seeds)}, "variants": {}}
+    random_curves = []
+    for seed in seeds:
+        space, objective, budget, _ = toy_problem(seed, table)
+        random_curves.append(EvolutionarySearch(space, objective, budget, RandomMutator(), generations=args.toy_generations,
+                                                seed=seed).run().best_reward_curve())
+    for name, overrides in variants.items():
+        curves = []
+        for seed in seeds:
+            space, objective, budget, estimate = toy_problem(seed, table)
+            pruner = SwiftPruner(search_seed=seed, **overrides)
+            mutator = pruner.build_mutator(space, table, estimate, budget)
+            curves.append(EvolutionarySearch(space, objective, budget, mutator, generations=args.toy_generations,
+                                             seed=seed).run().best_reward_curve())
+        summary = summarise_mutators({"reinforced": curves, "random": random_curves}, seeds)
+        summary.pop("per_seed")
+        out["variants"][name] = summary
+        print(name, json.dumps(summary), flush=True)
+    Path(f"{args.out}_toy.json").write_text(json.dumps(out, indent=2) + "\n")
+
+
+def mutator_study(args) -> None:
+    """Both mutators' searches per seed in one process, sharing the seed's proxy scores and lookup table.
+
+    Search only (no fine-tuning): composes the real config (``pruner=swiftpruner``), loads the
+    dense teacher, and runs :meth:`SwiftPruner.run_search` with ``pruner.mutator=random`` then
+    ``reinforced``, one quality cache per seed (the proxy of a genes is the same for both).
+    Writes ``<out>.json`` (``mutator_comparison``) and ``<out>_curves.png``.
+    """
+    from pipelines.common import build
+    from modules.bert_classifier import BertClassifier
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    curves: dict[str, list[list[float]]] = {"random": [], "reinforced": []}
+    runs = []
+    for seed in args.seeds:
+        table = Path(args.tables) / f"seed{seed}" / "latency_table.json"
+        overrides = ["pruner=swiftpruner", f"seed={seed}", f"pruner.teacher_ckpt={args.teacher_ckpt}", "pruner.search_only=true",
+                     f"pruner.latency_budget_ms={args.budget_ms}", f"pruner.latency_table={table}", f"threads={args.threads}",
+                     # the direct timing of every candidate is not used here (rewards use the saved table)
+                     "pruner.latency_warmup=0", "pruner.latency_repeats=1", *args.extra]
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+            cfg = compose("config", overrides=["model=bert", "logger=none", *overrides])
+        torch.manual_seed(seed)
+        datamodule = build(cfg.data)
+        datamodule.setup("fit")
+        model = BertClassifier.load_from_checkpoint(args.teacher_ckpt, map_location="cpu").model.eval()
+        cache: dict = {}
+        if args.scores_from:  # proxy scores of an earlier report (same teacher and seed: same importance and subsets)
+            earlier = json.loads(Path(args.scores_from).read_text())
+            if earlier["teacher_ckpt"] != args.teacher_ckpt:
+                raise SystemExit(f"--scores-from {args.scores_from} used another teacher ({earlier['teacher_ckpt']}).")
+            for run_ in earlier["runs"]:
+                if run_["seed"] == seed:
+                    cache.update({tuple(r["genes"]): r["quality"] for r in run_["history"]})
+        for name in ("random", "reinforced"):
+            started = time.time()
+            pruner = build(cfg.pruner)
+            pruner.mutator = name
+            result = pruner.run_search(model, datamodule, quality_cache=cache)
+            curves[name].append(result["best_reward_curve"])
+            best = max(result["candidates"], key=lambda r: r["reward"])
+            runs.append({"seed": seed, "mutator": name, "evaluations": result["evaluations"], "seconds": round(time.time() - started),
+                         "best": {k: best[k] for k in ("heads", "ffn_neurons", "quality", "predicted_ms", "reward")},
+                         "history": [{k: r[k] for k in ("evaluation", "generation", "genes", "quality", "predicted_ms", "reward")}
+                                     for r in result["candidates"]]})
+            logging.info("seed %d %s: best reward %.4f after %d evaluations (%.0f s)", seed, name,
+                         result["best_reward_curve"][-1], result["evaluations"], time.time() - started)
+        summary = summarise_mutators(curves, args.seeds[: len(curves["random"])])
+        report = {"teacher_ckpt": args.teacher_ckpt, "budget_ms": args.budget_ms, "latency_tables": args.tables,
+                  "overrides": overrides, "mutator_comparison": summary, "curves": curves, "runs": runs}
+        Path(f"{out}.json").write_text(json.dumps(report, indent=1) + "\n")  # after every seed
+        plot_curves(curves, Path(f"{out}_curves.png"))
+        print(json.dumps({k: v for k, v in summary.items() if k != "per_seed"}), flush=True)
+
+
+
 def main() -> None:
     """Run the benchmark and write its figures."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,8 +280,26 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "swiftpruner_search"))
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs with the same overrides")
+    parser.add_argument("--mutators-only", action="store_true",
+                        help="only the mutator comparison: search-only, both mutators in one process per seed sharing proxy "
+                             "scores, rewards from the saved lookup tables (--tables, --budget-ms, --teacher-ckpt needed)")
+    parser.add_argument("--tables", default=str(ROOT / "benchmarks" / "results" / "swiftpruner_search"),
+                        help="folder with seed<N>/latency_table.json (--mutators-only)")
+    parser.add_argument("--scores-from", default=None,
+                        help="(--mutators-only) reuse the proxy scores of an earlier --mutators-only report, same teacher")
+    parser.add_argument("--toy", action="store_true", help="only the toy mutator study (synthetic objective, seconds)")
+    parser.add_argument("--toy-seeds", type=int, default=40)
+    parser.add_argument("--toy-generations", type=int, default=10)
+    parser.add_argument("--toy-table", default=str(ROOT / "benchmarks" / "results" / "swiftpruner_search" / "seed0" / "latency_table.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")  # the search's progress
+    if args.toy:
+        torch.set_num_threads(args.threads)
+        return toy_study(args)
+    if args.mutators_only:
+        if args.teacher_ckpt is None or args.budget_ms is None:
+            parser.error("--mutators-only needs --teacher-ckpt and --budget-ms")
+        return mutator_study(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = [f"threads={args.threads}", f"pruner.budget_fraction={args.budget_fraction}", *args.extra]

@@ -36,11 +36,11 @@ Evolution (:class:`EvolutionarySearch`):
 * the new population is the best ``population_size`` of old population and children
   (ties: earlier evaluation first).
 
-Both mutators draw their actions with ``torch.multinomial(p, k, replacement=False)``
-from the search's generator (uniform ``p`` for :class:`RandomMutator`), which consumes
-the generator identically whatever ``p`` is: random and reinforced searches with the
-same seed and ``mutations`` share generation 0 and, as the reinforced policy starts
-uniform, generation 1 too, so they compare fairly.
+Both mutators draw their actions one at a time with ``torch.multinomial(p, 1)`` from the
+search's generator (uniform ``p`` for :class:`RandomMutator`), which consumes the generator
+identically whatever ``p`` is: random and reinforced searches with the same seed and
+``mutations`` share generation 0 and, when the reinforced policy starts uniform (no
+``initial_weights``), generation 1 too, so they compare fairly.
 
 Everything is seeded: equal seeds and objectives give equal histories, and
 :meth:`EvolutionarySearch.state_dict` (plain python and tensors, loadable with
@@ -62,6 +62,7 @@ __all__ = [
     "Evaluation",
     "Transition",
     "policy_state",
+    "action_features",
     "RandomMutator",
     "ReinforcedMutator",
     "EvolutionarySearch",
@@ -275,7 +276,8 @@ class Transition:
     """One mutator proposal and its outcome, for the REINFORCE update.
 
     Attributes:
-        state: ``(2L + 2,)`` policy input of the parent (:func:`policy_state`).
+        state: the mutator's input at the parent (its ``observe()``: ``(4L, F)`` action
+            features for :class:`ReinforcedMutator`, ``(2L + 2,)`` :func:`policy_state` otherwise).
         actions: the proposed actions, in sampling order.
         parent_reward: the parent's reward (the state-dependent baseline).
         child_reward: the proposed genes' reward (cached if evaluated before; the parent's
@@ -303,6 +305,70 @@ def policy_state(space: SearchSpace, genes: Sequence[int], evaluation: Evaluatio
     return torch.cat([space.features(genes), extra])
 
 
+#: number of generic per-action features of :func:`action_features`
+GENERIC_ACTION_FEATURES = 9
+
+
+def action_features(
+    space: SearchSpace,
+    genes: Sequence[int],
+    latency_ms: float,
+    budget_ms: float,
+    extra: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
+    predict_ms: Callable[[tuple[int, ...]], float] | None = None,
+) -> torch.Tensor:
+    """Features of every mutation action at ``genes``, ``(4L, 9 + K)`` float32 (row ``a`` = action ``a``).
+
+    Generic columns (the reinforced mutator's view of an action, arXiv 2209.00625 Sec. 3):
+    ``kind`` (0 heads, 1 FFN), ``direction`` (-1 down, +1 up), layer position ``l / (L - 1)``
+    (0 for one layer), the gene's level (index / (choices - 1), in [0, 1]), ``no-op`` (1 if
+    the step is clamped at the end of its range), ``over = log(latency_ms / budget_ms)`` (> 0:
+    over the budget), the latency change of the step ``(predict_ms(after) - predict_ms(genes))
+    / budget_ms``, ``over`` after the step, and 1 if the step ends within the budget (else 0).
+    Without ``predict_ms`` the change is 0 and the latency after the step is ``latency_ms``.
+    Then the ``K`` columns of ``extra(genes)``, the problem's own per-action features (e.g.
+    the importance mass a step adds or removes).
+
+    Args:
+        space: the search space.
+        genes: where the actions start, ``2L`` choice indices.
+        latency_ms: the latency of ``genes`` (ms, > 0; measured or predicted).
+        budget_ms: the budget (ms, > 0).
+        extra: ``genes -> (4L, K)`` problem-specific features, or None.
+        predict_ms: ``genes -> ms``, a cheap latency predictor (e.g. a lookup table), or None.
+
+    Raises:
+        ValueError: invalid genes, a non-positive latency or budget, or ``extra`` returning a
+            tensor that is not ``(4L, K)`` or holds non-finite values.
+    """
+    genes = space.check(genes)
+    if not (latency_ms > 0 and budget_ms > 0):
+        raise ValueError(f"latency_ms={latency_ms} and budget_ms={budget_ms} must be > 0.")
+    over = math.log(latency_ms / budget_ms)
+    base = None if predict_ms is None else predict_ms(genes)
+    L = space.num_layers
+    rows = []
+    for a in range(space.num_actions):
+        g, d = space.action_gene(a)
+        limit = space._limit(g)
+        noop = not 0 <= genes[g] + d < limit
+        delta = 0.0 if base is None or noop else predict_ms(space.apply(genes, [a])) - base
+        after = max(latency_ms + delta, 1e-6 * latency_ms)
+        rows.append([
+            float(g >= L), float(d), (g % L) / max(L - 1, 1), genes[g] / max(limit - 1, 1), float(noop),
+            over, delta / budget_ms, math.log(after / budget_ms), float(after <= budget_ms),
+        ])
+    out = torch.tensor(rows, dtype=torch.float32)
+    if extra is not None:
+        more = torch.as_tensor(extra(genes), dtype=torch.float32)
+        if more.dim() != 2 or more.shape[0] != space.num_actions:
+            raise ValueError(f"action features have shape {tuple(more.shape)}; expected ({space.num_actions}, K): one row per action.")
+        if not torch.isfinite(more).all():
+            raise ValueError(f"action features at genes {genes} are not all finite.")
+        out = torch.cat([out, more], dim=1)
+    return out
+
+
 def _check_mutations(mutations: int, space: SearchSpace | None = None) -> int:
     _check_int("mutations", mutations, 1)
     if space is not None and mutations > space.num_actions:
@@ -310,12 +376,30 @@ def _check_mutations(mutations: int, space: SearchSpace | None = None) -> int:
     return mutations
 
 
+def _draw_sequence(step_probs: Callable[[int, list[int]], torch.Tensor], mutations: int, num_actions: int, generator: torch.Generator) -> list[int]:
+    """``mutations`` distinct actions, one ``torch.multinomial(p, 1)`` call per action.
+
+    ``step_probs(k, actions_so_far)`` gives the (unnormalised) ``(4L,)`` probabilities of the
+    ``k``-th action; actions already drawn get probability 0. Every mutator draws through
+    this function, so all of them consume the search's generator identically.
+    """
+    actions: list[int] = []
+    taken = torch.zeros(num_actions, dtype=torch.bool)
+    for k in range(mutations):
+        p = step_probs(k, actions).masked_fill(taken, 0.0)
+        a = int(torch.multinomial(p, 1, generator=generator))
+        actions.append(a)
+        taken[a] = True
+    return actions
+
+
 class RandomMutator:
     """Baseline mutator: ``mutations`` distinct actions drawn uniformly at random.
 
-    Draws with ``torch.multinomial(ones(4L), mutations, replacement=False, generator)``, the
-    same call (and generator consumption) as :class:`ReinforcedMutator`, whose default
-    ``mutations`` (2) it shares, so the two differ only in the learned policy.
+    Draws one action at a time with ``torch.multinomial(p, 1, generator)``, ``p`` uniform over
+    the actions not drawn yet: the same calls (and generator consumption) as
+    :class:`ReinforcedMutator`, whose default ``mutations`` (2) it shares, so the two differ
+    only in the learned policy.
     """
 
     name = "random"
@@ -326,8 +410,11 @@ class RandomMutator:
     def propose(self, parent_genes: Sequence[int], parent_eval: Evaluation, budget_ms: float, space: SearchSpace, generator: torch.Generator) -> list[int]:
         """Return ``mutations`` distinct actions in ``[0, 4L)``."""
         _check_mutations(self.mutations, space)
-        probs = torch.ones(space.num_actions)
-        return [int(a) for a in torch.multinomial(probs, self.mutations, replacement=False, generator=generator)]
+        return _draw_sequence(lambda k, actions: torch.ones(space.num_actions), self.mutations, space.num_actions, generator)
+
+    def observe(self, parent_genes: Sequence[int], parent_eval: Evaluation, budget_ms: float, space: SearchSpace, actions: Sequence[int] = ()) -> torch.Tensor:
+        """The parent's :func:`policy_state` (recorded in transitions; this mutator does not learn)."""
+        return policy_state(space, parent_genes, parent_eval, budget_ms)
 
     def update(self, transitions: list[Transition]) -> dict[str, float]:
         """No learning: returns ``{}``."""
@@ -342,58 +429,115 @@ class RandomMutator:
         self.mutations = _check_mutations(state["mutations"])
 
 
-class ReinforcedMutator:
-    """SwiftPruner's reinforced mutator (arXiv 2209.00625): a policy over mutation actions trained by REINFORCE.
+class _Scorer(nn.Module):
+    """Shared action scorer: ``(..., F) -> (..., 1)``, ``linear(x) + mlp(x)`` (mlp only with ``hidden > 0``).
 
-    Policy: an MLP ``Linear(2L + 2, hidden) - tanh - Linear(hidden, 4L)`` from :func:`policy_state`
-    of the parent to logits over the ``4L`` actions. Its output layer starts at zero, so the
-    initial policy is uniform (the random mutator). A child's ``mutations`` actions are drawn
-    with ``torch.multinomial(softmax(logits), mutations, replacement=False, generator)``.
+    Both output layers start at zero (a uniform policy) unless the linear weights are set.
+    """
+
+    def __init__(self, features: int, hidden: int, seed: int):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.linear = nn.Linear(features, 1)
+            self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, 1)) if hidden else None
+        for layer in (self.linear, self.mlp[-1] if self.mlp is not None else None):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)
+        return out if self.mlp is None else out + self.mlp(x)
+
+
+class ReinforcedMutator:
+    """SwiftPruner's reinforced mutator (arXiv 2209.00625, Sec. 3): a policy over mutation actions trained by REINFORCE.
+
+    Policy: every action ``a`` of the ``4L`` (layer x heads/FFN x down/up) is described by a
+    feature vector (:func:`action_features`, ``(4L, F)``), and one scorer with weights shared by
+    all actions turns it into a logit: a linear layer, plus ``Linear(F, hidden) - tanh -
+    Linear(hidden, 1)`` if ``hidden > 0``. Sharing the weights lets the policy apply one rule to
+    every layer ("prefer steps that stay within the budget and buy much importance per
+    millisecond") instead of learning each action's logit separately from ~12 proposals per
+    generation. The features are generic (kind, direction, layer position, level, clamped
+    no-op, log latency / budget before and after the step, the step's latency change from
+    ``predict_ms``) plus the problem's own per-action features, ``action_feature_fn``
+    (SwiftPruner: the Taylor importance mass a step adds or removes, and that mass per
+    budget fraction of latency, :func:`pruners.swiftpruner.unit_action_features`).
+
+    A child's ``mutations`` actions are drawn one at a time (``torch.multinomial(p, 1,
+    generator)``, actions already drawn excluded); the ``k``-th from the features at the parent
+    with the first ``k - 1`` actions applied (its latency: the parent's plus the predictor's
+    difference), so a second step can compensate the first ("one head up, then a cheap FFN
+    block down to get back within the budget"). The output layers start at zero (a uniform
+    policy, the random mutator's draws) unless ``initial_weights`` sets the linear scorer
+    (SwiftPruner's default prior, :func:`pruners.swiftpruner.policy_prior`).
 
     Update (:meth:`update`, REINFORCE, Williams 1992) on one generation's transitions:
-    ``loss = -mean(A_i * log pi(actions_i | state_i)) - entropy_weight * mean(H(pi(. | state_i)))``
-    with ``A_i = (child reward - parent reward) / s``: the parent's reward is a
-    state-dependent baseline, ``s`` a running root-mean-square of the raw advantages
-    (exponential average over generations, decay :attr:`advantage_decay`, bias-corrected),
-    so the step size does not depend on the reward's scale. One Adam step per generation.
+    ``loss = -mean(A_i * log pi(actions_i | states_i)) - entropy_weight * mean(H_i)`` with
+    ``A_i = (child reward - parent reward - mean over the generation) / s`` (``centre``; the
+    parent's reward is a state-dependent baseline, the generation mean removes the common
+    drop of children of the best parents), ``s`` a running root-mean-square of those
+    advantages (decay :attr:`advantage_decay`, bias-corrected), so the step size does not
+    depend on the reward's scale; ``H_i`` the mean entropy of the draws. ``steps`` Adam
+    steps per generation. A repeated (already evaluated) child carries its cached reward.
 
-    Defaults (``mutations=2``, ``lr=0.01``, ``entropy_weight=0.05``, ``hidden=64``) come from a
-    toy study resembling the MiniLM search (6 layers, 7 head x 9 FFN choices, quality concave
-    in kept units with layer-dependent sensitivity, additive latency, budget half the dense
-    latency, population 16, 4 parents, 10 generations). With one mutation per child the policy
-    learns the least-bad single step from a top parent, soon an already evaluated neighbour,
-    and did no better than random. With two mutations (one unit up, another down: a move along
-    the budget boundary) it reached the random (1 mutation) search's final best reward in 98
-    instead of 122 evaluations (mean of 40 seeds); against random with two mutations too (the
-    no-learning ablation: same draws until the first update) its best reward after 10
-    generations was higher on 29 of 40 seeds, while the evaluations needed to reach random's
-    final best were about equal (median 123 vs 127, mean 129 vs 125). ``lr >= 0.02`` was faster over 10
-    generations but saturated the softmax in longer searches, after which every proposal
-    repeats an evaluated child. A repeated (already evaluated) child carries its cached reward,
-    so its advantage is what the move is worth; scoring such repeats as zero advantage was
-    tried and left a saturated policy with no gradient to leave them.
+    Measured on a toy search resembling the MiniLM one (``python benchmarks/swiftpruner_search.py
+    --toy``: the real latency table's 6 layers x 7 head x 9 FFN choices, budget 50% of dense,
+    population 16, 4 parents, 10 generations, noisy importance estimates; 40 seeds;
+    ``benchmarks/results/swiftpruner_search_toy.json``): with SwiftPruner's prior and these
+    defaults the mutator reached the random mutator's final best reward sooner on 30 of 40
+    seeds (median 69 vs 120 evaluations). The prior alone, without learning, did as well (33
+    of 40, median 67.5): on that toy the gain comes from the action features and the prior,
+    not from REINFORCE. From a uniform start REINFORCE was sooner on only 9 of 40 seeds
+    (15 with a 32-wide MLP branch): ~100 noisy rewards were not enough to learn the rule.
 
     Args:
-        space: the search space (fixes the policy's input and output sizes).
-        hidden: hidden width (>= 1).
+        space: the search space (fixes the number of actions).
+        hidden: hidden width of the MLP branch (>= 0; 0: linear scorer only).
         lr: Adam learning rate (> 0).
         entropy_weight: weight of the entropy bonus (>= 0).
         mutations: actions per child (1 .. 4L).
         seed: seeds the policy's initial weights (the global RNG is left untouched).
+        steps: Adam steps per :meth:`update` (>= 1).
+        action_feature_fn: ``genes -> (4L, K)`` float tensor of problem-specific features of
+            each action at those genes, finite, the same ``K`` for all genes; None: only the
+            generic features. It is called once at construction (on the smallest genes) to
+            learn ``K``.
+        predict_ms: ``genes -> ms``, a cheap latency predictor (the objective's own, e.g. the
+            lookup table): gives each step's latency change and the latency between steps;
+            None: both unknown (change 0, the parent's latency).
+        centre: subtract the generation's mean advantage (True) or not.
+        initial_weights: ``F`` initial weights of the linear scorer (a prior); None: zeros.
 
     Raises:
-        ValueError: an invalid setting.
+        ValueError: an invalid setting, or ``action_feature_fn`` returning a wrong shape or
+            non-finite values.
     """
 
     name = "reinforced"
     #: decay of the running mean square of advantages, per generation
     advantage_decay = 0.9
 
-    def __init__(self, space: SearchSpace, hidden: int = 64, lr: float = 0.01, entropy_weight: float = 0.05, mutations: int = 2, seed: int = 0):
+    def __init__(
+        self,
+        space: SearchSpace,
+        hidden: int = 0,
+        lr: float = 0.01,
+        entropy_weight: float = 0.05,
+        mutations: int = 2,
+        seed: int = 0,
+        steps: int = 1,
+        action_feature_fn: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
+        predict_ms: Callable[[tuple[int, ...]], float] | None = None,
+        centre: bool = True,
+        initial_weights: Sequence[float] | None = None,
+    ):
         if not isinstance(space, SearchSpace):
             raise ValueError(f"space must be a SearchSpace, got {type(space).__name__}.")
         self.space = space
-        self.hidden = _check_int("hidden", hidden, 1)
+        self.hidden = _check_int("hidden", hidden, 0)
         self.lr = _check_finite("lr", lr)
         if self.lr <= 0:
             raise ValueError(f"lr={lr} must be > 0.")
@@ -402,77 +546,144 @@ class ReinforcedMutator:
             raise ValueError(f"entropy_weight={entropy_weight} must be >= 0.")
         self.mutations = _check_mutations(mutations, space)
         self.seed = _check_int("seed", seed, 0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.policy = nn.Sequential(nn.Linear(space.num_genes + 2, hidden), nn.Tanh(), nn.Linear(hidden, space.num_actions))
-        nn.init.zeros_(self.policy[2].weight)
-        nn.init.zeros_(self.policy[2].bias)
+        self.steps = _check_int("steps", steps, 1)
+        self.centre = bool(centre)
+        if action_feature_fn is not None and not callable(action_feature_fn):
+            raise ValueError("action_feature_fn must be callable: genes -> (4L, K) tensor, or None.")
+        self.action_feature_fn = action_feature_fn
+        if predict_ms is not None and not callable(predict_ms):
+            raise ValueError("predict_ms must be callable: genes -> predicted latency in ms, or None.")
+        self.predict_ms = predict_ms
+        probe = space.uniform(0, 0)
+        self.num_features = action_features(space, probe, 1.0, 1.0, action_feature_fn).shape[1]
+        self.policy = _Scorer(self.num_features, hidden, seed)
+        if initial_weights is not None:
+            w = torch.as_tensor(initial_weights, dtype=torch.float32)
+            if w.shape != (self.num_features,) or not torch.isfinite(w).all():
+                raise ValueError(
+                    f"initial_weights has shape {tuple(w.shape)}; expected ({self.num_features},) finite weights, one per "
+                    f"action feature ({GENERIC_ACTION_FEATURES} generic + {self.num_features - GENERIC_ACTION_FEATURES} problem-specific)."
+                )
+            with torch.no_grad():
+                self.policy.linear.weight.copy_(w[None])
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.lr)
         self.adv_sq_avg = 0.0  # running mean square of raw advantages (biased)
         self.updates = 0  # number of update() calls that had transitions
 
     # -- policy ------------------------------------------------------------------------------
-    def logits(self, state: torch.Tensor) -> torch.Tensor:
-        """``(..., 2L + 2)`` states -> ``(..., 4L)`` action logits."""
-        return self.policy(state.float())
+    def step_features(self, genes: Sequence[int], latency_ms: float, budget_ms: float) -> torch.Tensor:
+        """:func:`action_features` ``(4L, F)`` at ``genes`` whose latency is ``latency_ms`` (quality unused)."""
+        return action_features(self.space, genes, latency_ms, budget_ms, self.action_feature_fn, self.predict_ms)
 
-    def _sequence_log_prob(self, logits: torch.Tensor, actions: Sequence[int]) -> torch.Tensor:
-        mask = torch.zeros_like(logits, dtype=torch.bool)
-        total = logits.new_zeros(())
-        for a in actions:
+    def _intermediate(self, parent_genes: tuple[int, ...], parent_ms: float, genes: tuple[int, ...]) -> float:
+        """Latency of ``genes`` reached from the parent: the parent's plus the predictor's difference."""
+        if self.predict_ms is None or genes == parent_genes:
+            return parent_ms
+        return max(parent_ms + self.predict_ms(genes) - self.predict_ms(parent_genes), 1e-6 * parent_ms)
+
+    def observe(self, parent_genes: Sequence[int], parent_eval: Evaluation, budget_ms: float, space: SearchSpace, actions: Sequence[int] = ()) -> torch.Tensor:
+        """The policy's inputs for drawing ``actions`` from a parent: ``(mutations, 4L, F)`` float32.
+
+        Slice ``k`` is :meth:`step_features` at the parent with ``actions[:k]`` applied (its latency
+        from ``predict_ms`` when given, else the parent's). Only the first ``mutations`` actions
+        count; with fewer actions the remaining slices are at the genes with all of them applied.
+
+        Raises:
+            ValueError: another space than the mutator's.
+        """
+        if space != self.space:
+            raise ValueError("the search's space differs from the one this mutator was built for.")
+        parent = space.check(parent_genes)
+        genes, out = parent, []
+        for k in range(self.mutations):
+            out.append(self.step_features(genes, self._intermediate(parent, parent_eval.latency_ms, genes), budget_ms))
+            if k < len(actions):
+                genes = space.apply(genes, [actions[k]])
+        return torch.stack(out)
+
+    def logits(self, state: torch.Tensor) -> torch.Tensor:
+        """``(..., 4L, F)`` action features -> ``(..., 4L)`` action logits (one scorer shared by all actions)."""
+        if state.shape[-2:] != (self.space.num_actions, self.num_features):
+            raise ValueError(
+                f"state has shape {tuple(state.shape)}; expected (..., {self.space.num_actions}, {self.num_features}) "
+                "action features (observe())."
+            )
+        return self.policy(state.float()).squeeze(-1)
+
+    def _sequence_log_prob(self, logits: torch.Tensor, actions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(k, 4L)`` per-step logits -> (log-probability of ``actions``, mean entropy of the masked steps)."""
+        mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        total, entropy = logits.new_zeros(()), logits.new_zeros(())
+        for k, a in enumerate(actions):
             self.space.action_gene(a)  # range check
             if mask[a]:
                 raise ValueError(f"actions={list(actions)!r} repeat {a}; actions are drawn without replacement.")
-            total = total + torch.log_softmax(logits.masked_fill(mask, -math.inf), dim=-1)[a]
+            log_pi = torch.log_softmax(logits[k].masked_fill(mask, -math.inf), dim=-1)
+            total = total + log_pi[a]
+            entropy = entropy - (log_pi.exp() * log_pi.masked_fill(mask, 0.0)).sum()  # 0 * log 0 = 0 for drawn actions
             mask = mask.clone()  # masked_fill saved the old mask for backward
             mask[a] = True
-        return total
+        return total, entropy / max(len(actions), 1)
 
     def log_prob(self, state: torch.Tensor, actions: Sequence[int]) -> torch.Tensor:
-        """Log-probability (scalar tensor, differentiable) of drawing ``actions`` in this order from ``state``.
+        """Log-probability (scalar tensor, differentiable) of drawing ``actions`` in this order.
 
-        Sum of the sequential without-replacement log-probabilities
-        ``log pi(a_k | state, a_1..a_{k-1} removed)``: the law of ``torch.multinomial`` without
-        replacement (Plackett-Luce), which :meth:`propose` uses.
+        ``state`` is :meth:`observe` for these actions, ``(mutations, 4L, F)``. Sum over steps of
+        ``log pi(a_k | state_k, a_1..a_{k-1} removed)``, the law of :meth:`propose`.
 
         Raises:
-            ValueError: an action outside ``[0, 4L)`` or repeated.
+            ValueError: an action outside ``[0, 4L)`` or repeated, more actions than states, or a
+                state of the wrong shape.
         """
-        return self._sequence_log_prob(self.logits(state), actions)
+        if len(actions) > state.shape[0]:
+            raise ValueError(f"{len(actions)} actions but states for {state.shape[0]} steps.")
+        return self._sequence_log_prob(self.logits(state), actions)[0]
 
     def propose(self, parent_genes: Sequence[int], parent_eval: Evaluation, budget_ms: float, space: SearchSpace, generator: torch.Generator) -> list[int]:
-        """Sample ``mutations`` distinct actions from the policy at the parent's state."""
+        """Draw ``mutations`` distinct actions one at a time, each from the policy at the parent with
+        the actions drawn so far applied (one ``torch.multinomial(p, 1)`` per action)."""
         if space != self.space:
             raise ValueError("the search's space differs from the one this mutator was built for.")
-        with torch.no_grad():
-            probs = torch.softmax(self.logits(policy_state(space, parent_genes, parent_eval, budget_ms)), dim=-1)
-        return [int(a) for a in torch.multinomial(probs, self.mutations, replacement=False, generator=generator)]
+        parent = space.check(parent_genes)
+
+        def step_probs(k: int, actions: list[int]) -> torch.Tensor:
+            genes = space.apply(parent, actions)
+            feats = self.step_features(genes, self._intermediate(parent, parent_eval.latency_ms, genes), budget_ms)
+            with torch.no_grad():
+                return torch.softmax(self.logits(feats), dim=-1)
+
+        return _draw_sequence(step_probs, self.mutations, space.num_actions, generator)
 
     def update(self, transitions: list[Transition]) -> dict[str, float]:
-        """One REINFORCE step on a generation's transitions.
+        """``steps`` REINFORCE steps on a generation's transitions.
 
         Returns:
             ``{"policy_loss", "entropy", "mean_advantage", "advantage_scale"}``: the loss before the
-            step, the mean policy entropy (nats), the mean raw advantage (reward units) and the
-            running scale ``s``; ``{}`` for no transitions.
+            first step, the mean policy entropy (nats) then, the mean raw advantage (reward units)
+            and the running scale ``s``; ``{}`` for no transitions.
         """
         if not transitions:
             return {}
         raw = torch.tensor([t.advantage for t in transitions], dtype=torch.float64)
+        centred = raw - raw.mean() if self.centre and len(transitions) > 1 else raw
         self.updates += 1
-        self.adv_sq_avg = self.advantage_decay * self.adv_sq_avg + (1 - self.advantage_decay) * float((raw**2).mean())
+        self.adv_sq_avg = self.advantage_decay * self.adv_sq_avg + (1 - self.advantage_decay) * float((centred**2).mean())
         scale = math.sqrt(self.adv_sq_avg / (1 - self.advantage_decay**self.updates))
-        adv = (raw / max(scale, 1e-12)).float()
+        adv = (centred / max(scale, 1e-12)).float()
         states = torch.stack([t.state.float() for t in transitions])
-        logits = self.logits(states)
-        log_probs = torch.stack([self._sequence_log_prob(logits[i], t.actions) for i, t in enumerate(transitions)])
-        log_pi = torch.log_softmax(logits, dim=-1)
-        entropy = -(log_pi.exp() * log_pi).sum(-1).mean()
-        loss = -(adv * log_probs).mean() - self.entropy_weight * entropy
-        self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
-        return {"policy_loss": float(loss.detach()), "entropy": float(entropy.detach()), "mean_advantage": float(raw.mean()), "advantage_scale": scale}
+        first = None
+        for _ in range(self.steps):
+            logits = self.logits(states)
+            pairs = [self._sequence_log_prob(logits[i], t.actions) for i, t in enumerate(transitions)]
+            log_probs = torch.stack([lp for lp, _ in pairs])
+            entropy = torch.stack([h for _, h in pairs]).mean()
+            loss = -(adv * log_probs).mean() - self.entropy_weight * entropy
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            if first is None:
+                first = (float(loss.detach()), float(entropy.detach()))
+        return {"policy_loss": first[0], "entropy": first[1], "mean_advantage": float(raw.mean()), "advantage_scale": scale}
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -505,7 +716,8 @@ class EvolutionarySearch:
         objective: ``genes -> (quality, latency_ms)``; called once per unique genes.
         budget_ms: latency budget, ms (> 0).
         mutator: :class:`RandomMutator` or :class:`ReinforcedMutator` (anything with
-            ``propose``/``update``/``state_dict``/``load_state_dict``).
+            ``propose``/``update``/``state_dict``/``load_state_dict``; its ``observe(parent, evaluation,
+            budget_ms, space, actions)``, if any, gives the transitions' states).
         population_size: candidates kept per generation (>= 2).
         parents: best candidates that make children (1 .. population_size - 1); each generation
             makes ``population_size - parents`` children.
@@ -646,9 +858,13 @@ class EvolutionarySearch:
         for _ in range(self.population_size - self.parents):
             parent = parents[int(torch.randint(len(parents), (1,), generator=self.generator))]
             parent_eval = self._evaluation(self.record(parent))
-            state = policy_state(self.space, parent, parent_eval, self.budget_ms)
+            observe = getattr(self.mutator, "observe", None)
             for attempt in range(self.max_retries + 1):
                 actions = [int(a) for a in self.mutator.propose(parent, parent_eval, self.budget_ms, self.space, self.generator)]
+                if callable(observe):
+                    state = observe(parent, parent_eval, self.budget_ms, self.space, actions)
+                else:
+                    state = policy_state(self.space, parent, parent_eval, self.budget_ms)
                 genes = self.space.apply(parent, actions)
                 if genes == parent:
                     child_reward = parent_eval.reward

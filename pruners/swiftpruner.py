@@ -46,7 +46,7 @@ from torch import nn
 from modules.structured import UnitImportance, shrink_structured, taylor_importance, top_unit_masks
 from pruners.base import PrunerConfigError, check_choice, check_positive_int, check_range
 from pruners.distillation import TeacherPruner, kd_loss
-from pruners.evolution import EvolutionarySearch, RandomMutator, ReinforcedMutator, SearchSpace
+from pruners.evolution import GENERIC_ACTION_FEATURES, EvolutionarySearch, RandomMutator, ReinforcedMutator, SearchSpace
 from pruners.latency_table import LatencyTable, measure_model_ms
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,97 @@ def proxy_score(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> floa
     raise ValueError(f"proxy metric {metric!r} is not supported; choose one of {list(PROXY_METRICS)}.")
 
 
+def unit_action_features(
+    space: SearchSpace,
+    predict_ms: Callable[[list[int], list[int]], float],
+    importance: UnitImportance,
+    budget_ms: float,
+) -> Callable[[tuple[int, ...]], torch.Tensor]:
+    """Problem-specific features of every mutation action, for the reinforced mutator (arXiv 2209.00625 Sec. 3).
+
+    For genes ``g`` and action ``a`` (:meth:`SearchSpace.apply` of ``[a]``), row ``a`` is
+
+    * ``mass``: the Taylor importance mass the step adds (> 0) or removes (< 0): the sum of
+      the importance of the units that enter or leave (a candidate keeps each layer's most
+      important units, :func:`modules.structured.top_unit_masks`) divided by the total
+      importance of that kind (heads or neurons) in the whole model;
+    * ``mass / max(|latency change| / budget_ms, 1e-3)``, clipped to [-10, 10]: importance
+      gained per budget fraction of latency added (up) or lost per fraction saved (down, < 0),
+      the latency change by ``predict_ms`` (the lookup table).
+
+    Clamped (no-op) steps get zeros. Pass the result as ``action_feature_fn`` of
+    :class:`~pruners.evolution.ReinforcedMutator` (which adds the generic features, the latency
+    change among them).
+
+    Args:
+        space: the search space (kept counts per choice index).
+        predict_ms: ``(heads_kept, neurons_kept) -> ms``, e.g. :meth:`LatencyTable.predict_ms`.
+        importance: heads (L, A) and neurons (L, I), non-negative (negative values count as 0).
+        budget_ms: the latency budget, ms (> 0).
+
+    Returns:
+        ``genes -> (4L, 2)`` float32 tensor.
+
+    Raises:
+        ValueError: ``budget_ms <= 0``, importance shapes that do not match the space's layers
+            or choices, or an all-zero importance of a kind.
+    """
+    if not budget_ms > 0:
+        raise ValueError(f"budget_ms={budget_ms} must be > 0.")
+    cumulative = []  # per kind: (L, units + 1) kept mass of the top-k units / total of the kind
+    for name, scores, choices in (("heads", importance.heads, space.head_choices), ("neurons", importance.neurons, space.neuron_choices)):
+        scores = torch.as_tensor(scores, dtype=torch.float64).clamp_min(0)
+        if scores.dim() != 2 or scores.shape[0] != space.num_layers or scores.shape[1] < choices[-1]:
+            raise ValueError(
+                f"importance.{name} has shape {tuple(scores.shape)}; expected ({space.num_layers}, >= {choices[-1]})."
+            )
+        total = float(scores.sum())
+        if total <= 0:
+            raise ValueError(f"importance.{name} is all zero; the importance features would be undefined.")
+        top = scores.sort(dim=1, descending=True).values.cumsum(dim=1)
+        cumulative.append(torch.cat([torch.zeros(space.num_layers, 1, dtype=torch.float64), top], dim=1) / total)
+    L = space.num_layers
+
+    def features(genes: tuple[int, ...]) -> torch.Tensor:
+        heads, neurons = space.decode(genes)
+        base = predict_ms(heads, neurons)
+        rows = []
+        for a in range(space.num_actions):
+            child = space.apply(genes, [a])
+            if child == tuple(genes):
+                rows.append([0.0, 0.0])  # clamped step
+                continue
+            g, _ = space.action_gene(a)
+            kind, layer = int(g >= L), g % L
+            choices = space.neuron_choices if kind else space.head_choices
+            before, after = choices[genes[g]], choices[child[g]]
+            ch, cn = space.decode(child)
+            mass = cumulative[kind][layer]
+            dlat = (predict_ms(ch, cn) - base) / budget_ms
+            dmass = float(mass[after] - mass[before])
+            rows.append([dmass, max(min(dmass / max(abs(dlat), 1e-3), 10.0), -10.0)])
+        return torch.tensor(rows, dtype=torch.float32)
+
+    return features
+
+
+def policy_prior() -> list[float]:
+    """Initial weights of the reinforced mutator's linear scorer over its 11 action features.
+
+    The 9 generic features of :func:`pruners.evolution.action_features` then the 2 of
+    :func:`unit_action_features`: +2 for "the step ends within the budget" and +1 for the
+    importance mass per budget fraction of latency, all others 0. Read as a rule: prefer
+    steps that keep the candidate within the budget, and among them those that add the most
+    importance per millisecond added or lose the least per millisecond saved. REINFORCE then
+    adapts all weights from the rewards. Multiplied by ``pruner.policy_prior`` (0: a uniform
+    start, i.e. the random mutator's first proposals).
+    """
+    weights = [0.0] * (GENERIC_ACTION_FEATURES + 2)
+    weights[8] = 2.0  # within budget after the step
+    weights[GENERIC_ACTION_FEATURES + 1] = 1.0  # importance per latency
+    return weights
+
+
 class SwiftPruner(MaskedDistillation):
     """SwiftPruner (arXiv 2209.00625) as a Lightning callback: search, then fine-tune the chosen model.
 
@@ -194,8 +285,11 @@ class SwiftPruner(MaskedDistillation):
             ``each``.
         mutator: ``reinforced`` (policy trained with REINFORCE) or ``random``.
         mutations: actions (layer, heads/FFN, up/down) per child.
-        policy_lr, policy_hidden, entropy_weight: the reinforced mutator's Adam learning
-            rate, hidden width and entropy bonus.
+        policy_lr, policy_hidden, entropy_weight, policy_steps: the reinforced mutator's
+            Adam learning rate, hidden width of its MLP branch (0: a linear scorer), entropy
+            bonus and Adam steps per generation.
+        policy_prior: scale (>= 0) of the reinforced mutator's initial scorer,
+            :func:`policy_prior` (0: start uniform, as the random mutator).
         population_size, parents, generations: the evolution's sizes.
         reward_alpha, reward_beta: exponent w of the reward within / over budget
             (alpha <= 0, beta < 0).
@@ -237,8 +331,10 @@ class SwiftPruner(MaskedDistillation):
         mutator: str = "reinforced",
         mutations: int = 2,
         policy_lr: float = 0.01,
-        policy_hidden: int = 64,
+        policy_hidden: int = 0,
         entropy_weight: float = 0.05,
+        policy_steps: int = 1,
+        policy_prior: float = 1.0,
         population_size: int = 16,
         parents: int = 4,
         generations: int = 10,
@@ -295,7 +391,9 @@ class SwiftPruner(MaskedDistillation):
         self.mutator = check_choice("pruner.mutator", mutator, MUTATORS)
         self.mutations = check_positive_int("pruner.mutations", mutations)
         self.policy_lr = check_range("pruner.policy_lr", policy_lr, 0.0, math.inf, low_open=True)
-        self.policy_hidden = check_positive_int("pruner.policy_hidden", policy_hidden)
+        self.policy_hidden = check_positive_int("pruner.policy_hidden", policy_hidden, minimum=0)
+        self.policy_steps = check_positive_int("pruner.policy_steps", policy_steps)
+        self.policy_prior = check_range("pruner.policy_prior", policy_prior, 0.0, math.inf)
         self.entropy_weight = check_range("pruner.entropy_weight", entropy_weight, 0.0, math.inf)
         self.population_size = check_positive_int("pruner.population_size", population_size, minimum=2)
         self.parents = check_positive_int("pruner.parents", parents)
@@ -445,10 +543,21 @@ class SwiftPruner(MaskedDistillation):
             repeats=self.latency_repeats,
         )
 
-    def build_mutator(self, space: SearchSpace):
-        """The configured mutator (``pruner.mutator``) for ``space``."""
+    def build_mutator(self, space: SearchSpace, table: LatencyTable | None = None, importance: UnitImportance | None = None, budget_ms: float | None = None):
+        """The configured mutator (``pruner.mutator``) for ``space``.
+
+        The reinforced mutator sees the lookup table's latency change of every action
+        (``table``) and the Taylor importance mass it adds or removes (``importance``,
+        :func:`unit_action_features`); its initial scorer is :func:`policy_prior` times
+        ``pruner.policy_prior``. Without ``table``/``importance``/``budget_ms`` it sees only the
+        generic features and starts uniform.
+        """
         if self.mutator == "random":
             return RandomMutator(mutations=self.mutations)
+        informed = table is not None and importance is not None and budget_ms is not None
+        feature_fn = unit_action_features(space, table.predict_ms, importance, budget_ms) if informed else None
+        predict = (lambda genes: table.predict_ms(*space.decode(genes))) if table is not None else None
+        prior = [self.policy_prior * w for w in policy_prior()] if informed and self.policy_prior else None
         return ReinforcedMutator(
             space,
             hidden=self.policy_hidden,
@@ -456,9 +565,13 @@ class SwiftPruner(MaskedDistillation):
             entropy_weight=self.entropy_weight,
             mutations=self.mutations,
             seed=self.search_seed,
+            steps=self.policy_steps,
+            action_feature_fn=feature_fn,
+            predict_ms=predict,
+            initial_weights=prior,
         )
 
-    def run_search(self, model, datamodule) -> dict[str, Any]:
+    def run_search(self, model, datamodule, quality_cache: dict | None = None) -> dict[str, Any]:
         """Importance, lookup table, evolution, direct measurement, choice of the searched and uniform models.
 
         Args:
@@ -466,6 +579,10 @@ class SwiftPruner(MaskedDistillation):
                 (unmasked, full size); it is not modified (copies are masked).
             datamodule: a set-up text data module (its validation split gives the
                 importance and proxy subsets, its train split the recovery batches).
+            quality_cache: genes tuple -> proxy quality, read and filled by this search; pass
+                one dict to several searches of the same model, seed and settings (e.g. both
+                mutators of the benchmark) so that no candidate is scored twice. None: a
+                private cache.
 
         Returns:
             :attr:`result`: budget, dense latency, lookup table, every evaluated candidate
@@ -512,7 +629,7 @@ class SwiftPruner(MaskedDistillation):
                 f"takes {dense_ms:.3f} ms). Set pruner.latency_budget_ms (or pruner.budget_fraction) to at least that."
             )
         quality = self._quality_fn(model, importance, proxy_batches, recovery)
-        qcache: dict[tuple[int, ...], float] = {}
+        qcache: dict[tuple[int, ...], float] = {} if quality_cache is None else quality_cache
 
         def cached_quality(genes: tuple[int, ...]) -> float:
             if genes not in qcache:
@@ -540,7 +657,7 @@ class SwiftPruner(MaskedDistillation):
             space,
             objective,
             budget,
-            self.build_mutator(space),
+            self.build_mutator(space, table, importance, budget),
             population_size=self.population_size,
             parents=self.parents,
             generations=self.generations,

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from pruners.evolution import (
+    GENERIC_ACTION_FEATURES,
     EvolutionarySearch,
     Evaluation,
     RandomMutator,
     ReinforcedMutator,
     SearchSpace,
     Transition,
+    action_features,
     policy_state,
     reward,
 )
@@ -43,7 +45,12 @@ def brute_force_best_feasible() -> float:
 
 
 def make_search(mutator="reinforced", seed=0, generations=4, **kw):
-    m = ReinforcedMutator(SPACE, seed=seed) if mutator == "reinforced" else RandomMutator()
+    if mutator == "informed":  # action features, latency predictor and a prior, as SwiftPruner builds it
+        prior = [0.0] * GENERIC_ACTION_FEATURES + [1.0]
+        prior[8] = 2.0
+        m = ReinforcedMutator(SPACE, seed=seed, action_feature_fn=toy_extra, predict_ms=toy_predict, initial_weights=prior, hidden=4)
+    else:
+        m = ReinforcedMutator(SPACE, seed=seed) if mutator == "reinforced" else RandomMutator()
     return EvolutionarySearch(SPACE, toy_objective, BUDGET, m, generations=generations, seed=seed, **kw)
 
 
@@ -111,43 +118,112 @@ def test_search_space_rejects_bad_genes_and_actions():
 
 
 # -- REINFORCE ------------------------------------------------------------------------------
+def toy_predict(genes):
+    return toy_objective(genes)[1]
+
+
+def toy_extra(genes):
+    """(4L, 1): the toy quality each action adds (the objective's own weights, a perfect importance)."""
+    rows = []
+    for a in range(SPACE.num_actions):
+        child = SPACE.apply(genes, [a])
+        rows.append([toy_objective(child)[0] - toy_objective(genes)[0]])
+    return torch.tensor(rows)
+
+
+def test_action_features_columns():
+    genes = (0, 3, 1, 0, 3, 2)
+    f = action_features(SPACE, genes, 20.0, BUDGET, toy_extra, toy_predict)
+    assert f.shape == (SPACE.num_actions, GENERIC_ACTION_FEATURES + 1) and f.dtype == torch.float32
+    for a in range(SPACE.num_actions):
+        g, d = SPACE.action_gene(a)
+        child = SPACE.apply(genes, [a])
+        kind, direction, position, level, noop, over, dlat, over_after, within_after, extra = f[a].tolist()
+        assert (kind, direction) == (float(g >= 3), float(d))
+        assert position == pytest.approx((g % 3) / 2) and level == pytest.approx(genes[g] / 3)
+        assert noop == float(child == genes)  # gene 0 cannot step down, gene 1 cannot step up
+        assert over == pytest.approx(math.log(20.0 / BUDGET))
+        assert dlat == pytest.approx((toy_predict(child) - toy_predict(genes)) / BUDGET)
+        assert over_after == pytest.approx(math.log((20.0 + toy_predict(child) - toy_predict(genes)) / BUDGET))
+        assert within_after == float(20.0 + toy_predict(child) - toy_predict(genes) <= BUDGET)
+        assert extra == pytest.approx(toy_objective(child)[0] - toy_objective(genes)[0])
+    plain = action_features(SPACE, genes, 20.0, BUDGET)
+    assert plain.shape == (SPACE.num_actions, GENERIC_ACTION_FEATURES) and (plain[:, 6] == 0).all()
+    with pytest.raises(ValueError, match="one row per action"):
+        action_features(SPACE, genes, 20.0, BUDGET, lambda g: torch.zeros(3, 1))
+    with pytest.raises(ValueError, match="finite"):
+        action_features(SPACE, genes, 20.0, BUDGET, lambda g: torch.full((SPACE.num_actions, 1), math.nan))
+
+
 def test_reinforce_raises_rewarded_and_lowers_penalised_action():
     mutator = ReinforcedMutator(SPACE, lr=0.05, entropy_weight=0.0, mutations=1)
-    state = policy_state(SPACE, (1, 2, 1, 0, 3, 2), Evaluation(5.0, 20.0, 3.75), BUDGET)
-    good, bad = 3, 8
-    before_good, before_bad = mutator.log_prob(state, [good]).item(), mutator.log_prob(state, [bad]).item()
+    parent, ev = (1, 2, 1, 0, 3, 2), Evaluation(5.0, 20.0, 3.75)
+    good, bad = 3, 8  # layer 0 FFN up, layer 2 heads down: different features, so the shared scorer can tell them apart
+    s_good, s_bad = (mutator.observe(parent, ev, BUDGET, SPACE, [a]) for a in (good, bad))
+    before_good, before_bad = mutator.log_prob(s_good, [good]).item(), mutator.log_prob(s_bad, [bad]).item()
     assert before_good == pytest.approx(-math.log(SPACE.num_actions))  # uniform initial policy
     for _ in range(5):
-        stats = mutator.update([Transition(state, [good], 3.75, 4.75), Transition(state, [bad], 3.75, 2.75)])
+        stats = mutator.update([Transition(s_good, [good], 3.75, 4.75), Transition(s_bad, [bad], 3.75, 2.75)])
     assert set(stats) >= {"policy_loss", "entropy", "mean_advantage"}
     assert stats["mean_advantage"] == pytest.approx(0.0)
-    assert mutator.log_prob(state, [good]).item() > before_good + 0.1
-    assert mutator.log_prob(state, [bad]).item() < before_bad - 0.1
+    assert mutator.log_prob(s_good, [good]).item() > before_good + 0.1
+    assert mutator.log_prob(s_bad, [bad]).item() < before_bad - 0.1
     assert mutator.update([]) == {}
 
 
-def test_log_prob_matches_sampling_without_replacement():
+def test_more_adam_steps_per_update_move_the_policy_further():
+    parent, ev = (1, 2, 1, 0, 3, 2), Evaluation(5.0, 20.0, 3.75)
+    gains = []
+    for steps in (1, 3):
+        mutator = ReinforcedMutator(SPACE, lr=0.05, entropy_weight=0.0, mutations=1, steps=steps)
+        s_good, s_bad = (mutator.observe(parent, ev, BUDGET, SPACE, [a]) for a in (3, 8))
+        mutator.update([Transition(s_good, [3], 3.75, 4.75), Transition(s_bad, [8], 3.75, 2.75)])
+        gains.append(mutator.log_prob(s_good, [3]).item() + math.log(SPACE.num_actions))
+    assert 0 < gains[0] < gains[1]
+    with pytest.raises(ValueError, match="steps"):
+        ReinforcedMutator(SPACE, steps=0)
+
+
+def test_log_prob_matches_sequential_sampling_without_replacement():
     space = SearchSpace(1, (0, 1, 2), (0, 1, 2))  # 4 actions
-    mutator = ReinforcedMutator(space, mutations=2)
-    with torch.no_grad():
-        mutator.policy[2].bias.copy_(torch.tensor([2.0, 0.0, -1.0, 0.5]))
-    state = policy_state(space, (1, 1), Evaluation(0.5, 1.0, 0.5), 1.0)
+    mutator = ReinforcedMutator(space, mutations=2, initial_weights=[0.5, 1.0, 0.0, 2.0, -1.0, 0.0, 0.0, 0.0, 0.0])
+    parent, ev = (1, 0), Evaluation(0.5, 1.0, 0.5)
     pairs = list(itertools.permutations(range(4), 2))
-    probs = {p: mutator.log_prob(state, p).exp().item() for p in pairs}
+    probs = {p: mutator.log_prob(mutator.observe(parent, ev, 1.0, space, p), p).exp().item() for p in pairs}
     assert sum(probs.values()) == pytest.approx(1.0, abs=1e-6)
+    assert len({round(v, 6) for v in probs.values()}) > 1  # not uniform
     g = torch.Generator().manual_seed(0)
     n = 4000
     counts = dict.fromkeys(pairs, 0)
     for _ in range(n):
-        counts[tuple(mutator.propose((1, 1), Evaluation(0.5, 1.0, 0.5), 1.0, space, g))] += 1
+        counts[tuple(mutator.propose(parent, ev, 1.0, space, g))] += 1
     for p in pairs:
         assert counts[p] / n == pytest.approx(probs[p], abs=0.03)
     with pytest.raises(ValueError, match="repeat"):
-        mutator.log_prob(state, [1, 1])
+        mutator.log_prob(mutator.observe(parent, ev, 1.0, space, [1, 1]), [1, 1])
+    with pytest.raises(ValueError, match="initial_weights"):
+        ReinforcedMutator(space, initial_weights=[1.0, 2.0])
+
+
+def test_prior_weights_steer_proposals_within_the_budget():
+    # weight +5 on "the step ends within the budget": from a parent at the budget, proposals keep it
+    parent = (1, 1, 1, 1, 1, 1)
+    q, lat = toy_objective(parent)
+    budget = lat + 0.5
+    ev = Evaluation(q, lat, reward(q, lat, budget))
+    weights = [0.0] * GENERIC_ACTION_FEATURES
+    weights[8] = 5.0
+    g = torch.Generator().manual_seed(0)
+    counts = {}
+    for name, w in (("prior", weights), ("uniform", None)):
+        mutator = ReinforcedMutator(SPACE, mutations=1, predict_ms=toy_predict, initial_weights=w)
+        within = sum(toy_predict(SPACE.apply(parent, mutator.propose(parent, ev, budget, SPACE, g))) <= budget for _ in range(300))
+        counts[name] = within / 300
+    assert counts["prior"] > 0.9 and counts["uniform"] < 0.7
 
 
 # -- evolution ------------------------------------------------------------------------------
-@pytest.mark.parametrize("mutator", ["random", "reinforced"])
+@pytest.mark.parametrize("mutator", ["random", "reinforced", "informed"])
 def test_evolution_finds_the_brute_force_optimum(mutator):
     best = brute_force_best_feasible()
     search = make_search(mutator, seed=0, generations=12).run()
@@ -195,22 +271,24 @@ def test_cached_children_cost_no_evaluation():
     assert search.best()["genes"] == [0, 1] and search.best(feasible_only=False)["genes"] == [1, 1]
 
 
-def test_same_seed_same_history_and_other_seed_differs():
-    a = make_search(seed=3).run()
-    b = make_search(seed=3).run()
-    c = make_search(seed=4).run()
+@pytest.mark.parametrize("mutator", ["reinforced", "informed"])
+def test_same_seed_same_history_and_other_seed_differs(mutator):
+    a = make_search(mutator, seed=3).run()
+    b = make_search(mutator, seed=3).run()
+    c = make_search(mutator, seed=4).run()
     assert a.history == b.history and a.population == b.population
     assert a.history != c.history
 
 
-def test_state_round_trip_resumes_bit_for_bit(tmp_path):
-    full = make_search(generations=4).run()
-    first = make_search(generations=4)
+@pytest.mark.parametrize("mutator", ["reinforced", "informed"])
+def test_state_round_trip_resumes_bit_for_bit(tmp_path, mutator):
+    full = make_search(mutator, generations=4).run()
+    first = make_search(mutator, generations=4)
     for _ in range(3):  # generation 0 and two more
         first.step()
     path = tmp_path / "search.pt"
     torch.save(first.state_dict(), path)
-    resumed = make_search(generations=4)
+    resumed = make_search(mutator, generations=4)
     resumed.load_state_dict(torch.load(path, weights_only=True))
     assert resumed.completed_generations == 3
     resumed.run()

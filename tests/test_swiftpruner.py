@@ -15,7 +15,9 @@ from modules.bert_classifier import BertClassifier
 from pipelines.common import build
 from pipelines.text import evaluate_test_split
 from pruners.base import PrunerConfigError
-from pruners.swiftpruner import SwiftPruner, proxy_score
+from modules.structured import UnitImportance
+from pruners.evolution import GENERIC_ACTION_FEATURES, ReinforcedMutator, SearchSpace
+from pruners.swiftpruner import SwiftPruner, policy_prior, proxy_score, unit_action_features
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -101,6 +103,64 @@ def test_search_is_reproducible_for_a_seed(tiny_setup, tmp_path):
     assert strip(runs[0]) == strip(runs[1])
 
 
+def test_a_shared_quality_cache_scores_each_candidate_once_across_searches(tiny_setup, monkeypatch):
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model
+    scored = []
+    original = SwiftPruner._quality_fn
+
+    def counting(self, *args):
+        quality = original(self, *args)
+
+        def wrapped(space, genes):
+            scored.append(genes)
+            return quality(space, genes)
+
+        return wrapped
+
+    monkeypatch.setattr(SwiftPruner, "_quality_fn", counting)
+    cache: dict = {}
+    results, scored_by = [], []
+    for m in ("random", "reinforced"):
+        before = len(scored)
+        results.append(_pruner(teacher_ckpt, latency_budget_ms=1e6, search_seed=1, mutator=m).run_search(model, dm, quality_cache=cache))
+        scored_by.append(set(scored[before:]))
+    assert len(scored) == len(set(scored)) == len(cache)  # nothing scored twice
+    gen0 = [tuple(c["genes"]) for c in results[1]["candidates"] if c["generation"] == 0]
+    assert gen0 == [tuple(c["genes"]) for c in results[0]["candidates"] if c["generation"] == 0]
+    assert not scored_by[1] & set(gen0)  # the second search scored none of the shared generation 0
+    for r in results:
+        for c in r["candidates"]:
+            assert c["quality"] == cache[tuple(c["genes"])]
+
+
+def test_unit_action_features_latency_change_and_importance_mass():
+    space = SearchSpace(2, (0, 1, 2), (0, 2, 4))
+    importance = UnitImportance(torch.tensor([[3.0, 1.0], [0.0, 4.0]]), torch.tensor([[1.0, 1.0, 1.0, 5.0], [2.0, 0.0, 0.0, 0.0]]))
+    # latency: 1 ms per kept head, 0.5 ms per kept neuron
+    predict = lambda heads, neurons: 1.0 + sum(heads) + 0.5 * sum(neurons)  # noqa: E731
+    fn = unit_action_features(space, predict, importance, budget_ms=10.0)
+    genes = (1, 0, 1, 2)  # layer 0: 1 head, 2 neurons; layer 1: 0 heads, 4 neurons
+    f = fn(genes)
+    assert f.shape == (space.num_actions, 2)
+    # action 1: layer 0 heads up (1 -> 2): adds the second head of layer 0 (importance 1 of 8 head mass), +1 ms
+    assert f[1].tolist() == pytest.approx([1 / 8, min((1 / 8) / 0.1, 10.0)])
+    # action 2: layer 0 FFN down (2 -> 0 neurons): removes the two best neurons of layer 0 (5 + 1 of 10), -1 ms
+    assert f[2].tolist() == pytest.approx([-6 / 10, -6.0])
+    # action 4: layer 1 heads down from 0: clamped, zeros
+    assert f[4].tolist() == [0.0, 0.0]
+    # action 7: layer 1 FFN up from the top: clamped
+    assert f[7].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="shape"):
+        unit_action_features(space, predict, UnitImportance(torch.ones(3, 2), torch.ones(2, 4)), 10.0)
+    with pytest.raises(ValueError, match="all zero"):
+        unit_action_features(space, predict, UnitImportance(torch.zeros(2, 2), torch.ones(2, 4)), 10.0)
+    # the prior fits the mutator's features
+    mutator = ReinforcedMutator(space, action_feature_fn=fn, initial_weights=policy_prior())
+    assert mutator.num_features == len(policy_prior()) == GENERIC_ACTION_FEATURES + 2
+
+
 def test_budget_below_the_smallest_latency_is_a_config_error_naming_it(tiny_setup):
     dm, teacher_ckpt, _ = tiny_setup
     dm.setup("fit")
@@ -176,6 +236,9 @@ def test_a_saved_latency_table_is_reused_and_a_mismatched_one_is_a_clear_error(t
         {"ffn_fractions": [0.5, 1.5]},
         {"head_choices": []},
         {"reward_beta": 0.5},
+        {"policy_steps": 0},
+        {"policy_prior": -1.0},
+        {"policy_hidden": -1},
     ],
 )
 def test_bad_settings_are_config_errors(setting):
