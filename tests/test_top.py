@@ -14,6 +14,7 @@ from pruners.top import (
     ToPPruner,
     TokenGates,
     arp2_loss,
+    default_pruning_layers,
     deterministic_kept_lengths,
     expected_macs,
     expected_macs_dense,
@@ -170,6 +171,14 @@ def test_bad_settings_are_config_errors_naming_the_setting(kwargs, setting):
 def test_pruning_layer_zero_is_rejected():
     with pytest.raises(PrunerConfigError, match="pruning_layers"):
         TokenGates(4, [0, 1])
+
+
+def test_default_pruning_layers_follow_top_and_leave_layers_0_and_1_whole():
+    assert default_pruning_layers(12) == list(range(2, 12))  # ToP's layers 2-11 of BERT-base
+    assert default_pruning_layers(6) == [2, 3, 4, 5]
+    assert default_pruning_layers(2) == [1]  # the only layer with scores before it
+    with pytest.raises(PrunerConfigError, match="at least 2 encoder layers"):
+        default_pruning_layers(1)
 
 
 def test_pruner_state_round_trip():
