@@ -246,19 +246,25 @@ def unit_action_features(
     return features
 
 
-def policy_prior() -> list[float]:
-    """Initial weights of the reinforced mutator's linear scorer over its 11 action features.
+#: prior weight against the log excess over the budget after a step (-50 x 0.02 = -1 for 2% over)
+EXCESS_WEIGHT = 50.0
 
-    The 9 generic features of :func:`pruners.evolution.action_features` then the 2 of
-    :func:`unit_action_features`: +2 for "the step ends within the budget" and +1 for the
-    importance mass per budget fraction of latency, all others 0. Read as a rule: prefer
-    steps that keep the candidate within the budget, and among them those that add the most
-    importance per millisecond added or lose the least per millisecond saved. REINFORCE then
-    adapts all weights from the rewards. Multiplied by ``pruner.policy_prior`` (0: a uniform
+
+def policy_prior() -> list[float]:
+    """Initial weights of the reinforced mutator's linear scorer over its 12 action features.
+
+    The 10 generic features of :func:`pruners.evolution.action_features` then the 2 of
+    :func:`unit_action_features`: +2 for "the step ends within the budget",
+    ``-EXCESS_WEIGHT`` (-50) for the log excess over the budget after the step, +1 for the
+    importance mass per budget fraction of latency, all others 0. Read as a rule: over the
+    budget, prefer the steps that cut the excess most; within it, those that stay within;
+    among those, the steps that add the most importance per millisecond added or lose the
+    least per millisecond saved. REINFORCE then adapts all weights from the rewards. Multiplied by ``pruner.policy_prior`` (0: a uniform
     start, i.e. the random mutator's first proposals).
     """
     weights = [0.0] * (GENERIC_ACTION_FEATURES + 2)
     weights[8] = 2.0  # within budget after the step
+    weights[9] = -EXCESS_WEIGHT  # log excess over the budget after the step
     weights[GENERIC_ACTION_FEATURES + 1] = 1.0  # importance per latency
     return weights
 

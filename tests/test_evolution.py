@@ -138,7 +138,7 @@ def test_action_features_columns():
     for a in range(SPACE.num_actions):
         g, d = SPACE.action_gene(a)
         child = SPACE.apply(genes, [a])
-        kind, direction, position, level, noop, over, dlat, over_after, within_after, extra = f[a].tolist()
+        kind, direction, position, level, noop, over, dlat, over_after, within_after, excess, extra = f[a].tolist()
         assert (kind, direction) == (float(g >= 3), float(d))
         assert position == pytest.approx((g % 3) / 2) and level == pytest.approx(genes[g] / 3)
         assert noop == float(child == genes)  # gene 0 cannot step down, gene 1 cannot step up
@@ -146,6 +146,7 @@ def test_action_features_columns():
         assert dlat == pytest.approx((toy_predict(child) - toy_predict(genes)) / BUDGET)
         assert over_after == pytest.approx(math.log((20.0 + toy_predict(child) - toy_predict(genes)) / BUDGET))
         assert within_after == float(20.0 + toy_predict(child) - toy_predict(genes) <= BUDGET)
+        assert excess == pytest.approx(max(over_after, 0.0))
         assert extra == pytest.approx(toy_objective(child)[0] - toy_objective(genes)[0])
     plain = action_features(SPACE, genes, 20.0, BUDGET)
     assert plain.shape == (SPACE.num_actions, GENERIC_ACTION_FEATURES) and (plain[:, 6] == 0).all()
@@ -186,7 +187,7 @@ def test_more_adam_steps_per_update_move_the_policy_further():
 
 def test_log_prob_matches_sequential_sampling_without_replacement():
     space = SearchSpace(1, (0, 1, 2), (0, 1, 2))  # 4 actions
-    mutator = ReinforcedMutator(space, mutations=2, initial_weights=[0.5, 1.0, 0.0, 2.0, -1.0, 0.0, 0.0, 0.0, 0.0])
+    mutator = ReinforcedMutator(space, mutations=2, initial_weights=[0.5, 1.0, 0.0, 2.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     parent, ev = (1, 0), Evaluation(0.5, 1.0, 0.5)
     pairs = list(itertools.permutations(range(4), 2))
     probs = {p: mutator.log_prob(mutator.observe(parent, ev, 1.0, space, p), p).exp().item() for p in pairs}
