@@ -63,6 +63,7 @@ __all__ = [
     "Transition",
     "policy_state",
     "action_features",
+    "GENERIC_ACTION_FEATURE_NAMES",
     "RandomMutator",
     "ReinforcedMutator",
     "EvolutionarySearch",
@@ -305,8 +306,21 @@ def policy_state(space: SearchSpace, genes: Sequence[int], evaluation: Evaluatio
     return torch.cat([space.features(genes), extra])
 
 
+#: names of the generic per-action features of :func:`action_features`, in column order
+GENERIC_ACTION_FEATURE_NAMES = (
+    "kind",
+    "direction",
+    "layer_position",
+    "level",
+    "no_op",
+    "over_budget",
+    "latency_change",
+    "over_budget_after",
+    "within_budget_after",
+    "excess_after",
+)
 #: number of generic per-action features of :func:`action_features`
-GENERIC_ACTION_FEATURES = 10
+GENERIC_ACTION_FEATURES = len(GENERIC_ACTION_FEATURE_NAMES)
 
 
 def action_features(
@@ -327,6 +341,7 @@ def action_features(
     / budget_ms``, ``over`` after the step, 1 if the step ends within the budget (else 0), and
     the excess after the step, ``max(over after, 0)``.
     Without ``predict_ms`` the change is 0 and the latency after the step is ``latency_ms``.
+    The columns' names, in order, are :data:`GENERIC_ACTION_FEATURE_NAMES`.
     Then the ``K`` columns of ``extra(genes)``, the problem's own per-action features (e.g.
     the importance mass a step adds or removes).
 

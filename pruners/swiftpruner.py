@@ -46,7 +46,7 @@ from torch import nn
 from modules.structured import UnitImportance, shrink_structured, taylor_importance, top_unit_masks
 from pruners.base import PrunerConfigError, check_choice, check_positive_int, check_range
 from pruners.distillation import TeacherPruner, kd_loss
-from pruners.evolution import GENERIC_ACTION_FEATURES, EvolutionarySearch, RandomMutator, ReinforcedMutator, SearchSpace
+from pruners.evolution import GENERIC_ACTION_FEATURE_NAMES, GENERIC_ACTION_FEATURES, EvolutionarySearch, RandomMutator, ReinforcedMutator, SearchSpace
 from pruners.latency_table import LatencyTable, measure_model_ms
 
 log = logging.getLogger(__name__)
@@ -263,8 +263,8 @@ def policy_prior() -> list[float]:
     start, i.e. the random mutator's first proposals).
     """
     weights = [0.0] * (GENERIC_ACTION_FEATURES + 2)
-    weights[8] = 2.0  # within budget after the step
-    weights[9] = -EXCESS_WEIGHT  # log excess over the budget after the step
+    weights[GENERIC_ACTION_FEATURE_NAMES.index("within_budget_after")] = 2.0
+    weights[GENERIC_ACTION_FEATURE_NAMES.index("excess_after")] = -EXCESS_WEIGHT  # log excess over the budget
     weights[GENERIC_ACTION_FEATURES + 1] = 1.0  # importance per latency
     return weights
 

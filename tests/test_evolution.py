@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pruners.evolution import (
+    GENERIC_ACTION_FEATURE_NAMES,
     GENERIC_ACTION_FEATURES,
     EvolutionarySearch,
     Evaluation,
@@ -149,7 +150,7 @@ def test_action_features_columns():
         assert excess == pytest.approx(max(over_after, 0.0))
         assert extra == pytest.approx(toy_objective(child)[0] - toy_objective(genes)[0])
     plain = action_features(SPACE, genes, 20.0, BUDGET)
-    assert plain.shape == (SPACE.num_actions, GENERIC_ACTION_FEATURES) and (plain[:, 6] == 0).all()
+    assert plain.shape == (SPACE.num_actions, GENERIC_ACTION_FEATURES) and (plain[:, GENERIC_ACTION_FEATURE_NAMES.index("latency_change")] == 0).all()
     with pytest.raises(ValueError, match="one row per action"):
         action_features(SPACE, genes, 20.0, BUDGET, lambda g: torch.zeros(3, 1))
     with pytest.raises(ValueError, match="finite"):
@@ -213,7 +214,7 @@ def test_prior_weights_steer_proposals_within_the_budget():
     budget = lat + 0.5
     ev = Evaluation(q, lat, reward(q, lat, budget))
     weights = [0.0] * GENERIC_ACTION_FEATURES
-    weights[8] = 5.0
+    weights[GENERIC_ACTION_FEATURE_NAMES.index("within_budget_after")] = 5.0
     g = torch.Generator().manual_seed(0)
     counts = {}
     for name, w in (("prior", weights), ("uniform", None)):
