@@ -15,8 +15,9 @@ generation 0), budget and lookup table (``pruner.latency_table``). Figures:
 
 1. the chosen model's measured latency against the budget (must be within);
 2. test accuracy of the searched minus the uniform model (mean over seeds);
-3. best reward so far against candidate evaluations for both mutators, and the
-   evaluations the reinforced mutator needs to reach the random mutator's best reward.
+3. best reward so far against candidate evaluations for both mutators, the evaluations
+   the reinforced mutator needs to reach the random mutator's best reward per seed, and
+   the same for the mean curves over seeds (``mean_curves``).
 
 Writes ``<out>.json`` and ``<out>_curves.png``; each run's folder keeps its results.json,
 search_history.json and search_pareto.png.
@@ -85,6 +86,25 @@ def evaluations_to_reach(curve: list[float], target: float) -> int | None:
     return None
 
 
+def mean_curve_comparison(curves: dict[str, list[list[float]]]) -> dict:
+    """The mutators' mean best-reward-so-far curves over seeds, compared.
+
+    ``curves[name][i]`` is seed ``i``'s curve (one value per candidate evaluation), for
+    ``name`` in ``reinforced`` and ``random``; curves are cut to the shortest. Returns the mean
+    final best reward of each, the evaluations each mean curve needs to reach the random
+    mean curve's final value, and at how many evaluations the reinforced mean is >= the random one.
+    """
+    n = min(len(c) for runs in curves.values() for c in runs)
+    mean = {k: [statistics.mean(c[i] for c in curves[k]) for i in range(n)] for k in ("reinforced", "random")}
+    target = mean["random"][-1]
+    return {
+        "mean_final_best_reward": {k: v[-1] for k, v in mean.items()},
+        "evaluations_to_random_mean_final_best": {k: evaluations_to_reach(v, target) for k, v in mean.items()},
+        "evaluations_reinforced_mean_at_or_above_random": sum(a >= b - 1e-12 for a, b in zip(mean["reinforced"], mean["random"])),
+        "evaluations": n,
+    }
+
+
 def plot_curves(curves: dict[str, list[list[float]]], path: Path) -> None:
     """Mean best-reward-so-far curve of each mutator over seeds (thin lines: single seeds)."""
     import matplotlib
@@ -135,6 +155,7 @@ def summarise_mutators(curves: dict[str, list[list[float]]], seeds: list[int]) -
             "reinforced (never = inf)": statistics.median([x["reinforced"] or math.inf for x in reach]),
             "random": statistics.median(x["random"] for x in reach)},
         "mean_final_best_reward": {k: statistics.mean(c[-1] for c in curves[k]) for k in ("reinforced", "random")},
+        "mean_curves": mean_curve_comparison(curves),
         "per_seed": per_seed,
     }
 
@@ -173,6 +194,26 @@ def toy_problem(seed: int, table, importance_noise: float = 0.5, quality_noise: 
     return space, objective, budget, estimate
 
 
+def paired_comparison(a: list[list[float]], b: list[list[float]], random: list[list[float]]) -> dict:
+    """Variant ``a`` against ``b`` seed by seed (same seeds, same order): which reaches the
+    random mutator's final best reward sooner, which ends with the higher best reward, and
+    the mean difference of final best rewards (``a - b``, reward units) with its standard error."""
+    sooner = later = 0
+    for ca, cb, cr in zip(a, b, random):
+        ea, eb = (evaluations_to_reach(c, cr[-1]) or math.inf for c in (ca, cb))
+        sooner, later = sooner + (ea < eb), later + (ea > eb)
+    diffs = [ca[-1] - cb[-1] for ca, cb in zip(a, b)]
+    return {
+        "seeds": len(diffs),
+        "a_sooner_to_random_best": sooner,
+        "a_later_to_random_best": later,
+        "a_higher_final_best": sum(d > 1e-12 for d in diffs),
+        "a_lower_final_best": sum(d < -1e-12 for d in diffs),
+        "mean_final_best_difference": statistics.mean(diffs),
+        "standard_error": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None,
+    }
+
+
 def toy_study(args) -> None:
     """Reinforced vs random mutator on :func:`toy_problem`, many seeds; writes ``<out>_toy.json``."""
     from pruners.evolution import EvolutionarySearch, RandomMutator
@@ -195,8 +236,9 @@ def toy_study(args) -> None:
         space, objective, budget, _ = toy_problem(seed, table)
         random_curves.append(EvolutionarySearch(space, objective, budget, RandomMutator(), generations=args.toy_generations,
                                                 seed=seed).run().best_reward_curve())
+    all_curves: dict[str, list[list[float]]] = {}
     for name, overrides in variants.items():
-        curves = []
+        curves = all_curves[name] = []
         for seed in seeds:
             space, objective, budget, estimate = toy_problem(seed, table)
             pruner = SwiftPruner(search_seed=seed, **overrides)
@@ -207,6 +249,9 @@ def toy_study(args) -> None:
         summary.pop("per_seed")
         out["variants"][name] = summary
         print(name, json.dumps(summary), flush=True)
+    names = list(variants)
+    out["learning_vs_prior_only"] = paired_comparison(all_curves[names[0]], all_curves[names[1]], random_curves)
+    print("learning vs prior only", json.dumps(out["learning_vs_prior_only"]), flush=True)
     Path(f"{args.out}_toy.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
@@ -374,6 +419,7 @@ def main() -> None:
         "reinforced_reached_random_best_in_fewer_evaluations": sum(
             1 for x in reach if x["reinforced"] is not None and x["reinforced"] < x["random"]
         ),
+        "mean_curves": mean_curve_comparison(curves),
         "mean_predictor_error_abs_pct": mean([p["predictor_error_mean_abs_pct"] for p in per_seed]),
         "mean_two_anchor_predictor_error_abs_pct": mean(
             [p["two_anchor_predictor_error_mean_abs_pct"] for p in per_seed if p["two_anchor_predictor_error_mean_abs_pct"] is not None]

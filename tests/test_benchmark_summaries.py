@@ -1,0 +1,50 @@
+"""Known-value tests of the SwiftPruner benchmark's curve summaries (benchmarks/swiftpruner_search.py)."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "swiftpruner_search", Path(__file__).resolve().parents[1] / "benchmarks" / "swiftpruner_search.py"
+)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_evaluations_to_reach_is_one_based_and_none_when_never():
+    assert bench.evaluations_to_reach([0.1, 0.5, 0.7], 0.5) == 2
+    assert bench.evaluations_to_reach([0.1, 0.5, 0.7], 0.8) is None
+
+
+def test_mean_curve_comparison_known_values():
+    curves = {
+        "reinforced": [[0.2, 0.6, 0.6, 0.9], [0.4, 0.4, 0.8, 0.8]],  # mean 0.3, 0.5, 0.7, 0.85
+        "random": [[0.2, 0.2, 0.6, 0.6], [0.4, 0.6, 0.6, 0.8]],  # mean 0.3, 0.4, 0.6, 0.7
+    }
+    out = bench.mean_curve_comparison(curves)
+    assert out["mean_final_best_reward"] == pytest.approx({"reinforced": 0.85, "random": 0.7})
+    assert out["evaluations_to_random_mean_final_best"] == {"reinforced": 3, "random": 4}
+    assert out["evaluations_reinforced_mean_at_or_above_random"] == 4
+    assert out["evaluations"] == 4
+
+
+def test_mean_curve_comparison_cuts_to_the_shortest_curve():
+    curves = {"reinforced": [[0.1, 0.2, 0.9], [0.1, 0.2]], "random": [[0.3, 0.3, 0.3], [0.3, 0.3, 0.3]]}
+    out = bench.mean_curve_comparison(curves)
+    assert out["evaluations"] == 2
+    assert out["evaluations_to_random_mean_final_best"] == {"reinforced": None, "random": 1}
+    assert out["evaluations_reinforced_mean_at_or_above_random"] == 0
+
+
+def test_paired_comparison_counts_and_mean_difference():
+    random = [[0.5, 0.6], [0.5, 0.7], [0.5, 0.5]]
+    a = [[0.6, 0.7], [0.5, 0.6], [0.5, 0.5]]  # sooner, never (later), tie
+    b = [[0.5, 0.6], [0.7, 0.7], [0.5, 0.5]]
+    out = bench.paired_comparison(a, b, random)
+    assert (out["a_sooner_to_random_best"], out["a_later_to_random_best"]) == (1, 1)
+    assert (out["a_higher_final_best"], out["a_lower_final_best"]) == (1, 1)
+    diffs = [0.1, -0.1, 0.0]
+    assert out["mean_final_best_difference"] == pytest.approx(0.0)
+    assert out["standard_error"] == pytest.approx(math.sqrt(sum(d * d for d in diffs) / 2) / math.sqrt(3))
