@@ -287,3 +287,36 @@ def test_swiftpruner_job_on_a_slice_writes_search_uniform_and_reloads(tmp_path):
     datamodule.setup("test")
     again = evaluate_test_split(cfg, reloaded, datamodule)
     assert again["accuracy"] == pytest.approx(results["pruned"]["metrics"]["accuracy"])
+
+
+def test_proxy_recovery_steps_train_a_fresh_copy_per_candidate(tiny_setup, monkeypatch):
+    """``proxy_recovery_steps``: each candidate is scored after that many training steps on a
+    train subset, always starting from the dense weights (nothing accumulates across candidates
+    and the dense model is untouched)."""
+    import pruners.swiftpruner as sp
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model.eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    monkeypatch.setattr(sp, "proxy_score", lambda logits, labels, metric: seen.append(logits.clone()) or float(len(seen)))
+
+    def scorer(steps):
+        pruner = _pruner(teacher_ckpt, proxy_recovery_steps=steps, search_seed=3)
+        space = pruner._space(model)
+        imp, proxy, recovery = pruner._subsets(dm)
+        assert len(recovery) == steps and all(len(b["labels"]) == dm.batch_size for b in recovery)
+        return space, pruner._quality_fn(model, sp.taylor_importance(model, imp), proxy, recovery)
+
+    space, plain = scorer(0)
+    genes = space.uniform(1, 1)
+    plain(space, genes)
+    _, recovered = scorer(2)
+    recovered(space, genes)
+    recovered(space, space.uniform(2, 2))  # another candidate in between
+    recovered(space, genes)
+    assert not torch.allclose(seen[0], seen[1])  # the recovery steps changed the scored model
+    torch.testing.assert_close(seen[1], seen[3])  # and started from the dense weights both times
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, dense[k])
