@@ -86,6 +86,11 @@ def evaluations_to_reach(curve: list[float], target: float) -> int | None:
     return None
 
 
+def mean_curve(runs: list[list[float]]) -> list[float]:
+    """Mean over seeds of best-reward-so-far curves, cut to the shortest."""
+    return [statistics.mean(c[i] for c in runs) for i in range(min(len(c) for c in runs))]
+
+
 def mean_curve_comparison(curves: dict[str, list[list[float]]]) -> dict:
     """The mutators' mean best-reward-so-far curves over seeds, compared.
 
@@ -95,7 +100,7 @@ def mean_curve_comparison(curves: dict[str, list[list[float]]]) -> dict:
     mean curve's final value, and at how many evaluations the reinforced mean is >= the random one.
     """
     n = min(len(c) for runs in curves.values() for c in runs)
-    mean = {k: [statistics.mean(c[i] for c in curves[k]) for i in range(n)] for k in ("reinforced", "random")}
+    mean = {k: mean_curve(curves[k])[:n] for k in ("reinforced", "random")}
     target = mean["random"][-1]
     return {
         "mean_final_best_reward": {k: v[-1] for k, v in mean.items()},
@@ -114,11 +119,10 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for (name, runs), color in zip(curves.items(), ("tab:red", "tab:blue")):
-        n = min(len(c) for c in runs)
         for c in runs:
             ax.plot(range(1, len(c) + 1), c, color=color, lw=0.6, alpha=0.4)
-        ax.plot(range(1, n + 1), [statistics.mean(c[i] for c in runs) for i in range(n)], color=color, lw=2,
-                label=f"{name} mutator (mean of {len(runs)} seeds)")
+        mean = mean_curve(runs)
+        ax.plot(range(1, len(mean) + 1), mean, color=color, lw=2, label=f"{name} mutator (mean of {len(runs)} seeds)")
     ax.set_xlabel("candidate evaluations")
     ax.set_ylabel("best reward so far")
     ax.set_title("SwiftPruner: reinforced vs random mutator")
