@@ -34,6 +34,7 @@ import copy
 import json
 import logging
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -308,6 +309,13 @@ class SwiftPruner(MaskedDistillation):
         calibration_models: random configurations whose shrunk models are measured
             directly before the search to refit the lookup table's scale and fixed part
             by least squares (:meth:`LatencyTable.refit`); 0 keeps the two-anchor fit.
+        verify_rounds: the chosen and the uniform candidate are re-measured this many times
+            (each a median over ``latency_repeats`` forwards) before they are accepted; the
+            median of the rounds must be within budget, else the next candidate by proxy
+            quality is tried. Picking the best of many candidates each timed once favours
+            those whose timing happened to come out low (on this machine one model's
+            batch-1 timings vary by +-30% over minutes), so the pick is checked by timings
+            independent of it. 0 accepts the single search-time timing.
         latency_table: path of a ``latency_table.json`` written by an earlier run on this
             machine (same choices and shape) to reuse instead of measuring; None
             measures. Two searches with one table rank candidates by the same predictions
@@ -352,6 +360,7 @@ class SwiftPruner(MaskedDistillation):
         proxy_batch_size: int = 64,
         proxy_recovery_steps: int = 0,
         calibration_models: int = 16,
+        verify_rounds: int = 5,
         latency_table: str | None = None,
         search_seed: int = 0,
         search_only: bool = False,
@@ -416,6 +425,7 @@ class SwiftPruner(MaskedDistillation):
         self.proxy_batch_size = check_positive_int("pruner.proxy_batch_size", proxy_batch_size)
         self.proxy_recovery_steps = check_positive_int("pruner.proxy_recovery_steps", proxy_recovery_steps, minimum=0)
         self.calibration_models = check_positive_int("pruner.calibration_models", calibration_models, minimum=0)
+        self.verify_rounds = check_positive_int("pruner.verify_rounds", verify_rounds, minimum=0)
         self.latency_table = None if latency_table is None else str(latency_table)
         self.search_seed = int(search_seed)
         self.search_only = bool(search_only)
@@ -534,6 +544,34 @@ class SwiftPruner(MaskedDistillation):
         )
         return refit
 
+    def _verified_best(self, candidates: list[dict], work, importance: UnitImportance, space: SearchSpace, budget: float) -> tuple[dict | None, list[dict]]:
+        """The best of ``candidates`` by proxy quality (then lower timing) whose re-measured latency is within ``budget``.
+
+        Candidates (dicts with ``genes``, ``quality``, ``measured_ms``) are tried in that order;
+        each is timed ``verify_rounds`` more times (:meth:`_measure`) and accepted if the median
+        (``verified_ms``, ms, stored in the dict with the rounds in ``verify_rounds_ms``) is
+        within budget. With ``verify_rounds`` 0 the first is accepted as it is.
+
+        Returns:
+            (the accepted candidate or None, the rejected ones: genes, heads, FFN neurons,
+            measured and verified ms).
+        """
+        rejected = []
+        for cand in sorted(candidates, key=lambda r: (-r["quality"], r["measured_ms"])):
+            if not self.verify_rounds:
+                return cand, rejected
+            rounds = [self._measure(work, importance, space, cand["genes"]) for _ in range(self.verify_rounds)]
+            cand["verify_rounds_ms"] = rounds
+            cand["verified_ms"] = statistics.median(rounds)
+            if cand["verified_ms"] <= budget:
+                return cand, rejected
+            log.info(
+                "SwiftPruner: heads %s, FFN neurons %s timed %.3f ms in the search but %.3f ms re-measured (budget %.3f ms); "
+                "trying the next candidate", cand["heads"], cand["ffn_neurons"], cand["measured_ms"], cand["verified_ms"], budget,
+            )
+            rejected.append({k: cand[k] for k in ("genes", "heads", "ffn_neurons", "quality", "measured_ms", "verified_ms")})
+        return None, rejected
+
     def _measure(self, work, importance: UnitImportance, space: SearchSpace, genes) -> float:
         """Direct latency (ms) of the candidate's physically shrunk model at the budget's shape.
 
@@ -597,8 +635,9 @@ class SwiftPruner(MaskedDistillation):
 
         Raises:
             PrunerConfigError: the budget is below the smallest achievable latency.
-            RuntimeError: no evaluated candidate's measured latency is within budget
-                (with ``search_only`` the result has ``chosen`` None instead).
+            RuntimeError: no evaluated candidate's measured latency is within budget, or none
+                stays within it when re-measured (``verify_rounds``; with ``search_only`` the
+                result has ``chosen`` None instead).
         """
         started = time.time()
         space = self._space(model)
@@ -701,7 +740,17 @@ class SwiftPruner(MaskedDistillation):
             if not self.search_only:
                 raise RuntimeError(message)
             log.warning("SwiftPruner: %s", message)  # a search-only run still reports its history
-        chosen = max(within, key=lambda r: (r["quality"], -r["measured_ms"])) if within else None
+        chosen, rejected = self._verified_best(within, work, importance, space, budget)
+        if within and chosen is None:
+            message = (
+                f"None of the {len(within)} candidates timed within the budget {budget:.3f} ms stayed within it when "
+                f"re-measured ({self.verify_rounds} rounds; the smallest median was "
+                f"{min(r['verified_ms'] for r in rejected):.3f} ms). Raise pruner.latency_budget_ms or pruner.generations, "
+                "or set pruner.verify_rounds=0 to accept single timings."
+            )
+            if not self.search_only:
+                raise RuntimeError(message)
+            log.warning("SwiftPruner: %s", message)
 
         # The uniform baseline: every uniform configuration measured directly, the best within budget.
         uniform = []
@@ -713,11 +762,8 @@ class SwiftPruner(MaskedDistillation):
             if ms <= budget:
                 entry["quality"] = cached_quality(tuple(genes))
             uniform.append(entry)
+        best_uniform, rejected_uniform = self._verified_best([u for u in uniform if "quality" in u], work, importance, space, budget)
         del work
-        feasible_uniform = [u for u in uniform if "quality" in u]
-        best_uniform = (
-            max(feasible_uniform, key=lambda u: (u["quality"], -u["measured_ms"])) if feasible_uniform else None
-        )
         if best_uniform is None:
             log.warning("SwiftPruner: no uniform configuration is within the budget %.3f ms; no baseline.", budget)
 
@@ -745,6 +791,7 @@ class SwiftPruner(MaskedDistillation):
                 "two_anchor_fit_mean_abs_pct": 100.0 * sum(anchor_errors) / len(anchor_errors),
             },
             "best_reward_curve": self.search.best_reward_curve(),
+            "verification": {"rounds": self.verify_rounds, "rejected": rejected, "rejected_uniform": rejected_uniform},
             "chosen": chosen,
             "uniform_candidates": uniform,
             "uniform": best_uniform,
@@ -755,9 +802,10 @@ class SwiftPruner(MaskedDistillation):
             return self.result
         self.head_masks, self.neuron_masks = self.masks_of(chosen["genes"])
         log.info(
-            "SwiftPruner: chose heads %s, FFN neurons %s: predicted %.3f ms, measured %.3f ms (budget %.3f ms, "
+            "SwiftPruner: chose heads %s, FFN neurons %s: predicted %.3f ms, measured %.3f ms, re-measured %s ms (budget %.3f ms, "
             "dense %.3f ms), proxy %s %.4f; predictor error mean %.1f%%",
-            chosen["heads"], chosen["ffn_neurons"], chosen["predicted_ms"], chosen["measured_ms"], budget, dense_ms,
+            chosen["heads"], chosen["ffn_neurons"], chosen["predicted_ms"], chosen["measured_ms"],
+            f"{chosen['verified_ms']:.3f}" if "verified_ms" in chosen else "not", budget, dense_ms,
             self.proxy_metric, chosen["quality"], self.result["predictor_error"]["mean_abs_pct"],
         )
         return self.result

@@ -320,3 +320,52 @@ def test_proxy_recovery_steps_train_a_fresh_copy_per_candidate(tiny_setup, monke
     torch.testing.assert_close(seen[1], seen[3])  # and started from the dense weights both times
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, dense[k])
+
+
+def test_the_pick_is_re_measured_and_one_that_comes_out_over_budget_is_passed_over(tiny_setup, monkeypatch):
+    """``verify_rounds``: the best candidate by proxy whose search-time timing was within budget is
+    timed again; if the median of those timings is over budget the next candidate is tried."""
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model
+    budget = 100.0
+    first_timing: dict = {}
+
+    def fake_measure(self, work, importance, space, genes):
+        genes = tuple(genes)
+        if genes not in first_timing:  # the search-time timing: everything within budget
+            first_timing[genes] = 50.0
+            return 50.0
+        return 150.0 if self._unlucky == genes else 60.0  # re-measurement: one candidate is really over
+
+    monkeypatch.setattr(SwiftPruner, "_measure", fake_measure)
+    kw = dict(latency_budget_ms=budget, calibration_models=0, search_seed=2, verify_rounds=3)
+    reference = _pruner(teacher_ckpt, **{**kw, "verify_rounds": 0})
+    reference._unlucky = None
+    best = reference.run_search(model, dm)["chosen"]
+    assert "verified_ms" not in best  # verify_rounds=0: the single timing is accepted
+
+    first_timing.clear()
+    pruner = _pruner(teacher_ckpt, **kw)
+    pruner._unlucky = tuple(best["genes"])
+    result = pruner.run_search(model, dm)
+    chosen = result["chosen"]
+    assert chosen["genes"] != best["genes"] and chosen["verified_ms"] == 60.0 and chosen["verify_rounds_ms"] == [60.0] * 3
+    assert [r["genes"] for r in result["verification"]["rejected"]] == [best["genes"]]
+    assert result["verification"]["rejected"][0]["verified_ms"] == 150.0
+    ranked = sorted(result["candidates"], key=lambda r: -r["quality"])
+    assert chosen["quality"] == max(r["quality"] for r in ranked if r["genes"] != best["genes"])
+    assert result["uniform"]["verified_ms"] == 60.0
+
+    # Every candidate comes out over budget when re-measured: a run fails with a clear message.
+    first_timing.clear()
+    pruner = _pruner(teacher_ckpt, **kw)
+    pruner._unlucky = None
+    def over_when_re_measured(self, work, importance, space, genes):
+        repeat = tuple(genes) in first_timing
+        first_timing[tuple(genes)] = 50.0
+        return 150.0 if repeat else 50.0
+
+    monkeypatch.setattr(SwiftPruner, "_measure", over_when_re_measured)
+    with pytest.raises(RuntimeError, match="stayed within it when re-measured"):
+        pruner.run_search(model, dm)
