@@ -309,6 +309,13 @@ class SwiftPruner(MaskedDistillation):
         calibration_models: random configurations whose shrunk models are measured
             directly before the search to refit the lookup table's scale and fixed part
             by least squares (:meth:`LatencyTable.refit`); 0 keeps the two-anchor fit.
+        latency_reference: ``none`` or ``dense``. With ``dense`` every direct timing of a
+            candidate comes right after a timing of the dense model and is reported as
+            ``candidate ms / dense ms now * dense ms at the start of the search``: the
+            candidate's latency at the machine speed of the search's start. On a machine
+            whose speed drifts (this one's batch-1 timings drift by +-30% over minutes) the
+            ratio to a model timed moments apart is much steadier than the absolute time.
+            It doubles the timing cost.
         verify_rounds: the chosen and the uniform candidate are re-measured this many times
             (each a median over ``latency_repeats`` forwards) before they are accepted; the
             median of the rounds must be within budget, else the next candidate by proxy
@@ -361,6 +368,7 @@ class SwiftPruner(MaskedDistillation):
         proxy_recovery_steps: int = 0,
         calibration_models: int = 16,
         verify_rounds: int = 5,
+        latency_reference: str = "none",
         latency_table: str | None = None,
         search_seed: int = 0,
         search_only: bool = False,
@@ -426,6 +434,9 @@ class SwiftPruner(MaskedDistillation):
         self.proxy_recovery_steps = check_positive_int("pruner.proxy_recovery_steps", proxy_recovery_steps, minimum=0)
         self.calibration_models = check_positive_int("pruner.calibration_models", calibration_models, minimum=0)
         self.verify_rounds = check_positive_int("pruner.verify_rounds", verify_rounds, minimum=0)
+        self.latency_reference = check_choice("pruner.latency_reference", latency_reference, ("none", "dense"))
+        #: (dense model, its ms at the search's start) while a search with latency_reference=dense runs
+        self._timing_reference: tuple[Any, float] | None = None
         self.latency_table = None if latency_table is None else str(latency_table)
         self.search_seed = int(search_seed)
         self.search_only = bool(search_only)
@@ -575,17 +586,20 @@ class SwiftPruner(MaskedDistillation):
     def _measure(self, work, importance: UnitImportance, space: SearchSpace, genes) -> float:
         """Direct latency (ms) of the candidate's physically shrunk model at the budget's shape.
 
-        ``work`` is a scratch copy of the dense model whose masks this call overwrites.
+        ``work`` is a scratch copy of the dense model whose masks this call overwrites. With a
+        timing reference (``latency_reference=dense``, set during :meth:`run_search`) the dense
+        model is timed just before, and the result is ``candidate ms / dense ms now * dense ms
+        at the search's start``.
         """
         heads, neurons = space.decode(genes)
         work.set_structured_masks(*top_unit_masks(importance, heads, neurons))
-        return measure_model_ms(
-            shrink_structured(work),
-            self.latency_batch_size,
-            self.latency_seq_len,
-            warmup=self.latency_warmup,
-            repeats=self.latency_repeats,
-        )
+        timing = dict(warmup=self.latency_warmup, repeats=self.latency_repeats)
+        shape = (self.latency_batch_size, self.latency_seq_len)
+        if self._timing_reference is None:
+            return measure_model_ms(shrink_structured(work), *shape, **timing)
+        dense, dense_at_start = self._timing_reference
+        dense_now = measure_model_ms(dense, *shape, **timing)
+        return measure_model_ms(shrink_structured(work), *shape, **timing) / dense_now * dense_at_start
 
     def build_mutator(self, space: SearchSpace, table: LatencyTable | None = None, importance: UnitImportance | None = None, budget_ms: float | None = None):
         """The configured mutator (``pruner.mutator``) for ``space``.
@@ -645,6 +659,10 @@ class SwiftPruner(MaskedDistillation):
         log.info("SwiftPruner: Taylor importance on %d held-out examples", sum(len(b["labels"]) for b in imp_batches))
         importance = taylor_importance(model, imp_batches)
         work = copy.deepcopy(model).eval()  # scratch copy: its masks are set per measured candidate
+        dense_ms = measure_model_ms(
+            model, self.latency_batch_size, self.latency_seq_len, warmup=self.latency_warmup, repeats=self.latency_repeats
+        )
+        self._timing_reference = (model, dense_ms) if self.latency_reference == "dense" else None
         if self.latency_table is not None:
             table = anchor_table = self._load_table(space)
         else:
@@ -661,9 +679,6 @@ class SwiftPruner(MaskedDistillation):
             )
             anchor_table = table
             table = self._refit_table(table, work, importance, space)
-        dense_ms = measure_model_ms(
-            model, self.latency_batch_size, self.latency_seq_len, warmup=self.latency_warmup, repeats=self.latency_repeats
-        )
         budget = self.latency_budget_ms if self.latency_budget_ms is not None else self.budget_fraction * dense_ms
         smallest = table.min_ms()
         if budget < smallest:
@@ -764,12 +779,14 @@ class SwiftPruner(MaskedDistillation):
             uniform.append(entry)
         best_uniform, rejected_uniform = self._verified_best([u for u in uniform if "quality" in u], work, importance, space, budget)
         del work
+        self._timing_reference = None  # timing is over; do not hold on to the dense model
         if best_uniform is None:
             log.warning("SwiftPruner: no uniform configuration is within the budget %.3f ms; no baseline.", budget)
 
         self.result = {
             "budget_ms": budget,
             "budget_source": "latency_budget_ms" if self.latency_budget_ms is not None else f"{self.budget_fraction} x dense",
+            "latency_reference": self.latency_reference,
             "dense_ms": dense_ms,
             "min_predicted_ms": smallest,
             "latency_shape": {"batch_size": self.latency_batch_size, "seq_len": self.latency_seq_len},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -369,3 +370,34 @@ def test_the_pick_is_re_measured_and_one_that_comes_out_over_budget_is_passed_ov
     monkeypatch.setattr(SwiftPruner, "_measure", over_when_re_measured)
     with pytest.raises(RuntimeError, match="stayed within it when re-measured"):
         pruner.run_search(model, dm)
+
+
+def test_dense_timing_reference_cancels_a_change_of_machine_speed(tiny_setup, monkeypatch):
+    """``latency_reference=dense``: a candidate timed while the machine runs 1.7x slower reads
+    the same ms as before, ``candidate / dense now * dense at the start``."""
+    import pruners.swiftpruner as sp
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model.eval()
+    machine = {"slowdown": 1.0}
+    size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    monkeypatch.setattr(sp, "measure_model_ms", lambda m, *a, **k: size(m) / 1e4 * machine["slowdown"])
+    pruner = _pruner(teacher_ckpt, latency_reference="dense")
+    space = pruner._space(model)
+    importance = sp.taylor_importance(model, pruner._subsets(dm)[0])
+    work = copy.deepcopy(model)
+    genes = space.uniform(1, 1)
+    pruner._timing_reference = (model, 7.0)  # the dense model took 7 ms at the search's start
+    before = pruner._measure(work, importance, space, genes)
+    machine["slowdown"] = 1.7
+    after = pruner._measure(work, importance, space, genes)
+    shrunk = size(sp.shrink_structured(work))
+    assert before == pytest.approx(after) == pytest.approx(shrunk / size(model) * 7.0)
+    pruner._timing_reference = None
+    assert pruner._measure(work, importance, space, genes) == pytest.approx(shrunk / 1e4 * 1.7)  # absolute timing
+
+
+def test_latency_reference_is_checked():
+    with pytest.raises(PrunerConfigError, match="latency_reference"):
+        SwiftPruner(latency_reference="teacher")
