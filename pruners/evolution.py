@@ -511,9 +511,9 @@ class ReinforcedMutator:
     gain comes from the action features and the prior, and REINFORCE's share was not detected. From a uniform start REINFORCE was sooner on only 7
     of 40 seeds (14 with a 32-wide MLP branch): ~100 noisy rewards were not enough to learn
     the rule. On the real MiniLM search (3 seeds at 50% of dense batch-1 latency,
-    ``benchmarks/results/swiftpruner_search.json``) it was sooner on 2 of 3 seeds (47 vs 109,
-    52 vs 95; on the third it ended 0.004 short) and its mean curve over the seeds reached the
-    random one's final best after 54 evaluations, against 109.
+    ``benchmarks/results/swiftpruner_search.json``) it was sooner on 3 of 3 seeds (79 vs 107,
+    78 vs 90, 90 vs 103 evaluations) and its mean curve over the seeds reached the random
+    one's final best after 78 evaluations, against 107.
 
     Args:
         space: the search space (fixes the number of actions).
