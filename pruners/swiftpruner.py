@@ -593,13 +593,23 @@ class SwiftPruner(MaskedDistillation):
         """
         heads, neurons = space.decode(genes)
         work.set_structured_masks(*top_unit_masks(importance, heads, neurons))
-        timing = dict(warmup=self.latency_warmup, repeats=self.latency_repeats)
-        shape = (self.latency_batch_size, self.latency_seq_len)
         if self._timing_reference is None:
-            return measure_model_ms(shrink_structured(work), *shape, **timing)
+            return self._time(shrink_structured(work))
         dense, dense_at_start = self._timing_reference
-        dense_now = measure_model_ms(dense, *shape, **timing)
-        return measure_model_ms(shrink_structured(work), *shape, **timing) / dense_now * dense_at_start
+        dense_now = self._time(dense)
+        return self._time(shrink_structured(work)) / dense_now * dense_at_start
+
+    def _time(self, model) -> float:
+        """:func:`measure_model_ms` of ``model`` at the budget's shape with the configured warmup and repeats (ms)."""
+        return measure_model_ms(
+            model, self.latency_batch_size, self.latency_seq_len, warmup=self.latency_warmup, repeats=self.latency_repeats
+        )
+
+    def _no_pick(self, message: str) -> None:
+        """Nothing passed the budget: a RuntimeError, or (``search_only``, which still reports its history) a warning."""
+        if not self.search_only:
+            raise RuntimeError(message)
+        log.warning("SwiftPruner: %s", message)
 
     def build_mutator(self, space: SearchSpace, table: LatencyTable | None = None, importance: UnitImportance | None = None, budget_ms: float | None = None):
         """The configured mutator (``pruner.mutator``) for ``space``.
@@ -659,9 +669,7 @@ class SwiftPruner(MaskedDistillation):
         log.info("SwiftPruner: Taylor importance on %d held-out examples", sum(len(b["labels"]) for b in imp_batches))
         importance = taylor_importance(model, imp_batches)
         work = copy.deepcopy(model).eval()  # scratch copy: its masks are set per measured candidate
-        dense_ms = measure_model_ms(
-            model, self.latency_batch_size, self.latency_seq_len, warmup=self.latency_warmup, repeats=self.latency_repeats
-        )
+        dense_ms = self._time(model)
         self._timing_reference = (model, dense_ms) if self.latency_reference == "dense" else None
         if self.latency_table is not None:
             table = anchor_table = self._load_table(space)
@@ -747,25 +755,19 @@ class SwiftPruner(MaskedDistillation):
         anchor_errors = [abs(r["two_anchor_predicted_ms"] - r["measured_ms"]) / r["measured_ms"] for r in records]
         within = [r for r in records if r["measured_ms"] <= budget]
         if not within:
-            message = (
+            self._no_pick(
                 f"No evaluated candidate's measured latency is within the budget {budget:.3f} ms (the smallest measured "
                 f"was {min(r['measured_ms'] for r in records):.3f} ms). Raise pruner.latency_budget_ms or "
                 "pruner.generations."
             )
-            if not self.search_only:
-                raise RuntimeError(message)
-            log.warning("SwiftPruner: %s", message)  # a search-only run still reports its history
         chosen, rejected = self._verified_best(within, work, importance, space, budget)
         if within and chosen is None:
-            message = (
+            self._no_pick(
                 f"None of the {len(within)} candidates timed within the budget {budget:.3f} ms stayed within it when "
                 f"re-measured ({self.verify_rounds} rounds; the smallest median was "
                 f"{min(r['verified_ms'] for r in rejected):.3f} ms). Raise pruner.latency_budget_ms or pruner.generations, "
                 "or set pruner.verify_rounds=0 to accept single timings."
             )
-            if not self.search_only:
-                raise RuntimeError(message)
-            log.warning("SwiftPruner: %s", message)
 
         # The uniform baseline: every uniform configuration measured directly, the best within budget.
         uniform = []
