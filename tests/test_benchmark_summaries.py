@@ -48,3 +48,36 @@ def test_paired_comparison_counts_and_mean_difference():
     diffs = [0.1, -0.1, 0.0]
     assert out["mean_final_best_difference"] == pytest.approx(0.0)
     assert out["standard_error"] == pytest.approx(math.sqrt(sum(d * d for d in diffs) / 2) / math.sqrt(3))
+
+
+_retime_spec = importlib.util.spec_from_file_location(
+    "swiftpruner_retime", Path(__file__).resolve().parents[1] / "benchmarks" / "swiftpruner_retime.py"
+)
+retime = importlib.util.module_from_spec(_retime_spec)
+_retime_spec.loader.exec_module(retime)
+
+
+def test_interleaved_ratios_rotate_the_order_and_cancel_drift():
+    # The machine slows down 1 ms per timing; each model's own cost is fixed. Ratios are
+    # taken per round, and the order rotates so that no model always runs last.
+    cost = {"dense": 10.0, "a": 5.0, "b": 4.0}
+    calls = []
+
+    def time_once(name):
+        calls.append(name)
+        return cost[name] + len(calls) - 1  # drift: +1 ms per measurement so far
+
+    out = retime.interleaved_ratios(["dense", "a", "b"], time_once, rounds=3)
+    assert calls == ["dense", "a", "b", "a", "b", "dense", "b", "dense", "a"]
+    assert out["dense"]["ms"] == [10.0, 15.0, 17.0]
+    assert out["a"]["ms"] == [6.0, 8.0, 13.0]
+    assert out["a"]["ratio"] == pytest.approx([0.6, 8 / 15, 13 / 17])
+    assert out["a"]["median_ratio"] == pytest.approx(0.6)
+    assert out["dense"]["median_ratio"] == 1.0
+
+
+def test_interleaved_ratios_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="rounds"):
+        retime.interleaved_ratios(["dense"], lambda n: 1.0, rounds=0)
+    with pytest.raises(ValueError, match="reference"):
+        retime.interleaved_ratios(["a"], lambda n: 1.0, rounds=1)

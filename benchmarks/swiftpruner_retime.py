@@ -1,0 +1,119 @@
+"""Re-time a SwiftPruner benchmark's served models at the budget's shape, interleaved with the dense model.
+
+    python benchmarks/swiftpruner_retime.py benchmarks/results/swiftpruner_search_dense_ref
+    # writes benchmarks/results/swiftpruner_search_dense_ref_retime.json
+
+An independent check of the first goal (the chosen model is within the budget), made
+after the runs and apart from the search's own timings: for every ``seed*`` run folder of
+a ``benchmarks/swiftpruner_search.py`` output, the dense teacher and the fine-tuned
+searched and uniform models are reloaded from their checkpoints, physically shrunk as
+served (:func:`pipelines.text.served_model`), and timed ``--rounds`` times at the search's
+budget shape (batch x tokens from ``results.json``; one median of ``--repeats`` forwards
+each). Within a round the three are timed one right after another, in an order that
+rotates from round to round, so machine drift hits them alike; each round gives each model's
+ratio to the dense timing of that round. A model is within budget when its median ratio is
+at most the run's budget fraction (``budget_ms / dense_ms`` of its search).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from modules.bert_classifier import BertClassifier  # noqa: E402
+from pipelines.text import served_model  # noqa: E402
+from pruners.latency_table import measure_model_ms  # noqa: E402
+
+
+def interleaved_ratios(names: list[str], time_once: Callable[[str], float], rounds: int, reference: str = "dense") -> dict:
+    """Time ``names`` in ``rounds`` rotating rounds and summarise each one's ratio to ``reference``.
+
+    Args:
+        names: the models to time, ``reference`` among them.
+        time_once: name -> one latency measurement in ms.
+        rounds: number of rounds (>= 1); round ``r`` starts at ``names[r % len(names)]``.
+        reference: the name every ratio is taken against, per round.
+
+    Returns:
+        name -> ``{"ms": [per round], "ratio": [per round, ms / reference ms of that
+        round], "median_ms", "median_ratio"}``.
+
+    Raises:
+        ValueError: ``rounds`` < 1 or ``reference`` not in ``names``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if reference not in names:
+        raise ValueError(f"reference {reference!r} is not among the timed models {names}")
+    ms: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            ms[name].append(time_once(name))
+    out = {}
+    for name in names:
+        ratio = [m / d for m, d in zip(ms[name], ms[reference])]
+        out[name] = {"ms": ms[name], "ratio": ratio, "median_ms": statistics.median(ms[name]),
+                     "median_ratio": statistics.median(ratio)}
+    return out
+
+
+def retime_run(run_dir: Path, rounds: int, warmup: int, repeats: int) -> dict:
+    """Re-time one run folder's dense, searched and uniform served models (see the module docstring)."""
+    results = json.loads((run_dir / "results.json").read_text())
+    search = results["search"]
+    shape = search["latency_shape"]
+    ckpts = {"dense": results["dense"]["checkpoint"], "searched": results["pruned"]["checkpoint"],
+             "uniform": results["uniform"]["checkpoint"]}
+    models = {k: served_model(BertClassifier.load_from_checkpoint(p, map_location="cpu")).model.eval() for k, p in ckpts.items()}
+
+    def time_once(name: str) -> float:
+        return measure_model_ms(models[name], shape["batch_size"], shape["seq_len"], warmup=warmup, repeats=repeats)
+
+    timed = interleaved_ratios(["dense", "searched", "uniform"], time_once, rounds)
+    fraction = search["budget_ms"] / search["dense_ms"]
+    return {
+        "run_dir": str(run_dir),
+        "shape": shape,
+        "budget_fraction": fraction,
+        "timings": timed,
+        "within_budget": {k: timed[k]["median_ratio"] <= fraction for k in ("searched", "uniform")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("benchmark_dir", help="output folder of benchmarks/swiftpruner_search.py (holds seed*/results.json)")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bench = Path(args.benchmark_dir)
+    runs = sorted(p.parent for p in bench.glob("seed*/results.json"))
+    if not runs:
+        raise SystemExit(f"{bench} holds no seed*/results.json; give the --out folder of benchmarks/swiftpruner_search.py")
+    per_run = [retime_run(p, args.rounds, args.warmup, args.repeats) for p in runs]
+    summary = {
+        "rounds": args.rounds, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
+        "all_searched_within_budget": all(r["within_budget"]["searched"] for r in per_run),
+        "median_ratio_to_dense": {r["run_dir"]: {k: r["timings"][k]["median_ratio"] for k in ("searched", "uniform")} for r in per_run},
+        "per_run": per_run,
+    }
+    out = Path(f"{bench}_retime.json")
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "per_run"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
