@@ -7,11 +7,15 @@ Every seed is one ``run.py model=bert pruner=swiftpruner`` run (composed from th
 configs) sharing one dense teacher (fine-tuned first by a ``pruner=none`` run unless
 ``--teacher-ckpt`` is given): it searches with the reinforced mutator under a budget of
 ``--budget-fraction`` (default 0.5) of the dense model's directly measured batch-1
-latency (measured in the first seed's run; later seeds get the same budget in ms, or
-``--budget-ms`` for all), fine-tunes the chosen model and the best uniform model within the same
-measured budget (task loss + distillation), and tests and times both. A second,
+latency (or ``--budget-ms`` for all), fine-tunes the chosen model and the best uniform model within the same
+measured budget (task loss + distillation), and tests and times both. With
+``--latency-reference dense`` (the default) every timing follows a timing of the dense
+model (``pruner.latency_reference=dense``) and each run's budget is ``--budget-fraction`` of
+its own dense latency, so the budget means the same fraction of dense on every seed;
+``--latency-reference none`` times absolutely and carries the first run's budget in ms over. A second,
 search-only run per seed uses ``pruner.mutator=random`` with the same seed (same
-generation 0), budget and lookup table (``pruner.latency_table``). Figures:
+generation 0), budget in ms and lookup table (``pruner.latency_table``), so its rewards
+compare with the reinforced run's; its own pick is not used. Figures:
 
 1. the chosen model's measured latency against the budget (must be within; the median of
    ``pruner.verify_rounds`` re-measurements when they are on);
@@ -325,6 +329,9 @@ def main() -> None:
     parser.add_argument("--budget-fraction", type=float, default=0.5)
     parser.add_argument("--budget-ms", type=float, default=None,
                         help="budget in ms for every seed; default: --budget-fraction of the first run's dense latency")
+    parser.add_argument("--latency-reference", choices=("none", "dense"), default="dense",
+                        help="pruner.latency_reference; with dense every run's budget is --budget-fraction of its own "
+                             "dense latency (timings are relative to the dense model, so no ms budget is carried over)")
     parser.add_argument("--teacher-ckpt", default=None, help="dense BertClassifier checkpoint; default: fine-tune one")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "swiftpruner_search"))
@@ -352,7 +359,8 @@ def main() -> None:
         return mutator_study(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    common = [f"threads={args.threads}", f"pruner.budget_fraction={args.budget_fraction}", *args.extra]
+    common = [f"threads={args.threads}", f"pruner.budget_fraction={args.budget_fraction}",
+              f"pruner.latency_reference={args.latency_reference}", *args.extra]
     started = time.time()
 
     teacher = args.teacher_ckpt
@@ -367,10 +375,13 @@ def main() -> None:
     for seed in args.seeds:
         # One budget in ms for every seed: the first run's fraction of its measured dense latency
         # (or --budget-ms), so the seeds differ only in the search, not in how loaded the machine was.
+        # With a dense timing reference each run's timings are fractions of its own dense model, so
+        # each run takes --budget-fraction of its own dense latency instead.
         budget = [] if budget_ms is None else [f"pruner.latency_budget_ms={budget_ms}"]
         full = run_job(["pruner=swiftpruner", f"seed={seed}", f"pruner.teacher_ckpt={teacher}",
                         f"paths.output_dir={out / f'seed{seed}'}", *common, *budget], reuse=args.reuse)
-        budget_ms = full["search"]["budget_ms"]
+        if args.latency_reference == "none":
+            budget_ms = full["search"]["budget_ms"]
         # Same seed (same generation 0), the same budget in ms and the same lookup table, so both mutators
         # see the same rewards and the curves compare.
         rand = run_job(["pruner=swiftpruner", f"seed={seed}", f"pruner.teacher_ckpt={teacher}", "pruner.mutator=random",
@@ -387,10 +398,11 @@ def main() -> None:
             "dense_ms": s["dense_ms"],
             "chosen": {"heads": s["chosen"]["heads"], "ffn_neurons": s["chosen"]["ffn_neurons"],
                        "predicted_ms": s["chosen"]["predicted_ms"], "measured_ms": s["chosen"]["measured_ms"],
-                       "verified_ms": s["chosen"].get("verified_ms"),
+                       "verified_ms": s["chosen"].get("verified_ms"), "verify_rounds_ms": s["chosen"].get("verify_rounds_ms"),
                        "within_budget": s["chosen"].get("verified_ms", s["chosen"]["measured_ms"]) <= s["budget_ms"]},
             "uniform": {"heads": s["uniform"]["heads"][0], "ffn_neurons": s["uniform"]["ffn_neurons"][0],
-                        "measured_ms": s["uniform"]["measured_ms"], "verified_ms": s["uniform"].get("verified_ms")},
+                        "measured_ms": s["uniform"]["measured_ms"], "verified_ms": s["uniform"].get("verified_ms"),
+                        "verify_rounds_ms": s["uniform"].get("verify_rounds_ms")},
             "rejected_on_re_measurement": {k: len(s.get("verification", {}).get(f"rejected{x}", []))
                                            for k, x in (("searched", ""), ("uniform", "_uniform"))},
             "test_accuracy": {"dense": full["dense"]["metrics"]["accuracy"],
@@ -416,6 +428,7 @@ def main() -> None:
     summary = {
         "teacher_ckpt": teacher,
         "budget_fraction_of_dense_batch1": args.budget_fraction,
+        "latency_reference": args.latency_reference,
         "seeds": args.seeds,
         "all_chosen_within_budget": all(p["chosen"]["within_budget"] for p in per_seed),
         "mean_test_accuracy": {k: mean([a[k] for a in acc]) for k in ("dense", "searched", "uniform")},
