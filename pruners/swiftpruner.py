@@ -315,7 +315,9 @@ class SwiftPruner(MaskedDistillation):
             candidate's latency at the machine speed of the search's start. On a machine
             whose speed drifts (this one's batch-1 timings drift by +-30% over minutes) the
             ratio to a model timed moments apart is much steadier than the absolute time.
-            It doubles the timing cost.
+            It doubles the timing cost. Default ``dense``: in the benchmark (3 seeds) every
+            pick then sat at 0.48-0.50 of dense when re-timed independently, where absolute
+            timings against a budget in ms had let picks through at 0.30-0.60 of dense.
         verify_rounds: the chosen and the uniform candidate are re-measured this many times
             (each a median over ``latency_repeats`` forwards) before they are accepted; the
             median of the rounds must be within budget, else the next candidate by proxy
@@ -368,7 +370,7 @@ class SwiftPruner(MaskedDistillation):
         proxy_recovery_steps: int = 0,
         calibration_models: int = 16,
         verify_rounds: int = 5,
-        latency_reference: str = "none",
+        latency_reference: str = "dense",
         latency_table: str | None = None,
         search_seed: int = 0,
         search_only: bool = False,
