@@ -328,7 +328,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget-fraction", type=float, default=0.5)
     parser.add_argument("--budget-ms", type=float, default=None,
-                        help="budget in ms for every seed; default: --budget-fraction of the first run's dense latency")
+                        help="budget in ms for every seed; default: --budget-fraction of each run's own dense latency "
+                             "(of the first run's with --latency-reference none)")
     parser.add_argument("--latency-reference", choices=("none", "dense"), default="dense",
                         help="pruner.latency_reference; with dense every run's budget is --budget-fraction of its own "
                              "dense latency (timings are relative to the dense model, so no ms budget is carried over)")
