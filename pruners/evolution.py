@@ -508,12 +508,14 @@ class ReinforcedMutator:
     (``policy_lr=1e-12``), was sooner on 37 of 40 (median 54.5); seed by seed, learning was
     sooner than no learning on 4 seeds, later on 5, and the final best rewards differed by
     +0.0004 +- 0.0004 (at 30 generations: sooner on 16, later on 15, -0.00001 +- 0.00036): the
-    gain comes from the action features and the prior, and REINFORCE's share was not detected. From a uniform start REINFORCE was sooner on only 7
-    of 40 seeds (14 with a 32-wide MLP branch): ~100 noisy rewards were not enough to learn
-    the rule. On the real MiniLM search (3 seeds at 50% of dense batch-1 latency,
-    ``benchmarks/results/swiftpruner_search.json``) it was sooner on 3 of 3 seeds (79 vs 107,
-    78 vs 90, 90 vs 103 evaluations) and its mean curve over the seeds reached the random
-    one's final best after 78 evaluations, against 107.
+    gain comes from the action features and the prior, and REINFORCE's share was not
+    detected. From a uniform start REINFORCE was sooner on only 7 of 40 seeds (14 with a
+    32-wide MLP branch): ~100 noisy rewards were not enough to learn the rule. On the real
+    MiniLM search (50% of each run's dense batch-1 latency, timed against the dense model;
+    ``benchmarks/results/swiftpruner_search_dense_ref.json``) it was sooner on 3 of 3 seeds
+    0-2 (32 vs 66, 52 vs 109, 77 vs 105 evaluations) and on 4 of 5 seeds in all (seed 4: 98
+    vs 72); its mean curve over seeds 0-2 reached the random one's final best after 52
+    evaluations, against 109.
 
     Args:
         space: the search space (fixes the number of actions).
