@@ -305,7 +305,9 @@ class SwiftPruner(MaskedDistillation):
         proxy_examples: held-out validation examples scoring each candidate.
         importance_examples: other held-out validation examples for Taylor importance.
         proxy_batch_size: batch size of proxy scoring and importance.
-        proxy_recovery_steps: training steps on a shrunk copy before scoring (0 = none).
+        proxy_recovery_steps: training steps (AdamW at ``model_lr``, train batches) on a shrunk
+            copy before scoring, with the fine-tuning's loss (task + distillation from the
+            dense model's logits); 0 = none. About 0.5 s per step for the 6-layer BERT on 2 cores.
         calibration_models: random configurations whose shrunk models are measured
             directly before the search to refit the lookup table's scale and fixed part
             by least squares (:meth:`LatencyTable.refit`); 0 keeps the two-anchor fit.
@@ -487,6 +489,13 @@ class SwiftPruner(MaskedDistillation):
         """genes -> proxy quality of the candidate (the masks applied to a copy of the dense model)."""
         work = copy.deepcopy(model).eval()
         labels = torch.cat([b["labels"] for b in proxy])
+        # Recovery uses the final fine-tuning's loss (task + distillation from the dense model), so the
+        # proxy scores what fine-tuning can recover; the dense logits are computed once.
+        was_training = model.training
+        with torch.inference_mode():
+            model.eval()
+            dense_logits = [model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits for b in recovery]
+        model.train(was_training)
 
         def quality(space: SearchSpace, genes: tuple[int, ...]) -> float:
             heads, neurons = space.decode(genes)
@@ -496,8 +505,11 @@ class SwiftPruner(MaskedDistillation):
             if recovery:
                 small.train()
                 opt = torch.optim.AdamW(small.parameters(), lr=self.model_lr or 5e-5)
-                for b in recovery:
-                    loss = F.cross_entropy(small(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits, b["labels"])
+                for b, teacher_logits in zip(recovery, dense_logits):
+                    logits = small(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits
+                    loss = self.task_weight * F.cross_entropy(logits, b["labels"]) + self.kd_weight * kd_loss(
+                        logits, teacher_logits, self.kd_temperature
+                    )
                     opt.zero_grad()
                     loss.backward()
                     opt.step()

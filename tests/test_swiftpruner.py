@@ -329,6 +329,30 @@ def test_proxy_recovery_steps_train_a_fresh_copy_per_candidate(tiny_setup, monke
         torch.testing.assert_close(v, dense[k])
 
 
+def test_proxy_recovery_steps_use_the_fine_tuning_loss_with_the_dense_logits(tiny_setup, monkeypatch):
+    """The recovery steps minimise the final fine-tuning's loss, ``task_weight * CE + kd_weight *
+    KL(dense || candidate)`` at ``kd_temperature``, against the dense model's logits of the same
+    recovery batch, so the proxy scores what the fine-tuning can recover."""
+    import pruners.swiftpruner as sp
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model.eval()
+    calls = []
+    real_kd = sp.kd_loss
+    monkeypatch.setattr(sp, "kd_loss", lambda s, t, temp: calls.append((t.clone(), temp)) or real_kd(s, t, temp))
+    pruner = _pruner(teacher_ckpt, proxy_recovery_steps=2, kd_temperature=3.0, search_seed=3)
+    space = pruner._space(model)
+    imp, proxy, recovery = pruner._subsets(dm)
+    quality = pruner._quality_fn(model, sp.taylor_importance(model, imp), proxy, recovery)
+    quality(space, space.uniform(1, 1))
+    assert [temp for _, temp in calls] == [3.0, 3.0]
+    with torch.inference_mode():
+        for (teacher_logits, _), b in zip(calls, recovery):
+            expected = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits
+            torch.testing.assert_close(teacher_logits, expected)
+
+
 def test_the_pick_is_re_measured_and_one_that_comes_out_over_budget_is_passed_over(tiny_setup, monkeypatch):
     """``verify_rounds``: the best candidate by proxy whose search-time timing was within budget is
     timed again; if the median of those timings is over budget the next candidate is tried."""
