@@ -223,6 +223,31 @@ def paired_comparison(a: list[list[float]], b: list[list[float]], random: list[l
     }
 
 
+def accuracy_gap(test_accuracy: list[dict[str, float]]) -> dict:
+    """Searched minus uniform test accuracy, in points (100 x fraction), seed by seed.
+
+    Args:
+        test_accuracy: one ``{"searched": fraction, "uniform": fraction, ...}`` per seed.
+
+    Returns:
+        ``per_seed`` differences, their ``mean``, ``standard_error`` of the mean (sample SD /
+        sqrt(seeds); None for one seed), and how many seeds the searched model won and lost.
+
+    Raises:
+        ValueError: no seeds.
+    """
+    if not test_accuracy:
+        raise ValueError("accuracy_gap needs at least one seed's test accuracies.")
+    diffs = [100 * (a["searched"] - a["uniform"]) for a in test_accuracy]
+    return {
+        "per_seed": diffs,
+        "mean": statistics.mean(diffs),
+        "standard_error": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None,
+        "searched_higher": sum(d > 0 for d in diffs),
+        "searched_lower": sum(d < 0 for d in diffs),
+    }
+
+
 def toy_study(args) -> None:
     """Reinforced vs random mutator on :func:`toy_problem`, many seeds; writes ``<out>_toy.json``."""
     from pruners.evolution import EvolutionarySearch, RandomMutator
@@ -434,6 +459,7 @@ def main() -> None:
         "all_chosen_within_budget": all(p["chosen"]["within_budget"] for p in per_seed),
         "mean_test_accuracy": {k: mean([a[k] for a in acc]) for k in ("dense", "searched", "uniform")},
         "mean_searched_minus_uniform_points": mean([100 * (a["searched"] - a["uniform"]) for a in acc]),
+        "searched_minus_uniform_points": accuracy_gap(acc),
         "mean_speedup_batch1": {k: mean([p["speedup"][k]["1"] for p in per_seed]) for k in ("searched", "uniform")},
         "mean_evaluations_to_random_best": {
             k: mean([x[k] for x in reach if x[k] is not None]) for k in ("reinforced", "random")

@@ -50,6 +50,18 @@ def test_paired_comparison_counts_and_mean_difference():
     assert out["standard_error"] == pytest.approx(math.sqrt(sum(d * d for d in diffs) / 2) / math.sqrt(3))
 
 
+def test_accuracy_gap_known_values():
+    gap = bench.accuracy_gap([{"searched": 0.82, "uniform": 0.80}, {"searched": 0.80, "uniform": 0.81},
+                              {"searched": 0.81, "uniform": 0.81}])
+    assert gap["per_seed"] == pytest.approx([2.0, -1.0, 0.0])
+    assert gap["mean"] == pytest.approx(1 / 3)
+    assert gap["standard_error"] == pytest.approx(math.sqrt(7 / 3) / math.sqrt(3))  # sample SD of 2, -1, 0
+    assert (gap["searched_higher"], gap["searched_lower"]) == (1, 1)
+    assert bench.accuracy_gap([{"searched": 0.8, "uniform": 0.7}])["standard_error"] is None
+    with pytest.raises(ValueError, match="at least one seed"):
+        bench.accuracy_gap([])
+
+
 _retime_spec = importlib.util.spec_from_file_location(
     "swiftpruner_retime", Path(__file__).resolve().parents[1] / "benchmarks" / "swiftpruner_retime.py"
 )
