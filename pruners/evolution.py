@@ -513,9 +513,9 @@ class ReinforcedMutator:
     32-wide MLP branch): ~100 noisy rewards were not enough to learn the rule. On the real
     MiniLM search (50% of each run's dense batch-1 latency, timed against the dense model;
     ``benchmarks/results/swiftpruner_search_dense_ref.json``) it was sooner on 3 of 3 seeds
-    0-2 (32 vs 66, 52 vs 109, 77 vs 105 evaluations) and on 4 of 5 seeds in all (seed 4: 98
-    vs 72); its mean curve over seeds 0-2 reached the random one's final best after 52
-    evaluations, against 109.
+    0-2 (32 vs 66, 52 vs 109, 77 vs 105 evaluations) and on 6 of 9 seeds in all; its mean
+    curve over seeds 0-2 reached the random one's final best after 52 evaluations, against
+    109 (56 vs 109 over 9 seeds).
 
     Args:
         space: the search space (fixes the number of actions).

@@ -317,9 +317,10 @@ class SwiftPruner(MaskedDistillation):
             candidate's latency at the machine speed of the search's start. On a machine
             whose speed drifts (this one's batch-1 timings drift by +-30% over minutes) the
             ratio to a model timed moments apart is much steadier than the absolute time.
-            It doubles the timing cost. Default ``dense``: in the benchmark (5 seeds, budget 0.5
-            of dense) the picks then re-timed independently at 0.44-0.50 of dense, where
-            absolute timings against one budget in ms had let picks through at 0.30-0.65.
+            It doubles the timing cost. Default ``dense``: in the benchmark (9 seeds, budget 0.5
+            of dense) the searched picks then re-timed independently (15 rounds) at 0.47-0.51
+            of dense, where absolute timings against one budget in ms had let picks through at
+            0.30-0.65.
         verify_rounds: the chosen and the uniform candidate are re-measured this many times
             (each a median over ``latency_repeats`` forwards) before they are accepted; the
             median of the rounds must be within budget, else the next candidate by proxy
