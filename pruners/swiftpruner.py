@@ -132,8 +132,14 @@ class MaskedDistillation(TeacherPruner):
             teacher_logits = self.teacher(
                 batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
             ).logits
-        kd = kd_loss(outputs.logits, teacher_logits, self.kd_temperature)
-        return self.task_weight * task_loss + self.kd_weight * kd, {"kd_loss": kd.detach()}
+        loss, kd = self.distillation_loss(task_loss, outputs.logits, teacher_logits)
+        return loss, {"kd_loss": kd.detach()}
+
+    def distillation_loss(self, task_loss: torch.Tensor, logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``task_weight * task_loss + kd_weight * KL``, the KL term) for student ``logits`` and
+        ``teacher_logits`` of shape (batch, classes) at ``kd_temperature`` (:func:`kd_loss`)."""
+        kd = kd_loss(logits, teacher_logits, self.kd_temperature)
+        return self.task_weight * task_loss + self.kd_weight * kd, kd
 
     def state_dict(self) -> dict[str, Any]:
         """The masks (tensors) and the teacher checkpoint path."""
@@ -508,9 +514,7 @@ class SwiftPruner(MaskedDistillation):
                 opt = torch.optim.AdamW(small.parameters(), lr=self.model_lr or 5e-5)
                 for b, teacher_logits in zip(recovery, dense_logits):
                     logits = small(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits
-                    loss = self.task_weight * F.cross_entropy(logits, b["labels"]) + self.kd_weight * kd_loss(
-                        logits, teacher_logits, self.kd_temperature
-                    )
+                    loss, _ = self.distillation_loss(F.cross_entropy(logits, b["labels"]), logits, teacher_logits)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
