@@ -203,6 +203,11 @@ def toy_problem(seed: int, table, importance_noise: float = 0.5, quality_noise: 
     return space, objective, budget, estimate
 
 
+def standard_error(xs: list[float]) -> float | None:
+    """Standard error of the mean of ``xs`` (sample SD / sqrt(n)); None for fewer than 2 values."""
+    return statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None
+
+
 def paired_comparison(a: list[list[float]], b: list[list[float]], random: list[list[float]]) -> dict:
     """Variant ``a`` against ``b`` seed by seed (same seeds, same order): which reaches the
     random mutator's final best reward sooner, which ends with the higher best reward, and
@@ -219,7 +224,7 @@ def paired_comparison(a: list[list[float]], b: list[list[float]], random: list[l
         "a_higher_final_best": sum(d > 1e-12 for d in diffs),
         "a_lower_final_best": sum(d < -1e-12 for d in diffs),
         "mean_final_best_difference": statistics.mean(diffs),
-        "standard_error": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None,
+        "standard_error": standard_error(diffs),
     }
 
 
@@ -242,7 +247,7 @@ def accuracy_gap(test_accuracy: list[dict[str, float]]) -> dict:
     return {
         "per_seed": diffs,
         "mean": statistics.mean(diffs),
-        "standard_error": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None,
+        "standard_error": standard_error(diffs),
         "searched_higher": sum(d > 0 for d in diffs),
         "searched_lower": sum(d < 0 for d in diffs),
     }

@@ -497,12 +497,10 @@ class SwiftPruner(MaskedDistillation):
         work = copy.deepcopy(model).eval()
         labels = torch.cat([b["labels"] for b in proxy])
         # Recovery uses the final fine-tuning's loss (task + distillation from the dense model), so the
-        # proxy scores what fine-tuning can recover; the dense logits are computed once.
-        was_training = model.training
+        # proxy scores what fine-tuning can recover; the dense logits are computed once, by the
+        # still-unmasked eval copy.
         with torch.inference_mode():
-            model.eval()
-            dense_logits = [model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits for b in recovery]
-        model.train(was_training)
+            dense_logits = [work(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits for b in recovery]
 
         def quality(space: SearchSpace, genes: tuple[int, ...]) -> float:
             heads, neurons = space.decode(genes)
