@@ -415,10 +415,14 @@ def main() -> None:
             budget_ms = full["search"]["budget_ms"]
         # Same seed (same generation 0), the same budget in ms and the same lookup table, so both mutators
         # see the same rewards and the curves compare.
+        # Its pick is not used, so it skips any re-ranking of the pick (pruner.rerank_top_k).
+        rand_common = [o for o in common if not o.startswith("pruner.rerank_top_k=")]
+        if len(rand_common) < len(common):
+            rand_common.append("pruner.rerank_top_k=0")
         rand = run_job(["pruner=swiftpruner", f"seed={seed}", f"pruner.teacher_ckpt={teacher}", "pruner.mutator=random",
                         "pruner.search_only=true", f"pruner.latency_budget_ms={full['search']['budget_ms']}",
                         f"pruner.latency_table={out / f'seed{seed}' / 'latency_table.json'}",
-                        f"paths.output_dir={out / f'random_seed{seed}'}", *common], reuse=args.reuse)
+                        f"paths.output_dir={out / f'random_seed{seed}'}", *rand_common], reuse=args.reuse)
         s, r = full["search"], rand["search"]
         curves["reinforced"].append(s["best_reward_curve"])
         curves["random"].append(r["best_reward_curve"])
@@ -426,14 +430,17 @@ def main() -> None:
         per_seed.append({
             "seed": seed,
             "budget_ms": s["budget_ms"],
+            "search_budget_ms": s.get("search_budget_ms", s["budget_ms"]),
             "dense_ms": s["dense_ms"],
             "chosen": {"heads": s["chosen"]["heads"], "ffn_neurons": s["chosen"]["ffn_neurons"],
                        "predicted_ms": s["chosen"]["predicted_ms"], "measured_ms": s["chosen"]["measured_ms"],
                        "verified_ms": s["chosen"].get("verified_ms"), "verify_rounds_ms": s["chosen"].get("verify_rounds_ms"),
-                       "within_budget": s["chosen"].get("verified_ms", s["chosen"]["measured_ms"]) <= s["budget_ms"]},
+                       "within_budget": s["chosen"].get("verified_ms", s["chosen"]["measured_ms"]) <= s["budget_ms"],
+                       "proxy": s["chosen"]["quality"], "rerank_proxy": s["chosen"].get("rerank_quality")},
             "uniform": {"heads": s["uniform"]["heads"][0], "ffn_neurons": s["uniform"]["ffn_neurons"][0],
                         "measured_ms": s["uniform"]["measured_ms"], "verified_ms": s["uniform"].get("verified_ms"),
-                        "verify_rounds_ms": s["uniform"].get("verify_rounds_ms")},
+                        "verify_rounds_ms": s["uniform"].get("verify_rounds_ms"),
+                        "proxy": s["uniform"]["quality"], "rerank_proxy": s["uniform"].get("rerank_quality")},
             "rejected_on_re_measurement": {k: len(s.get("verification", {}).get(f"rejected{x}", []))
                                            for k, x in (("searched", ""), ("uniform", "_uniform"))},
             "test_accuracy": {"dense": full["dense"]["metrics"]["accuracy"],

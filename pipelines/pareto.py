@@ -63,6 +63,9 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> Path:
         ax.scatter([u["measured_ms"] for u in uni], [u["quality"] for u in uni], marker="s", facecolors="none",
                    edgecolors="tab:orange", s=30, label="uniform (within budget)")
     ax.axvline(result["budget_ms"], color="tab:red", ls="--", lw=1, label=f"budget {result['budget_ms']:.2f} ms")
+    search_budget = result.get("search_budget_ms", result["budget_ms"])
+    if search_budget < result["budget_ms"]:  # the budget less pruner.latency_margin
+        ax.axvline(search_budget, color="tab:red", ls=":", lw=1, label=f"search budget {search_budget:.2f} ms (margin)")
     ch = result["chosen"]
     if ch is not None:  # None: a search-only run found nothing within the measured budget
         ax.scatter([ch["measured_ms"]], [ch["quality"]], marker="*", s=220, color="tab:red", edgecolors="k",

@@ -178,7 +178,7 @@ def add_search_results(results: dict[str, Any], pruner, out_dir: Path) -> None:
     from pipelines.pareto import plot_pareto
 
     results["search"] = results.pop("pruner", None) or pruner.summary()
-    history = {k: pruner.result[k] for k in ("budget_ms", "candidates", "uniform_candidates", "chosen", "uniform")}
+    history = {k: pruner.result[k] for k in ("budget_ms", "search_budget_ms", "candidates", "uniform_candidates", "chosen", "uniform")}
     path = out_dir / "search_history.json"
     path.write_text(json.dumps(json_safe(history), indent=1))
     results["search"]["history_file"] = str(path)

@@ -182,7 +182,7 @@ def test_nothing_measured_within_budget_fails_a_run_but_a_search_only_run_report
     model = BertClassifier.load_from_checkpoint(teacher_ckpt).model
     # The table predicts candidates within budget, but every direct measurement is over it.
     monkeypatch.setattr(SwiftPruner, "_measure", lambda self, *a: 1e9)
-    with pytest.raises(RuntimeError, match="No evaluated candidate's measured latency is within the budget"):
+    with pytest.raises(RuntimeError, match="No evaluated candidate.s measured latency is within the search budget"):
         _pruner(teacher_ckpt, latency_budget_ms=1e6, calibration_models=0).run_search(model, dm)
     pruner = _pruner(teacher_ckpt, latency_budget_ms=1e6, calibration_models=0, search_only=True)
     result = pruner.run_search(model, dm)
@@ -246,6 +246,10 @@ def test_a_saved_latency_table_is_reused_and_a_mismatched_one_is_a_clear_error(t
         {"policy_steps": 0},
         {"policy_prior": -1.0},
         {"policy_hidden": -1},
+        {"latency_margin": 1.0},
+        {"latency_margin": -0.1},
+        {"rerank_top_k": -1},
+        {"rerank_recovery_steps": 0},
     ],
 )
 def test_bad_settings_are_config_errors(setting):
@@ -400,6 +404,74 @@ def test_the_pick_is_re_measured_and_one_that_comes_out_over_budget_is_passed_ov
     monkeypatch.setattr(SwiftPruner, "_measure", over_when_re_measured)
     with pytest.raises(RuntimeError, match="stayed within it when re-measured"):
         pruner.run_search(model, dm)
+
+
+def test_the_latency_margin_searches_and_picks_under_the_budget_less_the_margin(tiny_setup, monkeypatch):
+    """``latency_margin``: the search budget is ``budget x (1 - margin)``; a candidate timed between
+    it and the budget is not picked (searched or uniform), and the result reports both budgets."""
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model
+    near: set = set()
+    monkeypatch.setattr(SwiftPruner, "_measure", lambda self, work, importance, space, genes: 95.0 if tuple(genes) in near else 50.0)
+    kw = dict(latency_budget_ms=100.0, calibration_models=0, search_seed=2, verify_rounds=2)
+    no_margin = _pruner(teacher_ckpt, latency_margin=0.0, **kw).run_search(model, dm)
+    near.update({tuple(no_margin["chosen"]["genes"]), tuple(no_margin["uniform"]["genes"])})
+    assert no_margin["search_budget_ms"] == no_margin["budget_ms"] == 100.0
+
+    result = _pruner(teacher_ckpt, latency_margin=0.1, **kw).run_search(model, dm)
+    assert result["budget_ms"] == 100.0 and result["search_budget_ms"] == pytest.approx(90.0)
+    assert result["latency_margin"] == 0.1
+    for pick in (result["chosen"], result["uniform"]):
+        assert tuple(pick["genes"]) not in near and pick["verified_ms"] == 50.0
+    # the candidates at 95 ms were evaluated but are over the search budget
+    assert {tuple(r["genes"]) for r in result["candidates"] if r["measured_ms"] == 95.0} == {tuple(no_margin["chosen"]["genes"])}
+
+
+def test_margin_below_the_smallest_latency_is_a_config_error_naming_the_budget_to_set(tiny_setup):
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model
+    pruner = _pruner(teacher_ckpt, latency_budget_ms=NON_BINDING_BUDGET_MS, latency_margin=1.0 - 1e-12)
+    with pytest.raises(PrunerConfigError, match="less its margin pruner.latency_margin.*or lower pruner.latency_margin"):
+        pruner.run_search(model, dm)
+
+
+def test_rerank_re_scores_the_top_k_searched_and_uniform_candidates_and_picks_by_that(tiny_setup, monkeypatch):
+    """``rerank_top_k``: the k best searched and the k best uniform candidates (by the plain proxy)
+    are scored again after ``rerank_recovery_steps`` recovery steps, and each pick is the best by
+    that score even where the plain proxy ranked it lower."""
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model
+    monkeypatch.setattr(SwiftPruner, "_measure", lambda self, work, importance, space, genes: 50.0)
+    recovery_lengths = []
+    real_quality_fn = SwiftPruner._quality_fn
+
+    def quality_fn(self, model, importance, proxy, recovery):
+        recovery_lengths.append(len(recovery))
+        plain = real_quality_fn(self, model, importance, proxy, [])
+        if not recovery:
+            return plain
+        # the re-scoring reverses the plain proxy's order, so its pick is the k-th best by proxy
+        return lambda space, genes: -plain(space, genes)
+
+    monkeypatch.setattr(SwiftPruner, "_quality_fn", quality_fn)
+    k = 3
+    result = _pruner(teacher_ckpt, latency_budget_ms=100.0, calibration_models=0, search_seed=2, verify_rounds=1,
+                     rerank_top_k=k, rerank_recovery_steps=2).run_search(model, dm)
+    assert recovery_lengths == [0, 2, 2]  # the search's proxy, then one re-scoring each for searched and uniform
+    assert result["rerank"]["top_k"] == k and result["rerank"]["recovery_steps"] == 2
+    for kind, pool, pick in (("searched", result["candidates"], result["chosen"]),
+                             ("uniform", [u for u in result["uniform_candidates"] if "quality" in u], result["uniform"])):
+        distinct = {tuple(r["genes"]): r["quality"] for r in pool}
+        top = sorted(distinct.values(), reverse=True)[:k]
+        rescored = result["rerank"][kind]
+        assert len(rescored) == min(k, len(distinct))
+        assert sorted((r["quality"] for r in rescored), reverse=True) == top
+        assert all(r["rerank_quality"] == -r["quality"] for r in rescored)
+        assert pick["rerank_quality"] == max(r["rerank_quality"] for r in rescored)
+        assert pick["quality"] == min(top)
 
 
 def test_dense_timing_reference_cancels_a_change_of_machine_speed(tiny_setup, monkeypatch):
