@@ -321,11 +321,11 @@ class SwiftPruner(MaskedDistillation):
         proxy_recovery_steps: training steps (AdamW at ``model_lr``, train batches) on a shrunk
             copy before scoring, with the fine-tuning's loss (task + distillation from the
             dense model's logits); 0 = none. About 0.5 s per step for the 6-layer BERT on 2 cores.
-        rerank_top_k: after the search, the ``rerank_top_k`` best searched candidates within
-            the search budget and, alike, the ``rerank_top_k`` best uniform ones (by proxy)
-            are scored again with ``rerank_recovery_steps`` recovery steps, and the pick of
-            each is the best by that score (the others follow by proxy, should every
-            re-scored one fail re-measurement). 0 = off. Why: the proxy without recovery
+        rerank_top_k: after the search, the ``rerank_top_k`` best searched candidates (by
+            proxy) that stay within the search budget when re-timed and, alike, the
+            ``rerank_top_k`` best such uniform ones are scored again with
+            ``rerank_recovery_steps`` recovery steps, and the pick of each is the best by that
+            score (:meth:`_pick`). 0 = off. Why: the proxy without recovery
             barely ranks configurations by their accuracy after fine-tuning (scratch check
             on 17 benchmark picks: Spearman 0.11; 0.32 after 100 recovery steps), and
             recovery for every candidate costs too much (about 50 s per candidate at 100 steps).
@@ -345,7 +345,7 @@ class SwiftPruner(MaskedDistillation):
             0.30-0.65.
         verify_rounds: the chosen and the uniform candidate are re-measured this many times
             (each a median over ``latency_repeats`` forwards) before they are accepted; the
-            median of the rounds must be within budget, else the next candidate by proxy
+            median of the rounds must be within the search budget, else the next candidate by proxy
             quality is tried. Picking the best of many candidates each timed once favours
             those whose timing happened to come out low (on this machine one model's
             batch-1 timings vary by +-30% over minutes), so the pick is checked by timings
@@ -599,74 +599,63 @@ class SwiftPruner(MaskedDistillation):
         )
         return refit
 
-    def _rerank(self, candidates: list[dict], model, importance: UnitImportance, proxy: list[dict], recovery: list[dict],
-                space: SearchSpace, kind: str) -> list[dict]:
-        """Re-score the ``rerank_top_k`` best of ``candidates`` by proxy with ``rerank_recovery_steps`` recovery steps.
+    def _pick(self, candidates: list[dict], work, importance: UnitImportance, space: SearchSpace, budget: float,
+              rescore: Callable[[], Callable] | None = None, kind: str = "searched") -> tuple[dict | None, list[dict], list[dict]]:
+        """The pick among ``candidates``: re-timed within ``budget`` (ms), then best by re-ranked or plain proxy.
 
-        Each re-scored candidate dict gets ``rerank_quality`` (the proxy metric after the
-        recovery steps, from a fresh copy of ``model`` per candidate), which
-        :meth:`_verified_best` ranks first. Candidates with the same genes share one score.
+        Candidates (dicts with ``genes``, ``quality``, ``measured_ms``) are tried in order of
+        proxy quality (ties: lower timing; one per configuration). Each is timed
+        ``verify_rounds`` more times (:meth:`_measure`) and passes if the median
+        (``verified_ms``, ms, stored in the dict with the rounds in ``verify_rounds_ms``) is
+        within budget; with ``verify_rounds`` 0 every candidate passes as it is. Without
+        re-ranking the first that passes is the pick. With ``rerank_top_k`` = k the first k
+        that pass are scored again by ``rescore()`` (the proxy after ``rerank_recovery_steps``
+        recovery steps, stored as ``rerank_quality``) and the pick is the best by that score.
+        Re-timing comes first so that the recovery steps are spent only on candidates that can
+        be picked.
 
         Returns:
-            one entry per distinct re-scored configuration: heads, FFN neurons, proxy quality
-            before and after recovery, measured ms (empty when ``rerank_top_k`` is 0).
+            (the pick or None, the rejected candidates: genes, heads, FFN neurons, proxy,
+            measured and verified ms; the re-scored ones: genes, heads, FFN neurons, proxy
+            before and after recovery, measured and verified ms).
         """
-        if not self.rerank_top_k or not candidates:
-            return []
-        ranked = sorted(candidates, key=lambda r: (-r["quality"], r["measured_ms"]))
-        top: dict[tuple[int, ...], list[dict]] = {}
-        for cand in ranked:
+        wanted = self.rerank_top_k if self.rerank_top_k and rescore is not None else 1
+        passed, rejected, seen = [], [], set()
+        for cand in sorted(candidates, key=lambda r: (-r["quality"], r["measured_ms"])):
             genes = tuple(cand["genes"])
-            if genes in top or len(top) < self.rerank_top_k:
-                top.setdefault(genes, []).append(cand)
+            if genes in seen:
+                continue
+            seen.add(genes)
+            if self.verify_rounds:
+                rounds = [self._measure(work, importance, space, cand["genes"]) for _ in range(self.verify_rounds)]
+                cand["verify_rounds_ms"] = rounds
+                cand["verified_ms"] = statistics.median(rounds)
+                if cand["verified_ms"] > budget:
+                    log.info(
+                        "SwiftPruner: heads %s, FFN neurons %s timed %.3f ms in the search but %.3f ms re-measured (search "
+                        "budget %.3f ms); trying the next candidate",
+                        cand["heads"], cand["ffn_neurons"], cand["measured_ms"], cand["verified_ms"], budget,
+                    )
+                    rejected.append({k: cand[k] for k in ("genes", "heads", "ffn_neurons", "quality", "measured_ms", "verified_ms")})
+                    continue
+            passed.append(cand)
+            if len(passed) == wanted:
+                break
+        if wanted == 1 or not passed:
+            return (passed[0] if passed else None), rejected, []
         started = time.time()
-        score = self._quality_fn(model, importance, proxy, recovery[: self.rerank_recovery_steps])
-        out = []
-        for genes, same in top.items():
-            q = score(space, genes)
-            for cand in same:
-                cand["rerank_quality"] = q
-            first = same[0]
-            out.append({k: first[k] for k in ("genes", "heads", "ffn_neurons", "quality", "rerank_quality", "measured_ms")})
+        score = rescore()
+        for cand in passed:
+            cand["rerank_quality"] = score(space, tuple(cand["genes"]))
             log.info(
                 "SwiftPruner re-rank (%s): heads %s, FFN neurons %s: proxy %s %.4f -> %.4f after %d recovery steps",
-                kind, first["heads"], first["ffn_neurons"], self.proxy_metric, first["quality"], q, self.rerank_recovery_steps,
+                kind, cand["heads"], cand["ffn_neurons"], self.proxy_metric, cand["quality"], cand["rerank_quality"],
+                self.rerank_recovery_steps,
             )
-        log.info("SwiftPruner: re-ranked %d %s candidates in %.0f s", len(out), kind, time.time() - started)
-        return out
-
-    def _verified_best(self, candidates: list[dict], work, importance: UnitImportance, space: SearchSpace, budget: float) -> tuple[dict | None, list[dict]]:
-        """The best of ``candidates`` whose re-measured latency is within ``budget`` (ms).
-
-        Order: those re-scored by :meth:`_rerank` by ``rerank_quality``, then the rest by proxy
-        quality (ties: lower timing). Candidates (dicts with ``genes``, ``quality``,
-        ``measured_ms``, optionally ``rerank_quality``) are tried in that order;
-        each is timed ``verify_rounds`` more times (:meth:`_measure`) and accepted if the median
-        (``verified_ms``, ms, stored in the dict with the rounds in ``verify_rounds_ms``) is
-        within budget. With ``verify_rounds`` 0 the first is accepted as it is.
-
-        Returns:
-            (the accepted candidate or None, the rejected ones: genes, heads, FFN neurons,
-            measured and verified ms).
-        """
-        rejected = []
-        def order(r: dict) -> tuple:
-            return ("rerank_quality" not in r, -r.get("rerank_quality", r["quality"]), -r["quality"], r["measured_ms"])
-
-        for cand in sorted(candidates, key=order):
-            if not self.verify_rounds:
-                return cand, rejected
-            rounds = [self._measure(work, importance, space, cand["genes"]) for _ in range(self.verify_rounds)]
-            cand["verify_rounds_ms"] = rounds
-            cand["verified_ms"] = statistics.median(rounds)
-            if cand["verified_ms"] <= budget:
-                return cand, rejected
-            log.info(
-                "SwiftPruner: heads %s, FFN neurons %s timed %.3f ms in the search but %.3f ms re-measured (budget %.3f ms); "
-                "trying the next candidate", cand["heads"], cand["ffn_neurons"], cand["measured_ms"], cand["verified_ms"], budget,
-            )
-            rejected.append({k: cand[k] for k in ("genes", "heads", "ffn_neurons", "quality", "measured_ms", "verified_ms")})
-        return None, rejected
+        log.info("SwiftPruner: re-ranked %d %s candidates in %.0f s", len(passed), kind, time.time() - started)
+        keys = ("genes", "heads", "ffn_neurons", "quality", "rerank_quality", "measured_ms", "verified_ms")
+        rescored = [{k: c[k] for k in keys if k in c} for c in passed]
+        return max(passed, key=lambda r: (r["rerank_quality"], r["quality"])), rejected, rescored
 
     def _measure(self, work, importance: UnitImportance, space: SearchSpace, genes) -> float:
         """Direct latency (ms) of the candidate's physically shrunk model at the budget's shape.
@@ -850,8 +839,15 @@ class SwiftPruner(MaskedDistillation):
                 f"was {min(r['measured_ms'] for r in records):.3f} ms). Raise pruner.latency_budget_ms or "
                 "pruner.generations."
             )
-        reranked = self._rerank(within, model, importance, proxy_batches, recovery, space, "searched")
-        chosen, rejected = self._verified_best(within, work, importance, space, budget)
+        # The re-ranking's scorer (a fresh copy of the dense model with its recovery batches' dense logits), built when first needed
+        scorers: list[Callable] = []
+
+        def rescore() -> Callable:
+            if not scorers:
+                scorers.append(self._quality_fn(model, importance, proxy_batches, recovery[: self.rerank_recovery_steps]))
+            return scorers[0]
+
+        chosen, rejected, reranked = self._pick(within, work, importance, space, budget, rescore, "searched")
         if within and chosen is None:
             self._no_pick(
                 f"None of the {len(within)} candidates timed within the search budget {budget:.3f} ms stayed within it when "
@@ -870,9 +866,9 @@ class SwiftPruner(MaskedDistillation):
             if ms <= budget:
                 entry["quality"] = cached_quality(tuple(genes))
             uniform.append(entry)
-        uniform_within = [u for u in uniform if "quality" in u]
-        reranked_uniform = self._rerank(uniform_within, model, importance, proxy_batches, recovery, space, "uniform")
-        best_uniform, rejected_uniform = self._verified_best(uniform_within, work, importance, space, budget)
+        best_uniform, rejected_uniform, reranked_uniform = self._pick(
+            [u for u in uniform if "quality" in u], work, importance, space, budget, rescore, "uniform"
+        )
         del work
         self._timing_reference = None  # timing is over; do not hold on to the dense model
         if best_uniform is None:

@@ -437,14 +437,24 @@ def test_margin_below_the_smallest_latency_is_a_config_error_naming_the_budget_t
         pruner.run_search(model, dm)
 
 
-def test_rerank_re_scores_the_top_k_searched_and_uniform_candidates_and_picks_by_that(tiny_setup, monkeypatch):
+def test_rerank_re_scores_the_top_k_re_timed_candidates_and_picks_by_that(tiny_setup, monkeypatch):
     """``rerank_top_k``: the k best searched and the k best uniform candidates (by the plain proxy)
-    are scored again after ``rerank_recovery_steps`` recovery steps, and each pick is the best by
-    that score even where the plain proxy ranked it lower."""
+    that stay within the search budget when re-timed are scored again after
+    ``rerank_recovery_steps`` recovery steps, and each pick is the best by that score even where
+    the plain proxy ranked it lower. A candidate that fails re-timing is not re-scored."""
     dm, teacher_ckpt, _ = tiny_setup
     dm.setup("fit")
     model = BertClassifier.load_from_checkpoint(teacher_ckpt).model
-    monkeypatch.setattr(SwiftPruner, "_measure", lambda self, work, importance, space, genes: 50.0)
+    unlucky: set = set()
+    timed: set = set()
+
+    def fake_measure(self, work, importance, space, genes):
+        genes = tuple(genes)
+        repeat = genes in timed
+        timed.add(genes)
+        return 150.0 if repeat and genes in unlucky else 50.0  # the unlucky are over budget when re-timed
+
+    monkeypatch.setattr(SwiftPruner, "_measure", fake_measure)
     recovery_lengths = []
     real_quality_fn = SwiftPruner._quality_fn
 
@@ -453,23 +463,28 @@ def test_rerank_re_scores_the_top_k_searched_and_uniform_candidates_and_picks_by
         plain = real_quality_fn(self, model, importance, proxy, [])
         if not recovery:
             return plain
-        # the re-scoring reverses the plain proxy's order, so its pick is the k-th best by proxy
+        # the re-scoring reverses the plain proxy's order, so its pick is the k-th best that passed
         return lambda space, genes: -plain(space, genes)
 
     monkeypatch.setattr(SwiftPruner, "_quality_fn", quality_fn)
+    kw = dict(latency_budget_ms=100.0, calibration_models=0, search_seed=2, verify_rounds=1)
+    best = _pruner(teacher_ckpt, **kw).run_search(model, dm)["chosen"]
+    unlucky.add(tuple(best["genes"]))
+    timed.clear()
+    recovery_lengths.clear()
     k = 3
-    result = _pruner(teacher_ckpt, latency_budget_ms=100.0, calibration_models=0, search_seed=2, verify_rounds=1,
-                     rerank_top_k=k, rerank_recovery_steps=2).run_search(model, dm)
-    assert recovery_lengths == [0, 2, 2]  # the search's proxy, then one re-scoring each for searched and uniform
+    result = _pruner(teacher_ckpt, rerank_top_k=k, rerank_recovery_steps=2, **kw).run_search(model, dm)
+    assert recovery_lengths == [0, 2]  # the search's proxy, then one re-scorer for searched and uniform
     assert result["rerank"]["top_k"] == k and result["rerank"]["recovery_steps"] == 2
+    assert [r["genes"] for r in result["verification"]["rejected"]] == [best["genes"]]
     for kind, pool, pick in (("searched", result["candidates"], result["chosen"]),
                              ("uniform", [u for u in result["uniform_candidates"] if "quality" in u], result["uniform"])):
-        distinct = {tuple(r["genes"]): r["quality"] for r in pool}
+        distinct = {tuple(r["genes"]): r["quality"] for r in pool if tuple(r["genes"]) not in unlucky}
         top = sorted(distinct.values(), reverse=True)[:k]
         rescored = result["rerank"][kind]
         assert len(rescored) == min(k, len(distinct))
-        assert sorted((r["quality"] for r in rescored), reverse=True) == top
-        assert all(r["rerank_quality"] == -r["quality"] for r in rescored)
+        assert [r["quality"] for r in rescored] == top
+        assert all(r["rerank_quality"] == -r["quality"] and r["verified_ms"] == 50.0 for r in rescored)
         assert pick["rerank_quality"] == max(r["rerank_quality"] for r in rescored)
         assert pick["quality"] == min(top)
 
