@@ -31,6 +31,7 @@ checkpoints; a resumed fit does not search again.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -600,7 +601,7 @@ class SwiftPruner(MaskedDistillation):
         return refit
 
     def _pick(self, candidates: list[dict], work, importance: UnitImportance, space: SearchSpace, budget: float,
-              rescore: Callable[[], Callable] | None = None, kind: str = "searched") -> tuple[dict | None, list[dict], list[dict]]:
+              rescore: Callable[[], Callable], kind: str) -> tuple[dict | None, list[dict], list[dict]]:
         """The pick among ``candidates``: re-timed within ``budget`` (ms), then best by re-ranked or plain proxy.
 
         Candidates (dicts with ``genes``, ``quality``, ``measured_ms``) are tried in order of
@@ -619,7 +620,7 @@ class SwiftPruner(MaskedDistillation):
             measured and verified ms; the re-scored ones: genes, heads, FFN neurons, proxy
             before and after recovery, measured and verified ms).
         """
-        wanted = self.rerank_top_k if self.rerank_top_k and rescore is not None else 1
+        wanted = self.rerank_top_k or 1
         passed, rejected, seen = [], [], set()
         for cand in sorted(candidates, key=lambda r: (-r["quality"], r["measured_ms"])):
             genes = tuple(cand["genes"])
@@ -641,7 +642,7 @@ class SwiftPruner(MaskedDistillation):
             passed.append(cand)
             if len(passed) == wanted:
                 break
-        if wanted == 1 or not passed:
+        if not self.rerank_top_k or not passed:
             return (passed[0] if passed else None), rejected, []
         started = time.time()
         score = rescore()
@@ -839,13 +840,9 @@ class SwiftPruner(MaskedDistillation):
                 f"was {min(r['measured_ms'] for r in records):.3f} ms). Raise pruner.latency_budget_ms or "
                 "pruner.generations."
             )
-        # The re-ranking's scorer (a fresh copy of the dense model with its recovery batches' dense logits), built when first needed
-        scorers: list[Callable] = []
-
-        def rescore() -> Callable:
-            if not scorers:
-                scorers.append(self._quality_fn(model, importance, proxy_batches, recovery[: self.rerank_recovery_steps]))
-            return scorers[0]
+        # The re-ranking's scorer (a copy of the dense model and its logits on the recovery batches): built
+        # once, when the searched or the uniform pick first needs it.
+        rescore = functools.cache(lambda: self._quality_fn(model, importance, proxy_batches, recovery[: self.rerank_recovery_steps]))
 
         chosen, rejected, reranked = self._pick(within, work, importance, space, budget, rescore, "searched")
         if within and chosen is None:
