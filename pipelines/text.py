@@ -167,6 +167,33 @@ def served_model(module: BertClassifier) -> BertClassifier:
     return served
 
 
+def finetune_under_masks(
+    cfg: DictConfig, phase: str, teacher_ckpt: str, pruner, datamodule, **trainer_overrides
+) -> tuple[str, BertClassifier, dict[str, float]]:
+    """Fine-tune the dense checkpoint under a fixed-mask pruner in its own phase; test the served copy.
+
+    Args:
+        cfg: the run's config (trainer, callbacks, loggers, paths).
+        phase: phase name (checkpoints under ``checkpoints/<phase>``, logger run name).
+        teacher_ckpt: the dense ``BertClassifier`` checkpoint the student starts from.
+        pruner: a :class:`pruners.swiftpruner.MaskedDistillation` (its masks, loss and
+            ``model_lr``; its teacher is loaded from ``teacher_ckpt`` if not set).
+        datamodule: a set-up text data module.
+        trainer_overrides: e.g. ``max_epochs``.
+
+    Returns:
+        (best checkpoint path, the served model from it (masked units physically removed),
+        its test-split metrics as in :func:`evaluate_test_split`).
+    """
+    student = BertClassifier.load_from_checkpoint(teacher_ckpt, map_location="cpu")
+    if pruner.model_lr:
+        student.hparams.lr = pruner.model_lr
+    path, _ = fit_phase(cfg, phase, student, datamodule, pruner.monitor, extra_callbacks=[pruner], **trainer_overrides)
+    del student
+    served = served_model(BertClassifier.load_from_checkpoint(path, map_location="cpu"))
+    return str(path), served, evaluate_test_split(cfg, served, datamodule)
+
+
 def add_search_results(results: dict[str, Any], pruner, out_dir: Path) -> None:
     """Put a SwiftPruner search into ``results["search"]``, write its full history and its Pareto plot.
 
@@ -245,17 +272,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             add_search_results(results, pruner, out_dir)
             baseline = pruner.uniform_pruner()
             if baseline is not None:
-                student = BertClassifier.load_from_checkpoint(teacher_ckpt, map_location="cpu")
-                if baseline.model_lr:
-                    student.hparams.lr = baseline.model_lr
-                path, _ = fit_phase(cfg, "uniform", student, datamodule, baseline.monitor, extra_callbacks=[baseline], **overrides)
-                del student
-                uniform = served_model(BertClassifier.load_from_checkpoint(path, map_location="cpu"))
-                results["uniform"] = {
-                    "checkpoint": str(path),
-                    "metrics": evaluate_test_split(cfg, uniform, datamodule),
-                    "search": pruner.result["uniform"],
-                }
+                path, uniform, metrics = finetune_under_masks(cfg, "uniform", teacher_ckpt, baseline, datamodule, **overrides)
+                results["uniform"] = {"checkpoint": path, "metrics": metrics, "search": pruner.result["uniform"]}
                 models["uniform"] = uniform
 
     latency, proto = time_models(

@@ -936,10 +936,21 @@ class SwiftPruner(MaskedDistillation):
         """The uniform baseline's fine-tuning: same teacher and loss, the best uniform masks (None if none)."""
         if self.result is None or self.result["uniform"] is None:
             return None
-        hm, nm = self.masks_of(self.result["uniform"]["genes"])
-        pruner = MaskedDistillation(
-            hm,
-            nm,
+        pruner = self.masked_finetuner(*self.masks_of(self.result["uniform"]["genes"]), name="uniform")
+        pruner.teacher = self.teacher
+        return pruner
+
+    def masked_finetuner(self, head_masks: torch.Tensor, neuron_masks: torch.Tensor, name: str) -> MaskedDistillation:
+        """A :class:`MaskedDistillation` with these masks and this pruner's fine-tuning settings
+        (teacher checkpoint, epochs, loss weights, temperature, learning rate).
+
+        Args:
+            head_masks: (L, A) float 0/1; neuron_masks: (L, I) float 0/1.
+            name: the fine-tuning's metric and state name.
+        """
+        return MaskedDistillation(
+            head_masks,
+            neuron_masks,
             teacher_ckpt=self.teacher_ckpt,
             teacher_epochs=self.teacher_epochs,
             finetune_epochs=self.finetune_epochs,
@@ -947,10 +958,8 @@ class SwiftPruner(MaskedDistillation):
             task_weight=self.task_weight,
             kd_temperature=self.kd_temperature,
             model_lr=self.model_lr,
-            name="uniform",
+            name=name,
         )
-        pruner.teacher = self.teacher
-        return pruner
 
     # ------------------------------------------------------- Lightning hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

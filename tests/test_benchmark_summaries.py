@@ -93,3 +93,37 @@ def test_interleaved_ratios_rejects_bad_arguments():
         retime.interleaved_ratios(["dense"], lambda n: 1.0, rounds=0)
     with pytest.raises(ValueError, match="reference"):
         retime.interleaved_ratios(["a"], lambda n: 1.0, rounds=1)
+
+
+_ft_spec = importlib.util.spec_from_file_location(
+    "swiftpruner_finetune_seeds", Path(__file__).resolve().parents[1] / "benchmarks" / "swiftpruner_finetune_seeds.py"
+)
+finetune_seeds = importlib.util.module_from_spec(_ft_spec)
+_ft_spec.loader.exec_module(finetune_seeds)
+
+
+def test_finetune_seed_summary_known_values():
+    runs = [
+        {"seed": 0, "searched": [0.82, 0.80, 0.81], "uniform": [0.80, 0.80, 0.79]},  # means 0.81 vs 0.7967
+        {"seed": 1, "searched": [0.80, 0.79, 0.78], "uniform": [0.81, 0.80, 0.79]},  # means 0.79 vs 0.80
+    ]
+    out = finetune_seeds.finetune_seed_summary(runs)
+    assert [p["difference_points"] for p in out["per_seed"]] == pytest.approx([4 / 3, -1.0])
+    assert out["per_seed"][0]["paired_differences_points"] == pytest.approx([2.0, 0.0, 2.0])
+    assert out["mean_difference_points"] == pytest.approx(1 / 6)
+    assert out["standard_error"] == pytest.approx(abs(4 / 3 + 1) / 2)  # two values: SD = |a - b| / sqrt 2
+    assert (out["searched_higher"], out["searched_lower"]) == (1, 1)
+    assert (out["pairs_searched_higher"], out["pairs_searched_lower"]) == (2, 3)
+    # Sample variances (points^2) of the four picks: 1, 1/3, 1, 1 -> pooled SD sqrt(5/6).
+    assert out["finetune_sd_points"] == pytest.approx(math.sqrt((1 + 1 / 3 + 1 + 1) / 4))
+    assert out["finetune_noise_sd_of_difference_points"] == pytest.approx(math.sqrt(5 / 6) * math.sqrt(2 / 3))
+
+
+def test_finetune_seed_summary_single_values_and_bad_input():
+    one = finetune_seeds.finetune_seed_summary([{"seed": 0, "searched": [0.8], "uniform": [0.7]}])
+    assert one["mean_difference_points"] == pytest.approx(10.0)
+    assert one["standard_error"] is None and one["finetune_sd_points"] is None
+    with pytest.raises(ValueError, match="at least one"):
+        finetune_seeds.finetune_seed_summary([])
+    with pytest.raises(ValueError, match="same number"):
+        finetune_seeds.finetune_seed_summary([{"seed": 3, "searched": [0.8, 0.7], "uniform": [0.7]}])
