@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 _spec = importlib.util.spec_from_file_location(
     "swiftpruner_search", Path(__file__).resolve().parents[1] / "benchmarks" / "swiftpruner_search.py"
@@ -127,3 +128,35 @@ def test_finetune_seed_summary_single_values_and_bad_input():
         finetune_seeds.finetune_seed_summary([])
     with pytest.raises(ValueError, match="same number"):
         finetune_seeds.finetune_seed_summary([{"seed": 3, "searched": [0.8, 0.7], "uniform": [0.7]}])
+
+
+_proxy_spec = importlib.util.spec_from_file_location(
+    "swiftpruner_proxy_study", Path(__file__).resolve().parents[1] / "benchmarks" / "swiftpruner_proxy_study.py"
+)
+proxy_study = importlib.util.module_from_spec(_proxy_spec)
+_proxy_spec.loader.exec_module(proxy_study)
+
+
+def test_proxy_agreement_known_values():
+    picks = [
+        {"run": "a", "score": 0.9, "test": 0.82}, {"run": "a", "score": 0.8, "test": 0.81},  # agrees
+        {"run": "b", "score": 0.7, "test": 0.83}, {"run": "b", "score": 0.6, "test": 0.84},  # disagrees
+        {"run": "c", "score": 0.5, "test": 0.80}, {"run": "c", "score": 0.4, "test": 0.80},  # tie in test: not counted
+    ]
+    out = proxy_study.agreement(picks, "score")
+    assert (out["pairs_agree"], out["pairs"]) == (1, 2)
+    # Ranks of score 6..1 against test ranks 4, 3, 5, 6, 1.5, 1.5: Pearson of the ranks.
+    rs, rt = torch.tensor([6, 5, 4, 3, 2, 1.0]), torch.tensor([4, 3, 5, 6, 1.5, 1.5])
+    expected = float(torch.corrcoef(torch.stack([rs, rt]))[0, 1])
+    assert out["spearman"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="at least 3"):
+        proxy_study.agreement(picks[:2], "score")
+
+
+def test_proxies_of_the_teacher_itself():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 1.0], [-1.0, 3.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 1])
+    out = proxy_study.proxies(logits, labels, logits)
+    assert out["accuracy"] == pytest.approx(0.75)
+    assert out["neg_kl_t1"] == pytest.approx(0.0, abs=1e-6) and out["neg_kl_t2"] == pytest.approx(0.0, abs=1e-6)
+    assert out["neg_ce"] == pytest.approx(-float(torch.nn.functional.cross_entropy(logits, labels)))
