@@ -32,15 +32,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from modules.bert_classifier import BertClassifier  # noqa: E402
 from pipelines.common import build, register_resolvers, write_results  # noqa: E402
 from pipelines.text import finetune_under_masks  # noqa: E402
+from swiftpruner_search import compose_config, finished_results  # noqa: E402
 
 log = logging.getLogger("swiftpruner_finetune_seeds")
 PICKS = {"searched": "pruned", "uniform": "uniform"}  # pick -> its phase (and results.json key) in a run
@@ -136,14 +136,9 @@ def finetune_again(run_dir: Path, finetune_seed: int, threads: int) -> dict:
     out = run_dir / f"finetune_seed{finetune_seed}"
     overrides = [o for o in base["benchmark_overrides"] if not o.startswith(("seed=", "paths.output_dir="))]
     overrides += [f"seed={finetune_seed}", f"paths.output_dir={out}"]
-    done = out / "results.json"
-    if done.is_file():
-        previous = json.loads(done.read_text())
-        if previous.get("benchmark_overrides") == overrides:
-            return previous
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("config", overrides=["model=bert", "logger=csv", *overrides])
+    if (previous := finished_results(out, overrides)) is not None:
+        return previous
+    cfg = compose_config(overrides)
     torch.set_num_threads(threads)
     L.seed_everything(finetune_seed, workers=True)
     datamodule = build(cfg.data)

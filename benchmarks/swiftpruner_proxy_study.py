@@ -10,8 +10,9 @@ them after it. This study takes every searched and uniform pick of the given
 fine-tuned checkpoints), applies them to the dense teacher, and scores each on the whole
 validation split with several proxies: accuracy, ROC AUC, minus cross-entropy and minus
 the distillation KL to the teacher at temperature 1 and 2, each without recovery and
-after ``--recovery-steps`` steps of the fine-tuning's loss (task + distillation at T = 2)
-on one fixed set of training batches. Each pick's target is its test accuracy after
+after ``--recovery-steps`` steps of the fine-tuning's loss (task + distillation at T = 2,
+:meth:`pruners.swiftpruner.SwiftPruner.recover`, the search's own recovery) on one fixed
+set of training batches. Each pick's target is its test accuracy after
 fine-tuning, the mean over its fine-tunings when ``<bench dir>_finetune_seeds.json``
 (``benchmarks/swiftpruner_finetune_seeds.py``) exists. Figures per proxy: the Spearman
 rank correlation with the target over all picks, and in how many runs the proxy orders
@@ -130,7 +131,8 @@ def main() -> None:
         parser.error(f"the runs have different dense teachers {sorted(teachers)}; give runs of one teacher")
     teacher_ckpt = teachers.pop()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("config", overrides=["model=bert"])
+        cfg = compose("config", overrides=["model=bert", "pruner=swiftpruner", f"pruner.teacher_ckpt={teacher_ckpt}"])
+    swift = build(cfg.pruner)  # its recovery steps: the fine-tuning's loss and learning rate
     dm = build(cfg.data)
     dm.setup("fit")
     val = dm.datasets["validation"]
@@ -156,15 +158,7 @@ def main() -> None:
         small = shrink_structured(work).eval()
         with torch.inference_mode():
             p["proxy"] = proxies(torch.cat([forward(small, b) for b in val_batches]), labels, teacher_val)
-        small.train()
-        opt = torch.optim.AdamW(small.parameters(), lr=float(cfg.pruner.get("model_lr") or 5e-5))
-        for b, t in zip(recovery, teacher_rec):
-            logits = forward(small, b)
-            loss = F.cross_entropy(logits, b["labels"]) + kd_loss(logits, t, 2.0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        small.eval()
+        swift.recover(small, recovery, teacher_rec)
         with torch.inference_mode():
             p["proxy_recovered"] = proxies(torch.cat([forward(small, b) for b in val_batches]), labels, teacher_val)
         print(Path(p["run"]).name, p["pick"], round(p["test"], 4), {k: round(v, 4) for k, v in p["proxy"].items()}, flush=True)

@@ -62,6 +62,23 @@ import run  # noqa: E402
 from pipelines.common import write_results  # noqa: E402
 
 
+def compose_config(overrides: list[str]):
+    """The real config (``conf/``) for ``model=bert logger=csv`` plus ``overrides`` (Hydra syntax)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return compose("config", overrides=["model=bert", "logger=csv", *overrides])
+
+
+def finished_results(out_dir: Path, overrides: list[str]) -> dict | None:
+    """The results.json in ``out_dir`` if it was written with the same ``benchmark_overrides``, else None."""
+    done = Path(out_dir) / "results.json"
+    if done.is_file():
+        results = json.loads(done.read_text())
+        if results.get("benchmark_overrides") == overrides:
+            return results
+    return None
+
+
 def run_job(overrides: list[str], reuse: bool = False) -> dict:
     """Compose the real config with ``overrides``, run it, return its results dict.
 
@@ -69,15 +86,9 @@ def run_job(overrides: list[str], reuse: bool = False) -> dict:
     overrides is not run again (its results are read).
     """
     out_dir = Path(next(o for o in overrides if o.startswith("paths.output_dir=")).split("=", 1)[1])
-    done = out_dir / "results.json"
-    if reuse and done.is_file():
-        results = json.loads(done.read_text())
-        if results.get("benchmark_overrides") == overrides:
-            return results
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("config", overrides=["model=bert", "logger=csv", *overrides])
-    results = run.train(cfg)
+    if reuse and (results := finished_results(out_dir, overrides)) is not None:
+        return results
+    results = run.train(compose_config(overrides))
     results["benchmark_overrides"] = overrides
     write_results(out_dir, results)
     return results

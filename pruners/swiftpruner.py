@@ -538,20 +538,33 @@ class SwiftPruner(MaskedDistillation):
             work.set_structured_masks(hm, nm)
             small = shrink_structured(work)
             if recovery:
-                small.train()
-                opt = torch.optim.AdamW(small.parameters(), lr=self.model_lr or 5e-5)
-                for b, teacher_logits in zip(recovery, dense_logits):
-                    logits = small(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits
-                    loss, _ = self.distillation_loss(F.cross_entropy(logits, b["labels"]), logits, teacher_logits)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                small.eval()
+                self.recover(small, recovery, dense_logits)
             with torch.inference_mode():
                 logits = torch.cat([small(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits for b in proxy])
             return proxy_score(logits, labels, self.proxy_metric)
 
         return quality
+
+    def recover(self, model: nn.Module, batches: list[dict], teacher_logits: list[torch.Tensor]) -> None:
+        """A few recovery steps of a masked or shrunk model, in place: one AdamW step per batch.
+
+        The loss is the final fine-tuning's (task cross-entropy + distillation, :meth:`distillation_loss`)
+        at ``model_lr`` (5e-5 if unset); the model is left in eval mode.
+
+        Args:
+            model: a :class:`~modules.bert.PrunableBertForSequenceClassification`.
+            batches: training batches (``input_ids``, ``attention_mask``, ``labels``; (B, N)).
+            teacher_logits: the dense teacher's (B, C) logits on each batch, in order.
+        """
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=self.model_lr or 5e-5)
+        for b, teacher in zip(batches, teacher_logits):
+            logits = model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits
+            loss, _ = self.distillation_loss(F.cross_entropy(logits, b["labels"]), logits, teacher)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
 
     def _load_table(self, space: SearchSpace) -> LatencyTable:
         """The lookup table saved by an earlier run (``pruner.latency_table``), checked against this search.

@@ -7,11 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-_spec = importlib.util.spec_from_file_location(
-    "swiftpruner_search", Path(__file__).resolve().parents[1] / "benchmarks" / "swiftpruner_search.py"
-)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as a module (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_benchmark("swiftpruner_search")
 
 
 def test_evaluations_to_reach_is_one_based_and_none_when_never():
@@ -63,11 +68,7 @@ def test_accuracy_gap_known_values():
         bench.accuracy_gap([])
 
 
-_retime_spec = importlib.util.spec_from_file_location(
-    "swiftpruner_retime", Path(__file__).resolve().parents[1] / "benchmarks" / "swiftpruner_retime.py"
-)
-retime = importlib.util.module_from_spec(_retime_spec)
-_retime_spec.loader.exec_module(retime)
+retime = load_benchmark("swiftpruner_retime")
 
 
 def test_interleaved_ratios_rotate_the_order_and_cancel_drift():
@@ -96,11 +97,7 @@ def test_interleaved_ratios_rejects_bad_arguments():
         retime.interleaved_ratios(["a"], lambda n: 1.0, rounds=1)
 
 
-_ft_spec = importlib.util.spec_from_file_location(
-    "swiftpruner_finetune_seeds", Path(__file__).resolve().parents[1] / "benchmarks" / "swiftpruner_finetune_seeds.py"
-)
-finetune_seeds = importlib.util.module_from_spec(_ft_spec)
-_ft_spec.loader.exec_module(finetune_seeds)
+finetune_seeds = load_benchmark("swiftpruner_finetune_seeds")
 
 
 def test_finetune_seed_summary_known_values():
@@ -130,11 +127,7 @@ def test_finetune_seed_summary_single_values_and_bad_input():
         finetune_seeds.finetune_seed_summary([{"seed": 3, "searched": [0.8, 0.7], "uniform": [0.7]}])
 
 
-_proxy_spec = importlib.util.spec_from_file_location(
-    "swiftpruner_proxy_study", Path(__file__).resolve().parents[1] / "benchmarks" / "swiftpruner_proxy_study.py"
-)
-proxy_study = importlib.util.module_from_spec(_proxy_spec)
-_proxy_spec.loader.exec_module(proxy_study)
+proxy_study = load_benchmark("swiftpruner_proxy_study")
 
 
 def test_proxy_agreement_known_values():
