@@ -5,12 +5,13 @@
     # writes benchmarks/results/swiftpruner_search_margin_rerank_finetune_seeds.json
 
 Why: the benchmark's second figure (searched minus uniform test accuracy) compares two
-models each fine-tuned once, and one fine-tuning's test accuracy moves by about a point
-with the seed (data order, dropout) alone, as much as the differences being compared.
-This study keeps each run's picks (the exact head and FFN-neuron masks, read from the
-run's fine-tuned checkpoints) and fine-tunes both again from the same dense teacher with
-the run's own settings (task loss + distillation, ``pruner.finetune_epochs``, best
-checkpoint by validation accuracy), once per ``--finetune-seeds`` value. The searched and
+models each fine-tuned once, so it mixes real differences between the picks with the
+fine-tuning seed's noise (data order, dropout). This study separates the two (on the
+margin benchmark's picks the seed moved one pick's accuracy by 0.25 points SD). It keeps
+each run's picks (the exact head and FFN-neuron masks, read from the run's fine-tuned
+checkpoints) and fine-tunes both again from the same dense teacher with the run's own
+settings (task loss + distillation, ``pruner.finetune_epochs``, best checkpoint by
+validation accuracy), once per ``--finetune-seeds`` value. The searched and
 the uniform pick get the same seed (same data order), so each pair is a paired comparison.
 Each pick's accuracy is then the mean over the original fine-tuning and these.
 
