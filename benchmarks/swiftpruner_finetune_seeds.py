@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from modules.bert_classifier import BertClassifier  # noqa: E402
 from pipelines.common import build, register_resolvers, write_results  # noqa: E402
 from pipelines.text import finetune_under_masks  # noqa: E402
-from swiftpruner_search import compose_config, finished_results  # noqa: E402
+from swiftpruner_search import benchmark_runs, compose_config, finished_results, standard_error  # noqa: E402
 
 log = logging.getLogger("swiftpruner_finetune_seeds")
 PICKS = {"searched": "pruned", "uniform": "uniform"}  # pick -> its phase (and results.json key) in a run
@@ -96,7 +96,7 @@ def finetune_seed_summary(runs: list[dict]) -> dict:
         "seeds": len(per_seed),
         "per_seed": per_seed,
         "mean_difference_points": statistics.mean(diffs),
-        "standard_error": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None,
+        "standard_error": standard_error(diffs),
         "searched_higher": sum(d > 0 for d in diffs),
         "searched_lower": sum(d < 0 for d in diffs),
         "pairs_searched_higher": sum(d > 0 for d in pairs),
@@ -158,7 +158,6 @@ def finetune_again(run_dir: Path, finetune_seed: int, threads: int) -> dict:
                              f"{reported['heads']} / {reported['ffn_neurons']}.")
         L.seed_everything(finetune_seed, workers=True)  # same data order and dropout for both picks
         finetuner = swift.masked_finetuner(heads, neurons, pick)
-        finetuner.teacher = swift.teacher
         path, _, metrics = finetune_under_masks(cfg, phase, teacher, finetuner, datamodule, max_epochs=swift.finetune_epochs)
         results[pick] = {"checkpoint": path, "metrics": metrics, "heads": kept[0], "ffn_neurons": kept[1]}
         log.info("%s, fine-tuning seed %d, %s: test accuracy %.4f", run_dir.name, finetune_seed, pick, metrics["accuracy"])
@@ -179,7 +178,7 @@ def main() -> None:
     register_resolvers()
     bench = Path(args.bench_dir)
     if args.seeds is None:
-        runs = sorted((p for p in bench.glob("seed*") if (p / "results.json").is_file()), key=lambda p: int(p.name[4:]))
+        runs = benchmark_runs(bench)
     else:
         runs = [bench / f"seed{s}" for s in args.seeds]
     if not runs:

@@ -35,7 +35,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from torchmetrics.functional import spearman_corrcoef  # noqa: E402
 
 from modules.bert_classifier import BertClassifier  # noqa: E402
@@ -44,6 +43,7 @@ from pipelines.common import build, register_resolvers  # noqa: E402
 from pruners.distillation import kd_loss  # noqa: E402
 from pruners.swiftpruner import proxy_score  # noqa: E402
 from swiftpruner_finetune_seeds import PICKS, pick_masks  # noqa: E402
+from swiftpruner_search import benchmark_runs, compose_config  # noqa: E402
 
 
 def proxies(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
@@ -93,22 +93,24 @@ def agreement(picks: list[dict], score: str) -> dict:
     return {"spearman": rho, "pairs_agree": agree, "pairs": len(pairs)}
 
 
-def load_picks(bench_dirs: list[Path]) -> list[dict]:
-    """Every run's searched and uniform pick: run folder, pick, checkpoint, test accuracy and its fine-tunings."""
-    picks = []
+def load_picks(bench_dirs: list[Path]) -> tuple[list[dict], set[str]]:
+    """Every run's searched and uniform pick (run folder, pick, checkpoint, test accuracy and its
+    fine-tunings), and the set of the runs' dense teacher checkpoints."""
+    picks, teachers = [], set()
     for bench in bench_dirs:
         seeds_file = bench.parent / f"{bench.name}_finetune_seeds.json"
         averaged = {}
         if seeds_file.is_file():
             averaged = {e["seed"]: e for e in json.loads(seeds_file.read_text())["test_accuracy"]}
-        for run_file in sorted(bench.glob("seed*/results.json"), key=lambda p: int(p.parent.name[4:])):
-            results = json.loads(run_file.read_text())
-            seed = int(run_file.parent.name[4:])
+        for run_dir in benchmark_runs(bench):
+            results = json.loads((run_dir / "results.json").read_text())
+            seed = int(run_dir.name[4:])
+            teachers.add(results["dense"]["checkpoint"])
             for pick, phase in PICKS.items():
                 accs = averaged[seed][pick] if seed in averaged else [results[phase]["metrics"]["accuracy"]]
-                picks.append({"run": str(run_file.parent), "pick": pick, "checkpoint": results[phase]["checkpoint"],
+                picks.append({"run": str(run_dir), "pick": pick, "checkpoint": results[phase]["checkpoint"],
                               "test": sum(accs) / len(accs), "finetunings": len(accs)})
-    return picks
+    return picks, teachers
 
 
 def main() -> None:
@@ -123,15 +125,13 @@ def main() -> None:
     register_resolvers()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    picks = load_picks([Path(b) for b in args.bench_dirs])
+    picks, teachers = load_picks([Path(b) for b in args.bench_dirs])
     if len(picks) < 3:
         parser.error("found fewer than 3 picks: give benchmarks/swiftpruner_search.py output folders (seed<N>/results.json)")
-    teachers = {json.loads((Path(p["run"]) / "results.json").read_text())["dense"]["checkpoint"] for p in picks}
     if len(teachers) != 1:
         parser.error(f"the runs have different dense teachers {sorted(teachers)}; give runs of one teacher")
     teacher_ckpt = teachers.pop()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose("config", overrides=["model=bert", "pruner=swiftpruner", f"pruner.teacher_ckpt={teacher_ckpt}"])
+    cfg = compose_config(["pruner=swiftpruner", f"pruner.teacher_ckpt={teacher_ckpt}"])
     swift = build(cfg.pruner)  # its recovery steps: the fine-tuning's loss and learning rate
     dm = build(cfg.data)
     dm.setup("fit")

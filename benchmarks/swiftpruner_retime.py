@@ -26,12 +26,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
 from modules.bert_classifier import BertClassifier  # noqa: E402
 from pipelines.text import served_model  # noqa: E402
 from pruners.latency_table import measure_model_ms  # noqa: E402
+from swiftpruner_search import benchmark_runs  # noqa: E402
 
 
 def interleaved_ratios(names: list[str], time_once: Callable[[str], float], rounds: int, reference: str = "dense") -> dict:
@@ -100,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bench = Path(args.benchmark_dir)
-    runs = sorted(p.parent for p in bench.glob("seed*/results.json"))
+    runs = benchmark_runs(bench)
     if not runs:
         raise SystemExit(f"{bench} holds no seed*/results.json; give the --out folder of benchmarks/swiftpruner_search.py")
     per_run = [retime_run(p, args.rounds, args.warmup, args.repeats) for p in runs]

@@ -79,6 +79,11 @@ def finished_results(out_dir: Path, overrides: list[str]) -> dict | None:
     return None
 
 
+def benchmark_runs(bench: Path) -> list[Path]:
+    """The ``seed<N>`` run folders of a benchmark output that hold a results.json, by seed."""
+    return sorted((p.parent for p in Path(bench).glob("seed*/results.json")), key=lambda p: int(p.name[4:]))
+
+
 def run_job(overrides: list[str], reuse: bool = False) -> dict:
     """Compose the real config with ``overrides``, run it, return its results dict.
 

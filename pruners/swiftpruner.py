@@ -329,9 +329,10 @@ class SwiftPruner(MaskedDistillation):
             ``rerank_top_k`` best such uniform ones are scored again with
             ``rerank_recovery_steps`` recovery steps, and the pick of each is the best by that
             score (:meth:`_pick`). 0 = off. Why: the proxy without recovery
-            barely ranks configurations by their accuracy after fine-tuning (scratch check
-            on 17 benchmark picks: Spearman 0.11; 0.32 after 100 recovery steps), and
-            recovery for every candidate costs too much (about 50 s per candidate at 100 steps).
+            barely ranks configurations by their accuracy after fine-tuning
+            (``benchmarks/swiftpruner_proxy_study.py`` on 24 benchmark picks: Spearman 0.27 for
+            AUROC; 0.13-0.47 after 100 recovery steps, depending on the score), and recovery
+            for every candidate costs too much (about 50 s per candidate at 100 steps).
         rerank_recovery_steps: recovery steps (as ``proxy_recovery_steps``) of the re-scoring.
         calibration_models: random configurations whose shrunk models are measured
             directly before the search to refit the lookup table's scale and fixed part
@@ -949,19 +950,18 @@ class SwiftPruner(MaskedDistillation):
         """The uniform baseline's fine-tuning: same teacher and loss, the best uniform masks (None if none)."""
         if self.result is None or self.result["uniform"] is None:
             return None
-        pruner = self.masked_finetuner(*self.masks_of(self.result["uniform"]["genes"]), name="uniform")
-        pruner.teacher = self.teacher
-        return pruner
+        return self.masked_finetuner(*self.masks_of(self.result["uniform"]["genes"]), name="uniform")
 
     def masked_finetuner(self, head_masks: torch.Tensor, neuron_masks: torch.Tensor, name: str) -> MaskedDistillation:
         """A :class:`MaskedDistillation` with these masks and this pruner's fine-tuning settings
-        (teacher checkpoint, epochs, loss weights, temperature, learning rate).
+        (teacher checkpoint, epochs, loss weights, temperature, learning rate); it shares this
+        pruner's teacher when one is loaded.
 
         Args:
             head_masks: (L, A) float 0/1; neuron_masks: (L, I) float 0/1.
             name: the fine-tuning's metric and state name.
         """
-        return MaskedDistillation(
+        finetuner = MaskedDistillation(
             head_masks,
             neuron_masks,
             teacher_ckpt=self.teacher_ckpt,
@@ -973,6 +973,8 @@ class SwiftPruner(MaskedDistillation):
             model_lr=self.model_lr,
             name=name,
         )
+        finetuner.teacher = self.teacher
+        return finetuner
 
     # ------------------------------------------------------- Lightning hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
