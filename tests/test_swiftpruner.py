@@ -357,6 +357,47 @@ def test_proxy_recovery_steps_use_the_fine_tuning_loss_with_the_dense_logits(tin
             torch.testing.assert_close(teacher_logits, expected)
 
 
+def test_mask_tuning_scores_the_least_squares_tuned_shrunk_copy(tiny_setup, monkeypatch):
+    """``mask_tuning=lsq``: the proxy scores the candidate's shrunk copy after
+    :func:`tune_unit_scales` on ``mask_tuning_examples`` seeded training sentences against the
+    unmasked dense model; the same seed gives the same calibration set, and the dense model is
+    untouched."""
+    import pruners.swiftpruner as sp
+    from pruners.mask_tuning import dense_targets, tune_unit_scales
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = BertClassifier.load_from_checkpoint(teacher_ckpt).model.eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+    monkeypatch.setattr(sp, "proxy_score", lambda logits, labels, metric: seen.append(logits.clone()) or 0.0)
+    pruner = _pruner(teacher_ckpt, mask_tuning="lsq", mask_tuning_examples=12, mask_tuning_damping=0.05, search_seed=3)
+    assert pruner._calibration(dm)[0]["input_ids"].shape[0] == 4 and sum(len(b["labels"]) for b in pruner._calibration(dm)) == 12
+    torch.testing.assert_close(pruner._calibration(dm)[0]["input_ids"], pruner._calibration(dm)[0]["input_ids"])
+    assert _pruner(teacher_ckpt)._calibration(dm) == []  # mask_tuning=none: no calibration set
+    space = pruner._space(model)
+    imp, proxy, _ = pruner._subsets(dm)
+    importance = sp.taylor_importance(model, imp)
+    calibration = pruner._calibration(dm)
+    genes = space.uniform(1, 1)
+    pruner._quality_fn(model, importance, proxy, [], calibration)(space, genes)
+    pruner._quality_fn(model, importance, proxy, [])(space, genes)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, dense[k])
+    expected = copy.deepcopy(model)
+    expected.set_structured_masks(*sp.top_unit_masks(importance, *space.decode(genes)))
+    expected = sp.shrink_structured(expected).eval()
+    tune_unit_scales(expected, dense_targets(model, calibration), calibration, 0.05)
+    with torch.inference_mode():
+        logits = torch.cat([expected(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits for b in proxy])
+    torch.testing.assert_close(seen[0], logits)
+    assert not torch.allclose(seen[0], seen[1])  # the tuning changed what is scored
+    with pytest.raises(PrunerConfigError, match="pruner.mask_tuning"):
+        _pruner(teacher_ckpt, mask_tuning="fisher")
+    with pytest.raises(PrunerConfigError, match="pruner.mask_tuning_damping"):
+        _pruner(teacher_ckpt, mask_tuning_damping=0.0)
+
+
 def test_the_pick_is_re_measured_and_one_that_comes_out_over_budget_is_passed_over(tiny_setup, monkeypatch):
     """``verify_rounds``: the best candidate by proxy whose search-time timing was within budget is
     timed again; if the median of those timings is over budget the next candidate is tried."""
@@ -458,9 +499,9 @@ def test_rerank_re_scores_the_top_k_re_timed_candidates_and_picks_by_that(tiny_s
     recovery_lengths = []
     real_quality_fn = SwiftPruner._quality_fn
 
-    def quality_fn(self, model, importance, proxy, recovery):
+    def quality_fn(self, model, importance, proxy, recovery, calibration=()):
         recovery_lengths.append(len(recovery))
-        plain = real_quality_fn(self, model, importance, proxy, [])
+        plain = real_quality_fn(self, model, importance, proxy, [], calibration)
         if not recovery:
             return plain
         # the re-scoring reverses the plain proxy's order, so its pick is the k-th best that passed
