@@ -9,14 +9,17 @@ them after it. This study takes every searched and uniform pick of the given
 ``benchmarks/swiftpruner_search.py`` outputs (the exact masks, read from the runs'
 fine-tuned checkpoints), applies them to the dense teacher, and scores each on the whole
 validation split with several proxies: accuracy, ROC AUC, minus cross-entropy and minus
-the distillation KL to the teacher at temperature 1 and 2, each without recovery and
-after ``--recovery-steps`` steps of the fine-tuning's loss (task + distillation at T = 2,
-:meth:`pruners.swiftpruner.SwiftPruner.recover`, the search's own recovery) on one fixed
-set of training batches. Each pick's target is its test accuracy after
-fine-tuning, the mean over its fine-tunings when ``<bench dir>_finetune_seeds.json``
-(``benchmarks/swiftpruner_finetune_seeds.py``) exists. Figures per proxy: the Spearman
-rank correlation with the target over all picks, and in how many runs the proxy orders
-the run's searched and uniform picks as their test accuracies do.
+the distillation KL to the teacher at temperature 1 and 2, each without recovery
+(``proxy``), after least-squares mask tuning on the search's calibration set
+(``proxy_mask_tuned``: ``pruner.mask_tuning=lsq``, :func:`pruners.mask_tuning.tune_unit_scales`)
+and after ``--recovery-steps`` steps of the fine-tuning's loss (``proxy_recovered``: task +
+distillation at T = 2, :meth:`pruners.swiftpruner.SwiftPruner.recover`, the search's own
+recovery; 0 skips it) on one fixed set of training batches. Each pick's target is its test
+accuracy after fine-tuning, the mean over its fine-tunings when
+``<bench dir>_finetune_seeds.json`` (``benchmarks/swiftpruner_finetune_seeds.py``) exists.
+Figures per proxy: the Spearman rank correlation with the target over all picks, and in
+how many runs the proxy orders the run's searched and uniform picks as their test
+accuracies do.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from modules.bert_classifier import BertClassifier  # noqa: E402
 from modules.structured import shrink_structured  # noqa: E402
 from pipelines.common import build, register_resolvers  # noqa: E402
 from pruners.distillation import kd_loss  # noqa: E402
+from pruners.mask_tuning import dense_targets, tune_unit_scales  # noqa: E402
 from pruners.swiftpruner import proxy_score  # noqa: E402
 from swiftpruner_finetune_seeds import PICKS, pick_masks  # noqa: E402
 from swiftpruner_search import benchmark_runs, compose_config  # noqa: E402
@@ -117,7 +121,7 @@ def main() -> None:
     """Score every pick with every proxy and write the agreement figures."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench_dirs", nargs="+", help="benchmarks/swiftpruner_search.py output folders")
-    parser.add_argument("--recovery-steps", type=int, default=100)
+    parser.add_argument("--recovery-steps", type=int, default=100, help="0: no proxy_recovered figures")
     parser.add_argument("--seed", type=int, default=0, help="seed of the recovery batches")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "swiftpruner_proxy_study.json"))
@@ -131,8 +135,8 @@ def main() -> None:
     if len(teachers) != 1:
         parser.error(f"the runs have different dense teachers {sorted(teachers)}; give runs of one teacher")
     teacher_ckpt = teachers.pop()
-    cfg = compose_config(["pruner=swiftpruner", f"pruner.teacher_ckpt={teacher_ckpt}"])
-    swift = build(cfg.pruner)  # its recovery steps: the fine-tuning's loss and learning rate
+    cfg = compose_config(["pruner=swiftpruner", f"pruner.teacher_ckpt={teacher_ckpt}", "pruner.mask_tuning=lsq"])
+    swift = build(cfg.pruner)  # its recovery steps and mask tuning: the search's
     dm = build(cfg.data)
     dm.setup("fit")
     val = dm.datasets["validation"]
@@ -143,6 +147,8 @@ def main() -> None:
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.recovery_steps * dm.batch_size].tolist()
     recovery = [dm._collate([train[i] for i in chosen[s : s + dm.batch_size]]) for s in range(0, len(chosen), dm.batch_size)]
     dense = BertClassifier.load_from_checkpoint(teacher_ckpt, map_location="cpu").model.eval()
+    calibration = swift._calibration(dm)
+    targets = dense_targets(dense, calibration)
 
     def forward(model, batch):
         return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).logits
@@ -158,17 +164,23 @@ def main() -> None:
         small = shrink_structured(work).eval()
         with torch.inference_mode():
             p["proxy"] = proxies(torch.cat([forward(small, b) for b in val_batches]), labels, teacher_val)
-        swift.recover(small, recovery, teacher_rec)
+        tuned = copy.deepcopy(small)
+        tune_unit_scales(tuned, targets, calibration, swift.mask_tuning_damping)
         with torch.inference_mode():
-            p["proxy_recovered"] = proxies(torch.cat([forward(small, b) for b in val_batches]), labels, teacher_val)
+            p["proxy_mask_tuned"] = proxies(torch.cat([forward(tuned, b) for b in val_batches]), labels, teacher_val)
+        if args.recovery_steps:
+            swift.recover(small, recovery, teacher_rec)
+            with torch.inference_mode():
+                p["proxy_recovered"] = proxies(torch.cat([forward(small, b) for b in val_batches]), labels, teacher_val)
         print(Path(p["run"]).name, p["pick"], round(p["test"], 4), {k: round(v, 4) for k, v in p["proxy"].items()}, flush=True)
     figures = {}
-    for kind in ("proxy", "proxy_recovered"):
+    for kind in ("proxy", "proxy_mask_tuned", "proxy_recovered")[: 3 if args.recovery_steps else 2]:
         for name in picks[0][kind]:
             figures[f"{kind}.{name}"] = agreement([{**p, "score": p[kind][name]} for p in picks], "score")
     report = {
         "what": "rank agreement of proxies (masks on the dense teacher, whole validation split) with test accuracy after fine-tuning",
         "bench_dirs": args.bench_dirs, "teacher": teacher_ckpt, "recovery_steps": args.recovery_steps,
+        "mask_tuning_examples": sum(len(b["input_ids"]) for b in calibration), "mask_tuning_damping": swift.mask_tuning_damping,
         "validation_examples": len(val), "picks": len(picks),
         "spearman_standard_error_if_uncorrelated": 1 / math.sqrt(len(picks) - 1),
         "figures": figures, "per_pick": picks, "wall_clock_s": math.floor(time.time() - started),
