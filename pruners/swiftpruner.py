@@ -340,9 +340,9 @@ class SwiftPruner(MaskedDistillation):
             the kept heads' and neurons' outputs are rescaled, layer by layer, to reproduce
             the dense model's sublayer outputs on ``mask_tuning_examples`` training
             sentences (Kwon et al. 2022, arXiv 2204.09656 section 4.3;
-            :func:`pruners.mask_tuning.tune_unit_scales`). Deterministic, about 2-4 s per
-            candidate for the 6-layer BERT on 2 cores. Only the proxy sees the scales: the
-            fine-tuning starts from the plain masks. Why: on the 24 benchmark picks the
+            :func:`pruners.mask_tuning.tune_unit_scales`). Deterministic; candidates took
+            about 2 s each, scoring included, in the benchmark on 2 cores. Only the proxy
+            sees the scales: the fine-tuning starts from the plain masks. Why: on the 24 benchmark picks the
             proxy's rank correlation with test accuracy after fine-tuning rose from 0.27
             to 0.44 (AUROC; ``benchmarks/swiftpruner_proxy_study.py``). Default ``none``: the
             benchmark with it (seeds 0-2) picked no better models (searched 0.8119, uniform
