@@ -45,7 +45,7 @@ from modules.structured import shrink_structured  # noqa: E402
 from pipelines.common import build, register_resolvers  # noqa: E402
 from pruners.distillation import kd_loss  # noqa: E402
 from pruners.mask_tuning import dense_targets, tune_unit_scales  # noqa: E402
-from pruners.swiftpruner import proxy_score  # noqa: E402
+from pruners.swiftpruner import collated, proxy_score  # noqa: E402
 from swiftpruner_finetune_seeds import PICKS, pick_masks  # noqa: E402
 from swiftpruner_search import benchmark_runs, compose_config  # noqa: E402
 
@@ -141,17 +141,21 @@ def main() -> None:
     dm.setup("fit")
     val = dm.datasets["validation"]
     order = sorted(range(len(val)), key=lambda i: len(val[i]["input_ids"]))  # length-sorted: little padding
-    val_batches = [dm._collate([val[i] for i in order[s : s + 64]]) for s in range(0, len(order), 64)]
+    val_batches = collated(dm, val, order, 64)
     labels = torch.cat([b["labels"] for b in val_batches])
     train = dm.datasets["train"]
     chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed))[: args.recovery_steps * dm.batch_size].tolist()
-    recovery = [dm._collate([train[i] for i in chosen[s : s + dm.batch_size]]) for s in range(0, len(chosen), dm.batch_size)]
+    recovery = collated(dm, train, chosen, dm.batch_size)
     dense = BertClassifier.load_from_checkpoint(teacher_ckpt, map_location="cpu").model.eval()
     calibration = swift._calibration(dm)
     targets = dense_targets(dense, calibration)
 
     def forward(model, batch):
         return model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")).logits
+
+    def scored(model) -> dict[str, float]:
+        with torch.inference_mode():
+            return proxies(torch.cat([forward(model, b) for b in val_batches]), labels, teacher_val)
 
     with torch.inference_mode():
         teacher_val = torch.cat([forward(dense, b) for b in val_batches])
@@ -162,16 +166,13 @@ def main() -> None:
         work = copy.deepcopy(dense)
         work.set_structured_masks(heads, neurons)
         small = shrink_structured(work).eval()
-        with torch.inference_mode():
-            p["proxy"] = proxies(torch.cat([forward(small, b) for b in val_batches]), labels, teacher_val)
+        p["proxy"] = scored(small)
         tuned = copy.deepcopy(small)
         tune_unit_scales(tuned, targets, calibration, swift.mask_tuning_damping)
-        with torch.inference_mode():
-            p["proxy_mask_tuned"] = proxies(torch.cat([forward(tuned, b) for b in val_batches]), labels, teacher_val)
+        p["proxy_mask_tuned"] = scored(tuned)
         if args.recovery_steps:
             swift.recover(small, recovery, teacher_rec)
-            with torch.inference_mode():
-                p["proxy_recovered"] = proxies(torch.cat([forward(small, b) for b in val_batches]), labels, teacher_val)
+            p["proxy_recovered"] = scored(small)
         print(Path(p["run"]).name, p["pick"], round(p["test"], 4), {k: round(v, 4) for k, v in p["proxy"].items()}, flush=True)
     figures = {}
     for kind in ("proxy", "proxy_mask_tuned", "proxy_recovered")[: 3 if args.recovery_steps else 2]:

@@ -154,6 +154,12 @@ class MaskedDistillation(TeacherPruner):
         self.teacher_ckpt = state_dict.get("teacher_ckpt") or self.teacher_ckpt
 
 
+def collated(datamodule, dataset, indices: Sequence[int], batch_size: int) -> list[dict]:
+    """``dataset[indices]`` in order, cut into batches of ``batch_size`` and collated by the text
+    data module (dicts of (B, N) padded tensors and (B,) ``labels``)."""
+    return [datamodule._collate([dataset[i] for i in indices[s : s + batch_size]]) for s in range(0, len(indices), batch_size)]
+
+
 def proxy_score(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
     """Proxy quality of a candidate from its held-out logits.
 
@@ -342,10 +348,10 @@ class SwiftPruner(MaskedDistillation):
             sentences (Kwon et al. 2022, arXiv 2204.09656 section 4.3;
             :func:`pruners.mask_tuning.tune_unit_scales`). Deterministic; candidates took
             about 2 s each, scoring included, in the benchmark on 2 cores. Only the proxy
-            sees the scales: the fine-tuning starts from the plain masks. Why: on the 24 benchmark picks the
-            proxy's rank correlation with test accuracy after fine-tuning rose from 0.27
-            to 0.44 (AUROC; ``benchmarks/swiftpruner_proxy_study.py``). Default ``none``: the
-            benchmark with it (seeds 0-2) picked no better models (searched 0.8119, uniform
+            sees the scales: the fine-tuning starts from the plain masks. Why: on the 24
+            benchmark picks the proxy's rank correlation with test accuracy after
+            fine-tuning rose from 0.27 to 0.44 (AUROC; ``benchmarks/swiftpruner_proxy_study.py``).
+            Default ``none``: the benchmark with it (seeds 0-2) picked no better models (searched 0.8119, uniform
             0.8091 test accuracy, against 0.8156 and 0.8122 in the re-ranking benchmark on
             the same seeds).
         mask_tuning_examples: training sentences of the mask tuning's calibration set.
@@ -531,20 +537,14 @@ class SwiftPruner(MaskedDistillation):
         imp, proxy = order[:n_imp], order[n_imp : n_imp + n_proxy]
         proxy.sort(key=lambda i: len(val[i]["input_ids"]))  # length-sorted batches: little padding
 
-        def batches(ds, idx: list[int]) -> list[dict]:
-            bs = self.proxy_batch_size
-            return [datamodule._collate([ds[i] for i in idx[s : s + bs]]) for s in range(0, len(idx), bs)]
-
         recovery: list[dict] = []
         steps = max(self.proxy_recovery_steps, self.rerank_recovery_steps if self.rerank_top_k else 0)
         if steps:
             train = datamodule.datasets["train"]
             pick = torch.randperm(len(train), generator=g)[: steps * datamodule.batch_size].tolist()
-            recovery = [
-                datamodule._collate([train[i] for i in pick[s : s + datamodule.batch_size]])
-                for s in range(0, len(pick), datamodule.batch_size)
-            ]
-        return batches(val, imp), batches(val, proxy), recovery
+            recovery = collated(datamodule, train, pick, datamodule.batch_size)
+        bs = self.proxy_batch_size
+        return collated(datamodule, val, imp, bs), collated(datamodule, val, proxy, bs), recovery
 
     def _calibration(self, datamodule) -> list[dict]:
         """The mask tuning's calibration batches: ``mask_tuning_examples`` seeded training sentences,
@@ -556,8 +556,7 @@ class SwiftPruner(MaskedDistillation):
         g = torch.Generator().manual_seed(self.search_seed + 7919)
         idx = torch.randperm(len(train), generator=g)[: self.mask_tuning_examples].tolist()
         idx.sort(key=lambda i: len(train[i]["input_ids"]))
-        bs = self.proxy_batch_size
-        return [datamodule._collate([train[i] for i in idx[s : s + bs]]) for s in range(0, len(idx), bs)]
+        return collated(datamodule, train, idx, self.proxy_batch_size)
 
     def _quality_fn(self, model, importance: UnitImportance, proxy: list[dict], recovery: list[dict],
                     calibration: Sequence[dict] = ()) -> Callable:
