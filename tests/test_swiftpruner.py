@@ -559,3 +559,35 @@ def test_dense_timing_reference_cancels_a_change_of_machine_speed(tiny_setup, mo
 def test_latency_reference_is_checked():
     with pytest.raises(PrunerConfigError, match="latency_reference"):
         SwiftPruner(latency_reference="teacher")
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_importance_examples_come_from_the_configured_split(tiny_setup, split):
+    """``importance_split``: the Taylor importance's examples are drawn from that split, the proxy's
+    always from validation (disjoint from the importance's there), and with ``train`` the proxy
+    subset does not depend on how many importance examples are drawn."""
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+
+    def rows(batches):  # each example's token ids without padding
+        return [tuple(ids[m.bool()].tolist()) for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"])]
+
+    def pool(name):
+        return {tuple(torch.as_tensor(x["input_ids"]).tolist()) for x in dm.datasets[name]}
+
+    assert not pool("train") & pool("validation")  # the check below can tell the splits apart
+    n_imp = 4 if split == "train" else 2
+    pruner = _pruner(teacher_ckpt, importance_split=split, importance_examples=n_imp, proxy_examples=3, search_seed=5)
+    imp, proxy, _ = pruner._subsets(dm)
+    assert len(rows(imp)) == n_imp and len(rows(proxy)) == 3
+    assert set(rows(imp)) <= pool(split)
+    assert set(rows(proxy)) <= pool("validation")
+    assert not set(rows(imp)) & set(rows(proxy))
+    if split == "train":
+        _, proxy_more, _ = _pruner(teacher_ckpt, importance_split=split, importance_examples=9, proxy_examples=3, search_seed=5)._subsets(dm)
+        assert rows(proxy_more) == rows(proxy)
+
+
+def test_importance_split_is_checked():
+    with pytest.raises(PrunerConfigError, match="importance_split"):
+        SwiftPruner(importance_split="test")
