@@ -325,8 +325,9 @@ class SwiftPruner(MaskedDistillation):
         population_size, parents, generations: the evolution's sizes.
         reward_alpha, reward_beta: exponent w of the reward within / over budget
             (alpha <= 0, beta < 0).
-        proxy_metric: ``accuracy`` or ``auroc`` (threshold-free: it ignores the shift of
-            the decision threshold that pruning causes and the fine-tuning quickly undoes).
+        proxy_metric: ``auroc`` (default; threshold-free: it ignores the shift of the
+            decision threshold that pruning causes and the fine-tuning quickly undoes) or
+            ``accuracy``.
         proxy_examples: held-out validation examples scoring each candidate.
         importance_examples: examples for the Taylor importance (a seeded subset of
             ``importance_split``; with ``validation`` they are disjoint from the proxy's and at
@@ -427,7 +428,7 @@ class SwiftPruner(MaskedDistillation):
         generations: int = 10,
         reward_alpha: float = 0.0,
         reward_beta: float = -1.0,
-        proxy_metric: str = "accuracy",
+        proxy_metric: str = "auroc",
         proxy_examples: int = 512,
         importance_examples: int = 2048,
         importance_split: str = "train",
