@@ -13,6 +13,9 @@ each). Within a round the three are timed one right after another, in an order t
 rotates from round to round, so machine drift hits them alike; each round gives each model's
 ratio to the dense timing of that round. A model is within budget when its median ratio is
 at most the run's budget fraction (``budget_ms / dense_ms`` of its search).
+
+Runs whose checkpoints are not on this machine (they are not versioned) are skipped and
+listed under ``skipped_missing_checkpoints``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,26 @@ def interleaved_ratios(names: list[str], time_once: Callable[[str], float], roun
     return out
 
 
+def runs_with_checkpoints(runs: list[Path]) -> tuple[list[Path], dict[str, list[str]]]:
+    """Split run folders into those whose dense, pruned and uniform checkpoints all exist here
+    and the others.
+
+    Checkpoints are not versioned, so runs made on another machine cannot be re-timed.
+
+    Returns:
+        (the re-timable run folders, {run folder: its checkpoint paths that are missing}).
+    """
+    timable, missing = [], {}
+    for run in runs:
+        results = json.loads((run / "results.json").read_text())
+        gone = [results[k]["checkpoint"] for k in ("dense", "pruned", "uniform") if not Path(results[k]["checkpoint"]).exists()]
+        if gone:
+            missing[str(run)] = gone
+        else:
+            timable.append(run)
+    return timable, missing
+
+
 def retime_run(run_dir: Path, rounds: int, warmup: int, repeats: int) -> dict:
     """Re-time one run folder's dense, searched and uniform served models (see the module docstring)."""
     results = json.loads((run_dir / "results.json").read_text())
@@ -105,9 +128,15 @@ def main() -> None:
     runs = benchmark_runs(bench)
     if not runs:
         raise SystemExit(f"{bench} holds no seed*/results.json; give the --out folder of benchmarks/swiftpruner_search.py")
-    per_run = [retime_run(p, args.rounds, args.warmup, args.repeats) for p in runs]
+    timable, missing = runs_with_checkpoints(runs)
+    for run, gone in missing.items():
+        print(f"skipping {run}: checkpoint(s) not on this machine: {gone}")
+    if not timable:
+        raise SystemExit(f"no run in {bench} has its checkpoints on this machine; re-run the benchmark here first")
+    per_run = [retime_run(p, args.rounds, args.warmup, args.repeats) for p in timable]
     summary = {
         "rounds": args.rounds, "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads,
+        "skipped_missing_checkpoints": missing,
         "all_searched_within_budget": all(r["within_budget"]["searched"] for r in per_run),
         "median_ratio_to_dense": {r["run_dir"]: {k: r["timings"][k]["median_ratio"] for k in ("searched", "uniform")} for r in per_run},
         "per_run": per_run,

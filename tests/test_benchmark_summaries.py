@@ -1,6 +1,7 @@
 """Known-value tests of the SwiftPruner benchmark's curve summaries (benchmarks/swiftpruner_search.py)."""
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -95,6 +96,22 @@ def test_interleaved_ratios_rejects_bad_arguments():
         retime.interleaved_ratios(["dense"], lambda n: 1.0, rounds=0)
     with pytest.raises(ValueError, match="reference"):
         retime.interleaved_ratios(["a"], lambda n: 1.0, rounds=1)
+
+
+def test_runs_with_checkpoints_skips_runs_whose_checkpoints_are_gone(tmp_path):
+    runs = []
+    for name, present in (("seed0", True), ("seed1", False)):
+        run = tmp_path / name
+        run.mkdir()
+        ckpts = {k: run / f"{k}.ckpt" for k in ("dense", "pruned", "uniform")}
+        for k, path in ckpts.items():
+            if present or k == "dense":
+                path.write_bytes(b"")
+        (run / "results.json").write_text(json.dumps({k: {"checkpoint": str(p)} for k, p in ckpts.items()}))
+        runs.append(run)
+    timable, missing = retime.runs_with_checkpoints(runs)
+    assert timable == [runs[0]]
+    assert missing == {str(runs[1]): [str(runs[1] / "pruned.ckpt"), str(runs[1] / "uniform.ckpt")]}
 
 
 finetune_seeds = load_benchmark("swiftpruner_finetune_seeds")
