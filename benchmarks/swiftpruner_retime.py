@@ -72,6 +72,12 @@ def interleaved_ratios(names: list[str], time_once: Callable[[str], float], roun
     return out
 
 
+def served_checkpoints(results: dict) -> dict[str, str]:
+    """The checkpoint path of a run's dense, searched and uniform models, from its results.json."""
+    return {"dense": results["dense"]["checkpoint"], "searched": results["pruned"]["checkpoint"],
+            "uniform": results["uniform"]["checkpoint"]}
+
+
 def runs_with_checkpoints(runs: list[Path]) -> tuple[list[Path], dict[str, list[str]]]:
     """Split run folders into those whose dense, pruned and uniform checkpoints all exist here
     and the others.
@@ -83,8 +89,8 @@ def runs_with_checkpoints(runs: list[Path]) -> tuple[list[Path], dict[str, list[
     """
     timable, missing = [], {}
     for run in runs:
-        results = json.loads((run / "results.json").read_text())
-        gone = [results[k]["checkpoint"] for k in ("dense", "pruned", "uniform") if not Path(results[k]["checkpoint"]).exists()]
+        ckpts = served_checkpoints(json.loads((run / "results.json").read_text()))
+        gone = [path for path in ckpts.values() if not Path(path).exists()]
         if gone:
             missing[str(run)] = gone
         else:
@@ -97,9 +103,8 @@ def retime_run(run_dir: Path, rounds: int, warmup: int, repeats: int) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
     search = results["search"]
     shape = search["latency_shape"]
-    ckpts = {"dense": results["dense"]["checkpoint"], "searched": results["pruned"]["checkpoint"],
-             "uniform": results["uniform"]["checkpoint"]}
-    models = {k: served_model(BertClassifier.load_from_checkpoint(p, map_location="cpu")).model.eval() for k, p in ckpts.items()}
+    models = {k: served_model(BertClassifier.load_from_checkpoint(p, map_location="cpu")).model.eval()
+              for k, p in served_checkpoints(results).items()}
 
     def time_once(name: str) -> float:
         return measure_model_ms(models[name], shape["batch_size"], shape["seq_len"], warmup=warmup, repeats=repeats)
