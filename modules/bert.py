@@ -45,7 +45,7 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertPooler
 
 
 class TokenPrunerHook(Protocol):
-    """What the encoder asks of a token pruner (implemented by ``pruners.top.TokenGates``)."""
+    """What the encoder asks of a token pruner (implemented by :class:`modules.gates.TokenGates`)."""
 
     pruning_layers: tuple[int, ...]
 

@@ -3,12 +3,14 @@
 Task loss is cross-entropy; metrics come from torchmetrics (accuracy, F1, and MCC
 where the task reports it); AdamW with linear warm-up then linear decay. Pruners
 change the training objective through ``Pruner.training_loss`` and may attach token
-gates (``self.token_gates``), which are part of the module's state dict, so
-``BertClassifier.load_from_checkpoint(path)`` restores the pruned model.
+gates (``self.token_gates``, :class:`modules.gates.TokenGates`), which are part of the
+module's state dict, so ``BertClassifier.load_from_checkpoint(path)`` restores the pruned
+model; :meth:`BertClassifier.served_model` builds the copy that is tested, timed and served.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning as L
@@ -18,7 +20,9 @@ import torchmetrics
 from transformers import BertConfig
 
 from modules.bert import EncoderOutput, PrunableBertForSequenceClassification
-from pruners.base import pruners_of
+from modules.gates import TokenGates
+from modules.objective import objectives_of, log_objective_metrics
+from modules.structured import shrink_structured
 
 METRICS = ("accuracy", "f1", "mcc")
 
@@ -125,13 +129,13 @@ class BertClassifier(L.LightningModule):
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Cross-entropy on (B,) labels, turned into the pruning objective by every attached pruner."""
-        pruners = pruners_of(self.trainer)
+        objectives = objectives_of(self.trainer)
         out = self(batch, return_scores=self.token_gates is not None)
         loss = F.cross_entropy(out.logits, batch["labels"])
-        self.log("train/task_loss", loss, prog_bar=not pruners)
-        for pruner in pruners:
-            loss, logs = pruner.training_loss(self, batch, out, loss)
-            pruner.log_metrics(self, logs)
+        self.log("train/task_loss", loss, prog_bar=not objectives)
+        for objective in objectives:
+            loss, logs = objective.training_loss(self, batch, out, loss)
+            log_objective_metrics(self, logs)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -176,7 +180,7 @@ class BertClassifier(L.LightningModule):
     # --------------------------------------------------------------- optimizer
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with linear warm-up and decay over the model's trainable weights, plus the
-        pruners' own parameter groups (``Pruner.param_groups``) at constant learning rates."""
+        training objectives' own parameter groups (``TrainingObjective.param_groups``, the pruners') at constant learning rates."""
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
@@ -186,7 +190,7 @@ class BertClassifier(L.LightningModule):
             {"params": decay, "weight_decay": self.hparams.weight_decay, "name": "model/decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "model/no_decay"},
         ]
-        extra = [g for pruner in pruners_of(self._trainer) for g in pruner.param_groups(self)]
+        extra = [g for objective in objectives_of(self._trainer) for g in objective.param_groups(self)]
         opt = torch.optim.AdamW(groups + extra, lr=self.hparams.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.hparams.warmup_fraction * total)
@@ -201,6 +205,27 @@ class BertClassifier(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    # ----------------------------------------------------------------- serving
+    def served_model(self) -> "BertClassifier":
+        """The model as served, in eval mode: what testing, latency, MACs and export run.
+
+        Masked attention heads and FFN neurons are physically removed
+        (:func:`modules.structured.shrink_structured`, on a copy; the module itself is
+        unchanged), and the token gates, if any, run deterministically with pruned tokens
+        gathered out before each pruning layer (``remove_pruned_at_eval``). With nothing
+        masked, the module itself is returned (switched to eval mode). The served model gives the masked model's
+        logits (tested).
+
+        Returns:
+            a :class:`BertClassifier` in eval mode.
+        """
+        layers = self.model.bert.encoder.layer
+        if not any(l.attention.self.head_mask_applied or l.intermediate.neuron_mask_applied for l in layers):
+            return self.eval()
+        served = copy.deepcopy(self)
+        served.model = shrink_structured(self.model)
+        return served.eval()
+
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the token gates' constructor arguments so the module can rebuild them on load."""
@@ -212,8 +237,6 @@ class BertClassifier(L.LightningModule):
         # Rebuild the gates before Lightning loads the state dict, so load_from_checkpoint
         # returns the pruned model.
         if "token_gates_config" in checkpoint and self.token_gates is None:
-            from pruners.top import TokenGates
-
             self.token_gates = TokenGates(**checkpoint["token_gates_config"])
 
 

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
-from pruners.base import pruners_of
+from modules.objective import log_objective_metrics, objectives_of
 
 
 # ----------------------------------------------------------------------------- masked layers
@@ -432,7 +432,7 @@ class DLRMModule(L.LightningModule):
     ``window`` (int) and ``minibatch_size`` (int). ``training_step`` first scores the whole
     window with the model as it stands (eval mode, no gradient) and records the window's
     AUC / log loss / NE in :attr:`window_records`, then trains on it in minibatches (manual
-    optimization, one Adam step per minibatch). Pruners (``pruners.base.Pruner``) see every
+    optimization, one Adam step per minibatch). Pruners (``modules.objective.TrainingObjective``) see every
     optimizer step through Lightning's ``on_before_optimizer_step`` hook and may change the
     loss through ``training_loss`` (called with the minibatch: ``dense``, ``sparse``,
     ``multi``, ``label``).
@@ -529,21 +529,26 @@ class DLRMModule(L.LightningModule):
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
-        pruners = pruners_of(self.trainer)
+        objectives = objectives_of(self.trainer)
         for i in range(0, n, mb):
             idx = order[i : i + mb]
             rows = self._rows(batch, idx)
             out = self(*rows)
             loss = F.binary_cross_entropy_with_logits(out, labels[idx])
             minibatch = {"dense": rows[0], "sparse": rows[1], "multi": rows[2], "label": labels[idx]}
-            for pruner in pruners:
-                loss, extra = pruner.training_loss(self, minibatch, out, loss)
+            for objective in objectives:
+                loss, extra = objective.training_loss(self, minibatch, out, loss)
                 if extra:
-                    pruner.log_metrics(self, extra, on_step=True, on_epoch=False, batch_size=len(idx))
+                    log_objective_metrics(self, extra, on_step=True, on_epoch=False, batch_size=len(idx))
             opt.zero_grad()
             self.manual_backward(loss)
             opt.step()
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(labels))
+
+    def served_model(self) -> DLRM:
+        """The model as served (:func:`export_served`): masks folded into plain layers, dead hidden
+        neurons physically removed, eval mode, no gradients. The module is unchanged."""
+        return export_served(self.model, remove_neurons=True)
 
     def configure_optimizers(self):
         """Adam over all parameters; weight decay only on MLP weights."""

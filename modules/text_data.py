@@ -83,6 +83,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         self.limit_per_split = limit_per_split
         self.datasets: dict[str, TokenizedDataset] = {}
         self._tokenizer = None
+        self._collator = None
 
     @property
     def tokenizer(self):
@@ -118,16 +119,14 @@ class TextClassificationDataModule(L.LightningDataModule):
             keys = ("input_ids", "attention_mask", "token_type_ids")
             self.datasets[split] = TokenizedDataset({k: enc[k] for k in keys if k in enc}, df["label"].astype(int).tolist())
 
-    def _collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        n = max(len(it["input_ids"]) for it in items)
-        out = {}
-        for key in ("input_ids", "attention_mask", "token_type_ids"):
-            if key not in items[0]:
-                continue
-            pad = self.tokenizer.pad_token_id if key == "input_ids" else 0
-            out[key] = torch.tensor([it[key] + [pad] * (n - len(it[key])) for it in items], dtype=torch.long)
-        out["labels"] = torch.tensor([it["labels"] for it in items], dtype=torch.long)
-        return out
+    def collate(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """Batch tokenized examples: (B, N) ``input_ids``, ``attention_mask``, ``token_type_ids``
+        int64 padded to the longest (``transformers.DataCollatorWithPadding``) and (B,) ``labels``."""
+        if self._collator is None:
+            from transformers import DataCollatorWithPadding
+
+            self._collator = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
+        return dict(self._collator(items))
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
@@ -135,7 +134,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
-            collate_fn=self._collate,
+            collate_fn=self.collate,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -147,7 +146,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         ds = self.datasets["train"]
         sampler = LengthGroupedSampler(self.batch_size, lengths=[len(x) for x in ds.encodings["input_ids"]])
         return DataLoader(
-            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=self._collate
+            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -1,23 +1,42 @@
-"""The base class every pruner shares: a Lightning callback with validated arguments and saved state.
+"""The pruner protocol: everything a pipeline may ask of a pruner, and nothing else.
 
-A pruner is a ``lightning.Callback`` that
+A pruner is a ``lightning.Callback`` (through :class:`modules.objective.TrainingObjective`,
+so the LightningModules call its :meth:`~modules.objective.TrainingObjective.training_loss`
+and :meth:`~modules.objective.TrainingObjective.param_groups`). A pipeline runs it in
+phases and asks it, only through the methods below:
 
-* validates its arguments in ``__init__`` and raises :class:`PrunerConfigError`
-  naming the setting, the bad value and the allowed values;
-* keeps the state that must survive a restart in :meth:`state_dict` /
-  :meth:`load_state_dict` as plain values and tensors only (torch >= 2.6 loads
-  checkpoints with ``weights_only=True``);
-* may change the training objective through :meth:`training_loss`, which the
-  LightningModules call for every pruner in ``trainer.callbacks``;
-* logs its own metrics under ``pruner/...``.
+* :meth:`Pruner.check`: can it prune this model on this data? Run before any training.
+* :meth:`Pruner.teacher_plan`: does it distil from a dense teacher, and where does that
+  teacher come from (a checkpoint, or a dense fit of some epochs)?
+  :meth:`Pruner.set_teacher` hands the teacher over.
+* :meth:`Pruner.fit_plan`: how its fit phase runs (epochs, checkpoint metric, learning rate).
+* :meth:`Pruner.baselines`: further pruners the pipeline runs the same way after it
+  (SwiftPruner's uniform model), by result name.
+* :meth:`Pruner.results` and :meth:`Pruner.write_files`: what it adds to results.json and
+  which files it writes into the run dir.
+* ``state_dict`` / ``load_state_dict`` (Lightning's callback state): plain values and
+  tensors only (torch >= 2.6 loads checkpoints with ``weights_only=True``).
+
+The served model is not the pruner's business: the pruner leaves its decisions in the
+model's state (token gates, head/neuron masks, weight masks) and the LightningModule builds
+the served copy from them (``served_model()``).
+
+A new pruner is a file in ``pruners/``, a YAML in ``conf/pruner/`` and tests; no pipeline
+changes. Settings are validated in ``__init__`` with :class:`PrunerConfigError`, which names
+the setting, the bad value and the allowed values.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable
 
 import lightning as L
 import torch
+from torch import nn
+
+from modules.objective import TrainingObjective, log_objective_metrics
 
 
 class PrunerConfigError(ValueError):
@@ -58,15 +77,49 @@ def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-class Pruner(L.Callback):
-    """Base class of litprune pruners (a Lightning callback).
+@dataclass(frozen=True)
+class TeacherPlan:
+    """Where the dense teacher of a distilling pruner comes from.
 
-    Subclasses set :attr:`name` and override the hooks they need. The pipeline
-    calls :meth:`summary` after training to put the pruner's figures into
-    ``results.json``.
+    Attributes:
+        checkpoint: a checkpoint of a finished dense model (a ``pruner=none`` run) to load;
+            None: the pipeline fits the dense model first.
+        epochs: epochs of that dense fit (when ``checkpoint`` is None).
     """
 
-    #: short name used in configs and in metric names
+    checkpoint: str | None
+    epochs: int
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """How the pipeline runs a pruner's fit phase.
+
+    Attributes:
+        max_epochs: epochs of the fit; None keeps ``trainer.max_epochs``.
+        monitor: metric that picks the checkpoint kept from the fit; None keeps the last.
+            A best score below 0 means no checkpoint met the pruner's criterion (e.g. its
+            sparsity target), and the pipeline then keeps the last one.
+        mode: ``max`` or ``min`` for ``monitor``.
+        model_lr: peak learning rate of the model's weights during the fit; None keeps
+            the model's own ``lr``.
+    """
+
+    max_epochs: int | None = None
+    monitor: str | None = None
+    mode: str = "max"
+    model_lr: float | None = None
+
+
+class Pruner(TrainingObjective):
+    """Base class of litprune pruners: a Lightning callback implementing the pruner protocol.
+
+    Subclasses set :attr:`name`, validate their settings in ``__init__`` and override the
+    protocol methods and Lightning hooks they need. Defaults describe a pruner that needs no
+    teacher, fits with the trainer's settings, has no baseline and adds nothing to the results.
+    """
+
+    #: short name used in configs, metric names and checkpoint state keys
     name: str = "pruner"
 
     @property
@@ -74,39 +127,51 @@ class Pruner(L.Callback):
         """Unique key of this pruner's state in a checkpoint (one per pruner class and name)."""
         return f"{type(self).__name__}[{self.name}]"
 
-    def training_loss(
-        self, pl_module: L.LightningModule, batch: dict, outputs: Any, task_loss: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Turn the task loss into the pruning objective.
+    # ------------------------------------------------------------------ protocol
+    def check(self, pl_module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+        """Check the settings against the model and the (set-up) data, before any training.
 
-        Args:
-            pl_module: the module being trained.
-            batch: the training batch.
-            outputs: the module's forward output for the batch.
-            task_loss: scalar task loss.
-
-        Returns:
-            the scalar loss to minimise and a dict of scalars to log as ``pruner/<key>``.
+        Raises:
+            PrunerConfigError: this pruner cannot prune this model or data; the message
+                says what to change.
         """
-        return task_loss, {}
 
-    def param_groups(self, pl_module: L.LightningModule) -> list[dict[str, Any]]:
-        """Extra optimizer parameter groups (own learning rates, ``maximize`` for multipliers).
+    def teacher_plan(self) -> TeacherPlan | None:
+        """Where the dense teacher comes from, or None when the pruner distils from none."""
+        return None
 
-        The module's ``configure_optimizers`` appends them after its own groups and keeps
-        their learning rate constant. Called after :meth:`setup`, so parameters created
-        there (and restored from a checkpoint) are the ones optimised.
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """Receive the dense teacher (frozen by the receiver). Called when :meth:`teacher_plan` is not None.
+
+        Raises:
+            PrunerConfigError: the pruner takes no teacher.
         """
-        return []
+        raise PrunerConfigError(f"pruner={self.name} distils from no teacher.")
 
-    def summary(self) -> dict[str, Any]:
-        """JSON-serialisable figures of the finished pruning (written to results.json)."""
+    def fit_plan(self) -> FitPlan:
+        """How the pipeline runs this pruner's fit (epochs, checkpoint metric, learning rate)."""
+        return FitPlan()
+
+    def baselines(self) -> dict[str, "Pruner"]:
+        """Further pruners to run the same way after this one's fit, by result name (e.g. ``uniform``)."""
         return {}
 
+    def results(self) -> dict[str, Any]:
+        """JSON-serialisable settings and figures of the finished pruning, for results.json."""
+        return {}
+
+    def write_files(self, out_dir: Path) -> dict[str, str]:
+        """Write the pruner's own files (histories, plots) into ``out_dir``.
+
+        Returns:
+            file role -> path relative to ``out_dir``, recorded in results.json.
+        """
+        return {}
+
+    # ------------------------------------------------------------------ helpers
     def log_metrics(self, pl_module: L.LightningModule, metrics: dict[str, torch.Tensor | float], **kwargs) -> None:
-        """Log ``metrics`` under ``pruner/<key>`` through the module (rank-zero safe via sync_dist=False)."""
-        for key, value in metrics.items():
-            pl_module.log(f"pruner/{key}", value, **kwargs)
+        """Log ``metrics`` under ``pruner/<key>`` through the module (``LightningModule.log`` keywords)."""
+        log_objective_metrics(pl_module, metrics, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values and tensors that must survive a restart; subclasses extend it."""
@@ -114,10 +179,3 @@ class Pruner(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved."""
-
-
-def pruners_of(trainer: L.Trainer | None) -> list[Pruner]:
-    """The :class:`Pruner` callbacks attached to ``trainer`` (empty when there is none)."""
-    if trainer is None:
-        return []
-    return [cb for cb in trainer.callbacks if isinstance(cb, Pruner)]

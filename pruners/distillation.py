@@ -4,7 +4,8 @@
   arXiv 1503.02531), used by ToP (arXiv 2306.14393 Sec. 3.5) and by SwiftPruner's
   fine-tuning of the searched model.
 * :func:`load_teacher_model`: the frozen dense model from a ``BertClassifier`` checkpoint.
-* :class:`TeacherPruner`: the base of pruners that distil from that teacher.
+* :class:`TeacherPruner`: the base of pruners that distil from that teacher (its part of
+  the pruner protocol: :meth:`~TeacherPruner.teacher_plan`, :meth:`~TeacherPruner.set_teacher`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruners.base import Pruner, PrunerConfigError
+from modules.bert_classifier import BertClassifier
+from pruners.base import Pruner, PrunerConfigError, TeacherPlan
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -39,40 +41,67 @@ def load_teacher_model(path: str | Path) -> nn.Module:
     Raises:
         FileNotFoundError: no file at ``path`` (the message says how to fix it).
     """
-    from modules.bert_classifier import BertClassifier
+    check_teacher_checkpoint(path)
+    teacher = BertClassifier.load_from_checkpoint(path, map_location="cpu").model
+    return freeze(teacher)
 
+
+def check_teacher_checkpoint(path: str | Path) -> None:
+    """Raise FileNotFoundError (saying how to fix it) unless ``path`` is a file."""
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"pruner.teacher_ckpt={path} does not exist; point it at a checkpoint of a `pruner=none` run "
             "or leave it unset to fine-tune the teacher in this run."
         )
-    teacher = BertClassifier.load_from_checkpoint(path, map_location="cpu").model.eval()
-    teacher.requires_grad_(False)
-    return teacher
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with no parameter requiring grad (in place; returned for chaining)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 class TeacherPruner(Pruner):
-    """Base class of pruners that distil from the frozen dense teacher (ToP, SwiftPruner).
+    """Base class of pruners that distil from the frozen dense BERT teacher (ToP, SwiftPruner).
 
-    Subclasses set ``teacher_ckpt`` in ``__init__``; the pipeline may instead hand over
-    the checkpoint of the dense phase it just ran through :meth:`load_teacher`.
+    Protocol: :meth:`teacher_plan` asks the pipeline for the teacher of ``teacher_ckpt`` (or
+    for a dense fit of ``teacher_epochs`` when it is None); :meth:`set_teacher` receives it.
+    Used outside a pipeline, :meth:`ensure_teacher` loads ``teacher_ckpt`` itself.
     """
 
     teacher: nn.Module | None = None
     teacher_ckpt: str | None = None
+    teacher_epochs: int = 1
 
-    def load_teacher(self, path: str | Path) -> nn.Module:
-        """Load the frozen dense teacher from a ``BertClassifier`` checkpoint.
+    def check(self, pl_module, datamodule) -> None:
+        """The model must be a :class:`~modules.bert_classifier.BertClassifier`.
 
         Raises:
-            FileNotFoundError: no file at ``path``.
+            PrunerConfigError: another model (e.g. ``model=dlrm``).
         """
-        self.teacher = load_teacher_model(path)
-        self.teacher_ckpt = str(path)
-        return self.teacher
+        if not isinstance(pl_module, BertClassifier):
+            raise PrunerConfigError(
+                f"pruner={self.name} prunes a BERT classifier (model=bert), not a {type(pl_module).__name__}; "
+                "with model=dlrm use pruner=d2s or pruner=none."
+            )
+
+    def teacher_plan(self) -> TeacherPlan:
+        """The checkpoint ``teacher_ckpt``, or a dense fit of ``teacher_epochs`` when it is None.
+
+        Raises:
+            FileNotFoundError: ``teacher_ckpt`` is set but is not a file.
+        """
+        if self.teacher_ckpt is not None:
+            check_teacher_checkpoint(self.teacher_ckpt)
+        return TeacherPlan(self.teacher_ckpt, self.teacher_epochs)
+
+    def set_teacher(self, teacher: nn.Module) -> None:
+        """Keep ``teacher`` (a :class:`~modules.bert.PrunableBertForSequenceClassification`), frozen."""
+        self.teacher = freeze(teacher)
 
     def ensure_teacher(self) -> nn.Module:
-        """The teacher, loaded from ``teacher_ckpt`` if not loaded yet.
+        """The teacher, loaded from ``teacher_ckpt`` if none was set.
 
         Raises:
             PrunerConfigError: no teacher and no ``teacher_ckpt``.
@@ -83,5 +112,5 @@ class TeacherPruner(Pruner):
                 raise PrunerConfigError(
                     f"{self.name} needs a teacher: set pruner.teacher_ckpt or let the pipeline fine-tune one."
                 )
-            self.load_teacher(self.teacher_ckpt)
+            self.teacher = load_teacher_model(self.teacher_ckpt)
         return self.teacher

@@ -17,7 +17,7 @@ with ``h_l`` kept heads and ``n_l`` kept FFN neurons of layer ``l``.
   physically shrunk models (:func:`modules.structured.shrink_structured`).
 
 Every figure is a median over interleaved timed calls of
-:func:`pipelines.latency.measure_latency_ms` (CPU, ``torch.inference_mode``, fixed
+:func:`modules.latency.measure_latency_ms` (CPU, ``torch.inference_mode``, fixed
 thread count, warm-up), in milliseconds.
 
 Shapes: ``B`` batch, ``N`` sequence length, ``H`` hidden size, ``A`` heads per layer,
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from modules.bert import PrunableBertForSequenceClassification
-from pipelines.latency import measure_latency_ms
+from modules.latency import measure_latency_ms
 from pruners.base import PrunerConfigError, check_choice, check_positive_int
 
 #: version of the :meth:`LatencyTable.state_dict` layout
@@ -109,7 +109,7 @@ def measure_model_ms(
     Args:
         model: full-size or shrunk model, on any device (inputs follow it).
         batch_size, seq_len: input shape (B, N), unpadded.
-        warmup, repeats, threads: as in :func:`pipelines.latency.measure_latency_ms`
+        warmup, repeats, threads: as in :func:`modules.latency.measure_latency_ms`
             (threads None keeps the current torch setting).
 
     Returns:
@@ -292,7 +292,7 @@ class LatencyTable:
         layer keeps its first h heads physically (``keep_units``; which heads does not
         matter for latency, only how many) and its attention block is timed; likewise
         for n FFN neurons. All choices of one layer are timed interleaved in one
-        :func:`~pipelines.latency.measure_latency_ms` call, so machine noise hits them
+        :func:`~modules.latency.measure_latency_ms` call, so machine noise hits them
         alike.
 
         ``layers="shared"``: every encoder layer of a full-size BERT has the same

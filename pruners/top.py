@@ -2,11 +2,12 @@
 
 Pieces:
 
-* :class:`TokenGates` - coarse-to-fine hard-concrete gates (Sec. 3.2): one gate per
-  *rank bin* per pruning layer, plus one gate per pruning layer deciding whether that
-  layer prunes at all. Tokens are ranked by the attention they received in the
-  previous layer; pruning is cumulative; [CLS] is never pruned. At evaluation the
-  gates are deterministic and closed tokens are removed (gathered out) by the encoder.
+* :class:`modules.gates.TokenGates` - coarse-to-fine hard-concrete gates (Sec. 3.2): one
+  gate per *rank bin* per pruning layer, plus one gate per pruning layer deciding whether
+  that layer prunes at all. Tokens are ranked by the attention they received in the
+  previous layer; pruning is cumulative; [CLS] is never pruned. At evaluation the gates
+  are deterministic and closed tokens are removed (gathered out) by the encoder. The
+  gates are state the model carries, so they live in ``modules/``; this module trains them.
 * :func:`expected_macs` - the analytic MACs constraint from the expected kept length
   of every layer, per sample, on the unpadded length (Sec. 3.3).
 * :func:`arp2_loss` - LambdaLoss ARP-2 ranking distillation (Wang et al. 2018; ToP Sec. 3.4).
@@ -32,171 +33,7 @@ from torch import nn
 from modules.bert import layer_macs
 from pruners.base import PrunerConfigError, check_positive_int, check_range
 from pruners.distillation import TeacherPruner, kd_loss
-from pruners.hard_concrete import HardConcreteGates
-
-
-def straight_through_binary(z: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """``1[z > threshold]`` in the forward pass, identity gradient to ``z`` in the backward pass."""
-    hard = (z > threshold).to(z.dtype)
-    return hard + z - z.detach()
-
-
-def bin_of_rank(rank: torch.Tensor, m: torch.Tensor, bin_count: int) -> torch.Tensor:
-    """Bin ``floor(rank * bin_count / m)`` (clamped to the last bin) of rank(s) among ``m`` candidates.
-
-    ``rank`` and ``m`` broadcast; ``m`` must be >= 1. Shared by :func:`rank_bins` and
-    :func:`deterministic_kept_lengths`, so the analytic count matches the encoder.
-    """
-    return torch.div(rank * bin_count, m, rounding_mode="floor").clamp_(max=bin_count - 1)
-
-
-def rank_bins(scores: torch.Tensor, candidates: torch.Tensor, bin_count: int) -> torch.Tensor:
-    """Bin of each candidate token by its normalised rank: ``floor(rank / m * bin_count)``.
-
-    Rank 0 is the highest score; ``m`` is the sample's number of candidates.
-
-    Args:
-        scores: (B, N) token scores.
-        candidates: (B, N) bool, tokens that take part in the ranking.
-        bin_count: number of bins.
-
-    Returns:
-        (B, N) int64 bins in [0, bin_count); non-candidates get bin 0 (callers mask them).
-    """
-    s = scores.detach().masked_fill(~candidates, float("-inf"))
-    order = torch.argsort(s, dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
-    m = candidates.sum(dim=1, keepdim=True).clamp_min(1)
-    return bin_of_rank(rank, m, bin_count).masked_fill(~candidates, 0)
-
-
-class TokenGates(nn.Module):
-    """Coarse-to-fine token gates of ToP (arXiv 2306.14393 Sec. 3.2).
-
-    Args:
-        num_layers: encoder layers of the model.
-        pruning_layers: layers before which tokens may be pruned (layer 0 never prunes:
-            it has no scores yet).
-        bin_count: rank bins per pruning layer.
-        token_init_log_alpha: initial log_alpha of the token gates (positive = keep).
-        layer_init_log_alpha: initial log_alpha of the layer gates (negative = layer off).
-
-    Raises:
-        PrunerConfigError: pruning layers outside 1..num_layers-1, duplicates, bin_count < 2.
-    """
-
-    def __init__(
-        self,
-        num_layers: int,
-        pruning_layers: list[int] | tuple[int, ...],
-        bin_count: int = 25,
-        token_init_log_alpha: float = 2.0,
-        layer_init_log_alpha: float = -1.0,
-    ):
-        super().__init__()
-        layers = tuple(int(x) for x in pruning_layers)
-        if not layers or len(set(layers)) != len(layers) or any(not 1 <= x < num_layers for x in layers):
-            raise PrunerConfigError(
-                f"pruner.pruning_layers={list(layers)} must be distinct layer indices in 1..{num_layers - 1} "
-                f"(the model has {num_layers} layers; layer 0 has no token scores yet)."
-            )
-        check_positive_int("pruner.bin_count", bin_count, minimum=2)
-        self.num_layers = num_layers
-        self.pruning_layers = tuple(sorted(layers))
-        self.bin_count = bin_count
-        self._init = (float(token_init_log_alpha), float(layer_init_log_alpha))
-        self.token = HardConcreteGates(len(layers) * bin_count, init_log_alpha=token_init_log_alpha)
-        self.layer = HardConcreteGates(len(layers), init_log_alpha=layer_init_log_alpha)
-        self._slot = {layer: i for i, layer in enumerate(self.pruning_layers)}
-        # Frozen gates: a snapshot of the evaluation gates that training then uses too
-        # (hard masks, no gate gradients). Buffers, so checkpoints serve exactly that pruning.
-        p = len(layers)
-        self.register_buffer("frozen_flag", torch.zeros((), dtype=torch.bool))
-        self.register_buffer("frozen_layer_on", torch.zeros(p, dtype=torch.bool))
-        self.register_buffer("frozen_kept", torch.zeros(p, bin_count, dtype=torch.bool))
-
-    @property
-    def frozen(self) -> bool:
-        """True once :meth:`freeze` was called: evaluation and training use the frozen snapshot."""
-        return bool(self.frozen_flag)
-
-    def freeze(self, layer_on: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> None:
-        """Fix the gates at ``(layer_on, kept)`` ((P,) bool and (P, bin_count) bool); None = :meth:`deterministic`."""
-        if layer_on is None or kept is None:
-            det_on, det_kept = self.deterministic()
-            layer_on = det_on if layer_on is None else layer_on
-            kept = det_kept if kept is None else kept
-        self.frozen_layer_on.copy_(layer_on)
-        self.frozen_kept.copy_(kept)
-        self.frozen_flag.fill_(True)
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # Checkpoints written before gates could be frozen load as unfrozen.
-        for name in ("frozen_flag", "frozen_layer_on", "frozen_kept"):
-            state_dict.setdefault(prefix + name, getattr(self, name).clone())
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
-    def config(self) -> dict[str, Any]:
-        """Plain constructor arguments (stored in checkpoints to rebuild the gates)."""
-        return {
-            "num_layers": self.num_layers,
-            "pruning_layers": list(self.pruning_layers),
-            "bin_count": self.bin_count,
-            "token_init_log_alpha": self._init[0],
-            "layer_init_log_alpha": self._init[1],
-        }
-
-    def token_keep_prob(self) -> torch.Tensor:
-        """(P, bin_count) probability that each token gate is non-zero."""
-        return self.token.prob_nonzero().view(len(self.pruning_layers), self.bin_count)
-
-    def layer_on_prob(self) -> torch.Tensor:
-        """(P,) probability that each layer gate is on (its sample exceeds 0.5, the straight-through threshold)."""
-        return self.layer.prob_above(0.5)
-
-    def keep_ratio(self) -> torch.Tensor:
-        """(P,) expected fraction of the surviving (non-CLS) tokens each pruning layer keeps.
-
-        Bins hold equal shares of the ranked tokens, so a layer that prunes keeps the
-        mean bin keep probability: ``1 - P(on) (1 - mean_b P(z_b != 0))``.
-        """
-        return 1.0 - self.layer_on_prob() * (1.0 - self.token_keep_prob().mean(dim=1))
-
-    def deterministic(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluation gates: (P,) bool layer on (log_alpha > 0) and (P, bin_count) bool kept bins (top-k);
-        once :attr:`frozen`, the frozen snapshot."""
-        if self.frozen:
-            return self.frozen_layer_on, self.frozen_kept
-        p = len(self.pruning_layers)
-        layer_on = self.layer.log_alpha.detach() > 0
-        return layer_on, self.token.deterministic_topk(groups=p).view(p, self.bin_count)
-
-    def token_keep(self, layer: int, scores: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        """Keep mask of the tokens entering ``layer`` (the encoder's ``TokenPrunerHook``).
-
-        Args:
-            layer: a pruning layer.
-            scores: (B, N) attention received in the previous layer.
-            alive: (B, N) bool, tokens still present.
-
-        Returns:
-            training: (B, N) float in [0, 1] (sampled gates); evaluation, or training
-            once :attr:`frozen`: (B, N) bool (deterministic gates).
-        """
-        slot = self._slot[layer]
-        candidates = alive.clone()
-        candidates[:, 0] = False  # [CLS] is never pruned
-        bins = rank_bins(scores, candidates, self.bin_count)
-        if self.training and not self.frozen:
-            z_tok = self.token.sample().view(len(self.pruning_layers), self.bin_count)[slot]
-            z_layer = straight_through_binary(self.layer.sample()[slot])
-            keep = 1.0 - z_layer * (1.0 - z_tok[bins])
-            return torch.where(candidates, keep, alive.to(keep.dtype))
-        layer_on, kept = self.deterministic()
-        if not bool(layer_on[slot]):
-            return alive
-        return alive & (~candidates | kept[slot][bins])
+from modules.gates import TokenGates, bin_of_rank
 
 
 def expected_macs(gates: TokenGates, lengths: torch.Tensor, hidden: int, intermediate: int) -> torch.Tensor:
@@ -230,7 +67,7 @@ def deterministic_kept_lengths(
 
     Exact, because a sample's rank bins depend only on how many candidates it has: the
     ``m`` non-[CLS] tokens entering a pruning layer fall into bins ``floor(r * B / m)``
-    for ranks ``r < m``, whatever the scores (see :func:`rank_bins`).
+    for ranks ``r < m``, whatever the scores (see :func:`modules.gates.rank_bins`).
 
     Args:
         gates: the token gates (layer layout and bin count).
