@@ -395,6 +395,9 @@ class MovieLensStream(StreamDataModule):
         modules.packages.MissingDataPackageError: recbole is not installed (names the pip command).
     """
 
+    def __init__(self, window: int | str = "7D", batch_size: int = 256, hash_buckets: int = 4096, limit_rows: int | None = None):
+        super().__init__(window, batch_size, hash_buckets, limit_rows)
+
     SPARSE = ["user_id", "item_id", "gender", "occupation", "age_bucket", "zip_prefix", "release_year"]
     MULTI = ["class"]
     DENSE = ["user_count", "item_count", "user_rate", "item_rate", "item_age"]
@@ -504,9 +507,12 @@ class CsvStream(StreamDataModule):
         multi_valued_columns: list[str] = (),
         multi_separator: str = "|",
         history_columns: list[str] = (),
-        **kwargs,
+        window: int | str = "7D",
+        batch_size: int = 256,
+        hash_buckets: int = 4096,
+        limit_rows: int | None = None,
     ):
-        super().__init__(**kwargs)
+        super().__init__(window, batch_size, hash_buckets, limit_rows)
         self.path = path
         self.timestamp_column, self.label_column = timestamp_column, label_column
         self.categorical_columns = list(categorical_columns or [])
@@ -612,8 +618,10 @@ class CriteoStream(StreamDataModule):
         window, batch_size, hash_buckets, limit_rows: see :class:`StreamDataModule`.
     """
 
-    def __init__(self, path: str, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(
+        self, path: str, window: int | str = 100000, batch_size: int = 1024, hash_buckets: int = 100000, limit_rows: int | None = None
+    ):
+        super().__init__(window, batch_size, hash_buckets, limit_rows)
         self.path = path
 
     def load(self) -> EncodedStream:

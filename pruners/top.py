@@ -252,7 +252,7 @@ class ToPPruner(TeacherPruner):
 
     def __init__(
         self,
-        target_sparsity: float = 0.5,
+        target_sparsity: float = 0.51,
         teacher_ckpt: str | None = None,
         teacher_epochs: int = 1,
         pruning_layers: list[int] | None = None,
@@ -260,7 +260,7 @@ class ToPPruner(TeacherPruner):
         bin_count: int = 25,
         warmup_fraction: float = 0.3,
         gate_lr: float = 0.05,
-        multiplier_lr: float = 0.05,
+        multiplier_lr: float = 0.02,
         rank_alpha: float = 0.01,
         rank_top_k: int = 20,
         kd_temperature: float = 2.0,
@@ -269,9 +269,9 @@ class ToPPruner(TeacherPruner):
         token_init_log_alpha: float = 2.0,
         layer_init_log_alpha: float = -1.0,
         freeze_embeddings: bool = True,
-        model_lr: float | None = None,
-        finetune_fraction: float = 0.35,
-        pruning_epochs: int | None = None,
+        model_lr: float | None = 3e-5,
+        finetune_fraction: float = 0.6,
+        pruning_epochs: int | None = 5,
         cache_teacher: bool = True,
         name: str = "top",
     ):

@@ -1,0 +1,168 @@
+"""Structured configs: the schema every YAML file in ``conf/`` extends, registered in Hydra's ConfigStore.
+
+Every setting is defined once, in the constructor of the class it configures (its
+signature holds the default, its docstring the meaning). :func:`schema` turns a
+constructor into a structured config with ``hydra_zen.builds(populate_full_signature=True)``,
+and the YAML files extend these schemas (``defaults: [base_top, _self_]``), so:
+
+* a misspelled key (``pruner.target_sparsty=0.4``) or a wrong type
+  (``pruner.target_sparsity=abc``) fails at compose time with Hydra's message;
+* ``python run.py pruner=top --cfg job --package pruner`` prints every setting and its default;
+* tests compose the shipped configs and build what users run.
+
+:func:`register_configs` also registers the ``${litprune.bert_dir:}`` resolver. Every entry
+point imports this module (``run.py`` through ``pipelines``), and launcher workers, which
+unpickle the task function, import it with it.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import lightning as L
+from hydra.core.config_store import ConfigStore
+from hydra_zen import BuildsFn
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import OmegaConf
+
+from modules.bert_classifier import BertClassifier
+from modules.dlrm import DLRMModule
+from modules.packages import default_bert_dir
+from modules.stream_data import CriteoStream, CsvStream, MovieLensStream
+from modules.text_data import GlueDataModule, RottenTomatoesDataModule, TextFileDataModule
+from pruners.d2s import D2SPruner
+from pruners.swiftpruner import SwiftPruner
+from pruners.top import ToPPruner
+
+
+class _Builds(BuildsFn):
+    """hydra-zen's ``builds`` that also types ``X | None`` annotations as ``Optional[X]`` (checked by OmegaConf)."""
+
+    @classmethod
+    def _sanitized_type(cls, type_: Any, *args, **kwargs) -> Any:
+        if isinstance(type_, types.UnionType):
+            type_ = typing.Union[type_.__args__]
+        return super()._sanitized_type(type_, *args, **kwargs)
+
+
+def schema(target: Any, **fields: Any) -> Any:
+    """A structured config (dataclass type) of ``target``'s full constructor signature.
+
+    Args:
+        target: a class or function; every parameter becomes a typed field with its default
+            (no default: ``???``, which the YAML or the caller must fill in).
+        fields: fields to set or add, e.g. nested ``schema(...)`` nodes for component arguments.
+    """
+    return _Builds.builds(target, populate_full_signature=True, **fields)
+
+
+@dataclass
+class LatencyConfig:
+    """How a run times its final models (see ``modules.latency``).
+
+    Attributes:
+        batch_sizes: batch sizes to time.
+        warmup: untimed calls per model before timing.
+        repeats: timed rounds (interleaved across models); the figure is the median, ms.
+        examples: text: inputs are the first ``max(examples, batch size)`` test examples.
+    """
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    warmup: int = 3
+    repeats: int = 15
+    examples: int = 32
+
+
+@dataclass
+class ModelConfig:
+    """The ``model`` group: which LightningModule, with which pipeline.
+
+    Attributes:
+        name: short name (``bert``, ``dlrm``), used in run and W&B names.
+        pipeline: ``text`` (``pipelines.text``) or ``stream`` (``pipelines.stream``).
+        module: the LightningModule's node (``_target_`` and constructor settings).
+        pretrained: text: local Hugging Face BERT folder (default: the shipped MiniLM).
+        monitor: text: the metric that picks the dense model's checkpoint.
+        trainer: trainer settings the pipeline needs, applied over ``cfg.trainer``.
+    """
+
+    name: str = "???"
+    pipeline: str = "???"
+    module: Any = None
+    pretrained: Optional[str] = None
+    monitor: Optional[str] = None
+    trainer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NoPrunerConfig:
+    """``pruner=none``: plain fine-tuning (text) or the dense model alone (stream)."""
+
+    name: str = "none"
+
+
+@dataclass
+class RunConfig:
+    """The root config (``conf/config.yaml``); the groups are typed by their own schemas.
+
+    Attributes:
+        task_name: names the run dir and the W&B runs (``<model>-<pruner>``).
+        seed: seeds Lightning, the data order and the pruners' own generators.
+        threads: torch intra-op threads for training and latency (None: torch's choice).
+        optimized_metric: dotted path into results.json that ``main`` returns to sweepers.
+        latency: how final models are timed.
+    """
+
+    task_name: str = "???"
+    seed: int = 42
+    threads: Optional[int] = None
+    optimized_metric: Optional[str] = None
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    model: Any = None
+    data: Any = None
+    pruner: Any = None
+    trainer: Any = None
+    logger: Any = None
+    callbacks: Any = None
+    paths: Any = None
+
+
+def register_configs() -> None:
+    """Register the ``litprune.bert_dir`` resolver and every schema in Hydra's ConfigStore (idempotent)."""
+    if not OmegaConf.has_resolver("litprune.bert_dir"):
+        OmegaConf.register_new_resolver("litprune.bert_dir", default_bert_dir)
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=RunConfig)
+    cs.store(group="model", name="base_bert", package="model",
+             node=ModelConfig(module=schema(BertClassifier, hydra_convert="all")))
+    cs.store(group="model", name="base_dlrm", package="model", node=ModelConfig(module=schema(DLRMModule)))
+    for name, target in (
+        ("rotten_tomatoes", RottenTomatoesDataModule),
+        ("text_csv", TextFileDataModule),
+        ("glue", GlueDataModule),
+        ("movielens", MovieLensStream),
+        ("stream_csv", CsvStream),
+        ("criteo", CriteoStream),
+    ):
+        cs.store(group="data", name=f"base_{name}", node=schema(target))
+    cs.store(group="pruner", name="base_none", node=NoPrunerConfig)
+    cs.store(group="pruner", name="base_top", node=schema(ToPPruner))
+    cs.store(group="pruner", name="base_d2s", node=schema(D2SPruner))
+    cs.store(group="pruner", name="base_swiftpruner", node=swiftpruner_schema())
+    cs.store(group="trainer", name="base_trainer", node=schema(L.Trainer, zen_exclude=("callbacks", "logger")))
+    cs.store(group="callbacks", name="base_model_checkpoint", node=schema(ModelCheckpoint))
+    cs.store(group="callbacks", name="base_lr_monitor", node=schema(LearningRateMonitor))
+    cs.store(group="logger", name="base_wandb", node=schema(WandbLogger, group=None, job_type=None))
+    cs.store(group="logger", name="base_csv", node=schema(CSVLogger))
+
+
+def swiftpruner_schema() -> Any:
+    """SwiftPruner's schema, with its components (nested ``_target_`` nodes) as fields."""
+    return schema(SwiftPruner)
+
+
+register_configs()
