@@ -1,4 +1,9 @@
-"""Shared test fixtures: repo root on sys.path, `slow` marker, tiny random BERT configs."""
+"""Shared test fixtures: repo root on sys.path, `slow` marker, the shipped configs, tiny random BERT configs.
+
+Tests build what users run: :func:`compose_config` composes ``conf/config.yaml`` with
+overrides, as ``python run.py ...`` does, and :func:`build_pruner` instantiates its pruner.
+Trained fixtures (the tiny teacher) are built once per test session.
+"""
 
 from __future__ import annotations
 
@@ -16,23 +21,48 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+CONF = ROOT / "conf"
+
+
+def compose_config(*overrides: str, output_dir: str | Path | None = None):
+    """The shipped config composed with ``overrides`` (as ``python run.py <overrides>``), outputs under ``output_dir``."""
+    from hydra import compose, initialize_config_dir
+
+    import pipelines.configs  # noqa: F401  (registers the schemas and resolvers)
+
+    out = output_dir if output_dir is not None else ROOT / "outputs" / "tests"
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return compose("config", overrides=[f"paths.output_dir={out}", *overrides])
+
+
+def build_pruner(*overrides: str):
+    """The pruner of the shipped config composed with ``overrides`` (e.g. ``"pruner=top"``)."""
+    from pipelines.common import build
+
+    return build(compose_config(*overrides).pruner)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end test on real data (> ~20 s)")
 
 
+#: a 3-layer, hidden-32 BERT config with the real uncased WordPiece vocabulary size
+TINY_BERT_CONFIG = dict(
+    vocab_size=30522,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
 @pytest.fixture
 def tiny_bert_config() -> dict:
-    """A 3-layer, hidden-32 BERT config with the real uncased WordPiece vocabulary size."""
-    return dict(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    """A copy of :data:`TINY_BERT_CONFIG` (tests may change it)."""
+    return TINY_BERT_CONFIG.copy()
 
 
 @pytest.fixture(autouse=True)
@@ -44,9 +74,12 @@ def _clear_hydra():
     GlobalHydra.instance().clear()
 
 
-@pytest.fixture
-def tiny_setup(tmp_path, tiny_bert_config):
-    """(datamodule of 48 random review-like sentences, checkpoint of a tiny dense teacher fitted 1 epoch, its config)."""
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory):
+    """(datamodule of 48 random review-like sentences, checkpoint of a tiny dense teacher fitted 1 epoch, its config).
+
+    Built once per test session; tests must not modify the datamodule or the checkpoint.
+    """
     import lightning as L
     import pandas as pd
     import torch
@@ -55,6 +88,8 @@ def tiny_setup(tmp_path, tiny_bert_config):
     from modules.packages import default_bert_dir
     from modules.text_data import TextFileDataModule
 
+    tmp_path = tmp_path_factory.mktemp("tiny_setup")
+    config = TINY_BERT_CONFIG.copy()
     words = ["good", "bad", "film", "great", "awful", "plot", "acting", "boring", "fun", "the"]
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(words[i] for i in torch.randint(0, 10, (int(n),), generator=g)) for n in torch.randint(4, 14, (48,), generator=g)]
@@ -62,10 +97,10 @@ def tiny_setup(tmp_path, tiny_bert_config):
     pd.DataFrame({"text": texts, "label": [int("good" in t) for t in texts]}).to_csv(path, index=False)
     dm = TextFileDataModule(path=str(path), tokenizer=default_bert_dir(), batch_size=8, eval_batch_size=8)
     L.seed_everything(0)
-    teacher = BertClassifier(bert_config=tiny_bert_config, num_labels=2, lr=1e-3)
+    teacher = BertClassifier(bert_config=config, num_labels=2, lr=1e-3)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)
     trainer.fit(teacher, datamodule=dm)
     teacher_ckpt = tmp_path / "teacher.ckpt"
     trainer.save_checkpoint(teacher_ckpt)
-    return dm, teacher_ckpt, tiny_bert_config
+    return dm, teacher_ckpt, config
