@@ -14,10 +14,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from pipelines.common import format_table, register_resolvers, write_results
+import pipelines.configs  # noqa: F401  (registers the config schemas and the resolvers before Hydra composes)
+from pipelines.common import format_table, write_results
 
 log = logging.getLogger(__name__)
-register_resolvers()
 
 PIPELINES = ("text", "stream")
 

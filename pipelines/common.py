@@ -1,14 +1,17 @@
-"""Pieces every pipeline shares: loggers, callbacks, trainers, and the run's results.json.
+"""Pieces every pipeline shares: loggers, callbacks, trainers, fit phases, and the run's results.json.
 
-A run may fit several times (a dense teacher, then the pruned student). Each fit is
-a *phase* with its own checkpoint folder (``checkpoints/<phase>``) and its own
-logger run (W&B run or CSV version named after the phase), finished at the end of
-the phase so multirun jobs never merge into one W&B run.
+A run may fit several times (a dense teacher, then the pruned student, then baselines).
+Each fit is a *phase* (:func:`fit_phase`) with its own checkpoint folder
+(``checkpoints/<phase>``) and its own logger run (W&B run or CSV version named after the
+phase), finished at the end of the phase so multirun jobs never merge into one W&B run.
+Which checkpoint a phase keeps comes from Lightning's ``ModelCheckpoint`` state (best by
+the phase's monitored metric, else the last).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -19,15 +22,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from modules.packages import default_bert_dir
+from pruners.base import FitPlan
 
 RESULTS_FILE = "results.json"
 
-
-def register_resolvers() -> None:
-    """Register ``${litprune.bert_dir:}`` (folder of the shipped MiniLM BERT) with OmegaConf."""
-    if not OmegaConf.has_resolver("litprune.bert_dir"):
-        OmegaConf.register_new_resolver("litprune.bert_dir", default_bert_dir)
+log = logging.getLogger(__name__)
 
 
 def build(node: DictConfig, **kwargs) -> Any:
@@ -120,6 +119,68 @@ def checkpoint_callback(trainer: L.Trainer) -> ModelCheckpoint:
     if trainer.checkpoint_callback is None:
         raise ValueError("callbacks.model_checkpoint is required: the run reloads its final checkpoint.")
     return trainer.checkpoint_callback
+
+
+def fit_phase(
+    cfg: DictConfig,
+    phase: str,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    plan: FitPlan,
+    extra_callbacks: tuple | list = (),
+    after_fit=None,
+) -> tuple[str, float | None]:
+    """Fit ``module`` as its own phase; return (checkpoint to use, its monitored score or None).
+
+    The trainer is ``cfg.trainer`` with the model's own trainer settings
+    (``cfg.model.trainer``) and ``plan.max_epochs`` on top. The checkpoint is the best by
+    ``plan.monitor``; when no checkpoint scored at least 0 (the pruner's criterion, e.g.
+    its sparsity target, was never met) or nothing is monitored, the last one.
+
+    Args:
+        cfg: the run's config.
+        phase: phase name (checkpoint folder, logger run name).
+        module: the LightningModule to fit (trained in place).
+        datamodule: its data.
+        plan: epochs, monitored metric and mode (:class:`pruners.base.FitPlan`).
+        extra_callbacks: e.g. the pruner.
+        after_fit: ``after_fit(module, loggers)`` runs before the phase's loggers are
+            finished (to log plots into the phase's run).
+
+    Raises:
+        RuntimeError: the phase wrote no checkpoint.
+    """
+    loggers = build_loggers(cfg, phase)
+    callbacks = build_callbacks(cfg, phase, monitor=plan.monitor, mode=plan.mode, has_logger=bool(loggers))
+    model_trainer = cfg.model.get("trainer")
+    overrides = OmegaConf.to_container(model_trainer, resolve=True) if model_trainer else {}
+    if plan.max_epochs is not None:
+        overrides["max_epochs"] = plan.max_epochs
+    trainer = build_trainer(cfg, phase, callbacks + list(extra_callbacks), loggers, **overrides)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+        if after_fit is not None:
+            after_fit(module, loggers)
+    finally:
+        finish_loggers(loggers)
+    ckpt = checkpoint_callback(trainer)
+    score = None if ckpt.best_model_score is None else float(ckpt.best_model_score)
+    path = ckpt.best_model_path
+    if not path or score is None or score < 0:
+        if not ckpt.last_model_path:
+            raise RuntimeError(f"The {phase} phase wrote no checkpoint; keep callbacks.model_checkpoint.save_last=true.")
+        if plan.monitor is not None:
+            log.warning("%s: no checkpoint met the monitored criterion %s; using the last checkpoint.", phase, plan.monitor)
+        path = ckpt.last_model_path
+    return path, score
+
+
+def run_relative(path: str | Path, out_dir: str | Path) -> str:
+    """``path`` relative to the run dir when it lies inside it (results.json stays valid if the run dir moves)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(out_dir).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def json_safe(value: Any) -> Any:

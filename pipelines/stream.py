@@ -6,13 +6,16 @@
 2. phase ``dense``: seeds, builds the DLRM (``cfg.model.module``) and trains it
    prequentially over the windows (score each window, then train on it);
 3. phase ``pruned`` (when ``cfg.pruner`` has a ``_target_``): the same seed, the same
-   stream, with the pruner callback;
-4. exports served copies (masks folded, dead neurons removed), checks they compute the
-   same logits, measures their CPU latency interleaved (``pipelines.latency``);
-   with an A/A control (the dense copy timed twice; ``latency_aa_ratio`` near 1 says
-   the machine was quiet enough for the speedups to mean something);
-5. plots AUC per window (dense vs pruned) and per-layer sparsity over the stream
-   (PNG, also logged to W&B), and returns the results dict (``results.json``).
+   stream, with the pruner callback (and one phase per baseline it names); the pruner's
+   own figures (:meth:`~pruners.base.Pruner.results`) and files
+   (:meth:`~pruners.base.Pruner.write_files`, logged to W&B when they are PNGs);
+4. builds each model's served copy (``served_model()``: masks folded, dead neurons
+   removed), checks it computes the same logits, measures their latency interleaved
+   (``modules.latency``), with an A/A control (the dense copy timed twice;
+   ``latency_aa_ratio`` near 1 says the machine was quiet enough for the speedups to
+   mean something);
+5. plots AUC per window of every model (``stream_auc.png``) and returns the results dict
+   (``results.json``).
 
 Headline metrics are means over the *second half* of the stream's windows.
 """
@@ -28,15 +31,15 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from modules.dlrm import DLRMModule, count_nonzero_params, export_served
-from pipelines.common import build, build_callbacks, build_loggers, build_trainer, finish_loggers
-from pipelines.latency import measure_latency_ms, protocol
-from pruners.base import pruners_of
+from modules.dlrm import count_nonzero_params
+from modules.latency import measure_latency_ms, protocol
+from pipelines.common import build, fit_phase, run_relative
+from pruners.base import FitPlan, Pruner
 
 log = logging.getLogger(__name__)
 
 METRICS = ("auc", "ne", "log_loss")
-PLOT_FILE = "stream_auc_sparsity.png"
+PLOT_FILE = "stream_auc.png"
 
 
 def second_half_means(records: list[dict[str, Any]]) -> dict[str, float]:
@@ -55,31 +58,21 @@ def per_window(records: list[dict[str, Any]]) -> dict[str, list]:
     return {k: [r.get(k) for r in records] for k in keys}
 
 
-def build_module(cfg: DictConfig, dm) -> DLRMModule:
-    """The DLRM LightningModule from ``cfg.model.module`` with the data's feature sizes."""
+def build_module(cfg: DictConfig, dm) -> L.LightningModule:
+    """The stream LightningModule from ``cfg.model.module`` with the data's feature sizes."""
     return build(cfg.model.module, **dm.model_sizes(), _convert_="all")
 
 
-def fit_phase(cfg: DictConfig, dm, phase: str, pruner=None, after_fit=None) -> tuple[DLRMModule, list]:
-    """Seed, build, and train one phase over the whole stream; return the module and its pruners.
+def stream_phase(cfg: DictConfig, dm, phase: str, pruner: Pruner | None = None, after_fit=None) -> L.LightningModule:
+    """Seed, build, and train one phase over the whole stream (one pass, prequential); return the module.
 
     ``after_fit(module, loggers)`` runs before the phase's loggers are finished (to log plots).
     """
     L.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, dm)
-    loggers = build_loggers(cfg, phase)
-    callbacks = build_callbacks(cfg, phase, monitor=None, has_logger=bool(loggers))
-    if pruner is not None:
-        callbacks.append(pruner)
-    overrides = OmegaConf.to_container(cfg.model.get("trainer") or {}, resolve=True)
-    trainer = build_trainer(cfg, phase, callbacks, loggers, **overrides)
-    try:
-        trainer.fit(module, datamodule=dm)
-        if after_fit is not None:
-            after_fit(module, loggers)
-    finally:
-        finish_loggers(loggers)
-    return module, pruners_of(trainer)
+    plan = pruner.fit_plan() if pruner is not None else FitPlan()
+    fit_phase(cfg, phase, module, dm, plan, extra_callbacks=[pruner] if pruner is not None else [], after_fit=after_fit)
+    return module
 
 
 def latency_inputs(dm, batch_size: int) -> tuple[torch.Tensor, ...]:
@@ -98,38 +91,23 @@ def served_macs(model) -> int:
     return int(mlp + f * f * model.sparse_arch.embedding_dim)
 
 
-def plot_stream(results: dict[str, Any], path: Path) -> Path:
-    """PNG: AUC per window (dense vs pruned) and per-layer MLP sparsity over the stream."""
+def plot_stream(results: dict[str, Any], names: list[str], path: Path) -> Path:
+    """PNG: ROC AUC per window of each model in ``names`` (prequential: scored before training on it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pruned = results.get("pruned")
-    fig, axes = plt.subplots(1, 2 if pruned else 1, figsize=(12 if pruned else 6, 4), squeeze=False)
-    ax = axes[0, 0]
-    for key, style in (("dense", "-"), ("pruned", "--")):
-        if key in results:
-            pw = results[key]["per_window"]
-            ax.plot(pw["window"], pw["auc"], style, marker=".", label=key)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, style in zip(names, ("-", "--", ":", "-.")):
+        pw = results[name]["per_window"]
+        ax.plot(pw["window"], pw["auc"], style, marker=".", label=name)
     n = len(results["dense"]["per_window"]["window"])
     ax.axvline(n // 2 - 0.5, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("window (prequential: scored before training)")
     ax.set_ylabel("ROC AUC")
-    ax.set_title("AUC per window")
+    ax.set_title("AUC per window (headline metrics: second half, right of the dotted line)")
     ax.legend()
-    if pruned:
-        ax = axes[0, 1]
-        history = pruned["sparsity"]["history"]
-        steps = [h["step"] for h in history]
-        for layer in pruned["sparsity"]["per_layer"]:
-            ax.plot(steps, [h["layers"][layer] for h in history], label=layer)
-        ax.plot(steps, [h["overall"] for h in history], "k-", lw=2, label="overall")
-        ax.plot(steps, [h["target"] for h in history], "k:", label="schedule")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("sparsity (fraction of weights)")
-        ax.set_title("achieved per-layer sparsity")
-        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -137,15 +115,18 @@ def plot_stream(results: dict[str, Any], path: Path) -> Path:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Dense reference and pruned DLRM on the same stream and seed; returns the results dict.
+    """Dense reference and pruned model on the same stream and seed (then any baselines); returns the results dict.
 
     Raises:
-        modules.text_data.DataError: unusable data; pruners.base.PrunerConfigError: bad pruner settings.
+        modules.text_data.DataError: unusable data.
+        pruners.base.PrunerConfigError: bad pruner settings, or a pruner that cannot prune this
+            model (raised before any training).
     """
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    pruner: Pruner | None = build(cfg.pruner, _convert_="all") if cfg.pruner.get("_target_") else None
     dm = build(cfg.data, _convert_="all")
     dm.setup("fit")
+    if pruner is not None:
+        pruner.check(build_module(cfg, dm), dm)
     results: dict[str, Any] = {
         "task": cfg.task_name,
         "seed": cfg.seed,
@@ -154,71 +135,75 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "metrics are means over the second half of the windows",
         "model": OmegaConf.to_container(cfg.model.module, resolve=True),
     }
+    modules = {"dense": stream_phase(cfg, dm, "dense")}
+    files: dict[str, str] = {}
 
-    dense, _ = fit_phase(cfg, dm, "dense")
-    results["dense"] = {"metrics": second_half_means(dense.window_records), "per_window": per_window(dense.window_records)}
+    def after_fit(name: str, p: Pruner):
+        """Put the pruner's results and files into the run while its phase's loggers are open."""
 
-    pruned = pruner = None
-    has_pruner = cfg.get("pruner") is not None and "_target_" in cfg.pruner
-    plot_path = Path(out_dir) / PLOT_FILE
-    if has_pruner:
-        pruner = build(cfg.pruner, _convert_="all")
-        results["pruner"] = OmegaConf.to_container(cfg.pruner, resolve=True)
-
-        def after_fit(module, loggers):
-            summary = pruner.summary()
-            results["pruned"] = {
-                "metrics": second_half_means(module.window_records),
-                "per_window": per_window(module.window_records),
-                "sparsity": {
-                    "overall": summary["overall"],
-                    "masked": summary["masked"],
-                    "per_layer": summary["per_layer"],
-                    "neurons_removed": summary["neurons_removed"],
-                    "history": summary["history"],
-                },
-                "pruner": {k: v for k, v in summary.items() if k != "history"},
-            }
-            plot_stream(results, plot_path)
+        def record(module, loggers) -> None:
+            results[name] = {"pruner": p.results()}
+            written = p.write_files(out_dir)
+            files.update(written if name == "pruned" else {f"{name}/{k}": v for k, v in written.items()})
             for logger in loggers:
                 if type(logger).__name__ == "WandbLogger":
-                    logger.log_image(key="stream/auc_and_sparsity", images=[str(plot_path)])
+                    for role, rel in written.items():
+                        if rel.endswith(".png"):
+                            logger.log_image(key=f"stream/{role}", images=[str(Path(out_dir) / rel)])
 
-        pruned, _ = fit_phase(cfg, dm, "pruned", pruner=pruner, after_fit=after_fit)
-    else:
-        plot_stream(results, plot_path)
-    results["plot"] = str(plot_path)
+        return record
+
+    if pruner is not None:
+        modules["pruned"] = stream_phase(cfg, dm, "pruned", pruner, after_fit("pruned", pruner))
+        for name, baseline in pruner.baselines().items():
+            modules[name] = stream_phase(cfg, dm, name, baseline, after_fit(name, baseline))
+    for name, module in modules.items():
+        records = module.window_records
+        results.setdefault(name, {}).update({"metrics": second_half_means(records), "per_window": per_window(records)})
+    if "pruned" in results:
+        results["pruner"] = results["pruned"].pop("pruner")
 
     # served copies, equivalence check, latency
-    served = {"dense": export_served(dense.model, remove_neurons=True)}
-    if pruned is not None:
-        served["pruned"] = export_served(pruned.model, remove_neurons=True)
-        x = latency_inputs(dm, min(4096, len(dm.stream)))
+    served = {name: module.served_model() for name, module in modules.items()}
+    x = latency_inputs(dm, min(4096, len(dm.stream)))
+    for name in served:
+        if name == "dense":
+            continue
         with torch.no_grad():
-            diff = (served["pruned"](*x) - pruned.score({"dense": x[0], "sparse": x[1], "multi": x[2], "label": x[0][:, 0]})).abs().max()
-        results["pruned"]["served_max_abs_logit_diff"] = float(diff)
+            reference = modules[name].score({"dense": x[0], "sparse": x[1], "multi": x[2], "label": x[0][:, 0]})
+            diff = (served[name](*x) - reference).abs().max()
+        results[name]["served_max_abs_logit_diff"] = float(diff)
     for key, model in served.items():
         results[key]["params"] = count_nonzero_params(model)
         results[key]["mlp_params"] = int(sum(int((l.weight != 0).sum()) for m in model.mlps().values() for l in m.layers))
         results[key]["macs_per_sample"] = served_macs(model)
         results[key]["mlp_shapes"] = {f"{m}.{i}": list(l.weight.shape) for m, mlp in model.mlps().items() for i, l in enumerate(mlp.layers)}
-    lat = cfg.get("latency") or {}
+    lat = cfg.latency
     threads = int(cfg.get("threads") or torch.get_num_threads())
-    for b in lat.get("batch_sizes", [1, 4096]):
+    for b in lat.batch_sizes:
         x = latency_inputs(dm, int(b))
         calls = {k: (lambda m=m: m(*x)) for k, m in served.items()}
         calls["dense_again"] = lambda: served["dense"](*x)  # A/A control: the same model timed twice
-        ms = measure_latency_ms(calls, warmup=int(lat.get("warmup", 3)), repeats=int(lat.get("repeats", 15)), threads=threads)
+        ms = measure_latency_ms(calls, warmup=int(lat.warmup), repeats=int(lat.repeats), threads=threads)
         for k in served:
             results[k].setdefault("latency_ms", {})[str(b)] = ms[k]
         results.setdefault("latency_aa_ratio", {})[str(b)] = ms["dense"] / ms["dense_again"]
-    what = "served copies (masks folded into nn.Linear/nn.EmbeddingBag"
-    if pruner is not None and pruner.granularity == "neuron":
-        what += "; pruned hidden neurons physically removed, so the MLPs are smaller)"
-    else:
-        what += "; unstructured zeros stay in dense kernels, so no speedup is expected from them)"
-    results["latency_protocol"] = protocol(threads, int(lat.get("warmup", 3)), int(lat.get("repeats", 15)), what)
-    if pruned is not None:
-        results["speedup"] = {b: results["dense"]["latency_ms"][b] / results["pruned"]["latency_ms"][b] for b in results["dense"]["latency_ms"]}
-        results["auc_delta"] = results["pruned"]["metrics"]["auc"] - results["dense"]["metrics"]["auc"]
+    results["latency_protocol"] = protocol(
+        threads, int(lat.warmup), int(lat.repeats),
+        "served copies (modules.dlrm.export_served: masks folded into nn.Linear/nn.EmbeddingBag, hidden "
+        "neurons whose weights are all masked physically removed, so only neuron-level pruning shrinks the "
+        "MLPs; unstructured zeros stay in dense kernels)",
+    )
+    for name in served:
+        if name != "dense":
+            d, p = results["dense"], results[name]
+            p["speedup"] = {b: d["latency_ms"][b] / p["latency_ms"][b] for b in d["latency_ms"]}
+            p["auc_delta"] = p["metrics"]["auc"] - d["metrics"]["auc"]
+    if "pruned" in results:
+        results["speedup"] = results["pruned"]["speedup"]
+        results["auc_delta"] = results["pruned"]["auc_delta"]
+    plot_path = Path(out_dir) / PLOT_FILE
+    plot_stream(results, list(modules), plot_path)
+    files["auc_per_window"] = run_relative(plot_path, out_dir)
+    results["files"] = files
     return results

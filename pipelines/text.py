@@ -1,77 +1,43 @@
-"""The text classification pipeline: fine-tune a dense BERT, prune it, test both, time both.
+"""The text classification pipeline: fine-tune a dense model, prune it, test and time every final model.
 
-Phases (each a Lightning fit with its own checkpoints under ``checkpoints/<phase>``
-and its own logger run):
+Phases (each a Lightning fit with its own checkpoints under ``checkpoints/<phase>`` and
+its own logger run, :func:`pipelines.common.fit_phase`):
 
-1. ``dense``: fine-tune the dense model (skipped when ``pruner.teacher_ckpt`` is set;
-   for ``pruner=none`` this is the whole job).
-2. ``pruned``: load the dense checkpoint, attach the pruner (a callback) and fit
-   (``pruner.pruning_epochs`` / ``pruner.finetune_epochs`` when the pruner has them,
-   else ``trainer.max_epochs``). SwiftPruner searches at the start of this fit.
-3. ``uniform`` (SwiftPruner only): the best uniform configuration within the same
-   measured latency budget, fine-tuned the same way (the baseline).
+1. ``dense``: fine-tune the dense model for the pruner's teacher epochs
+   (:meth:`~pruners.base.Pruner.teacher_plan`), or ``trainer.max_epochs`` without a
+   pruner; skipped when the plan names a checkpoint (``pruner.teacher_ckpt``).
+2. ``pruned``: a copy of the dense checkpoint, the pruner attached as a callback, fitted
+   as the pruner's :meth:`~pruners.base.Pruner.fit_plan` says.
+3. one phase per baseline the pruner names (:meth:`~pruners.base.Pruner.baselines`, e.g.
+   SwiftPruner's ``uniform``), run the same way.
 
-All final models are reloaded from their checkpoints (``load_from_checkpoint``),
-served as they would be (pruned tokens gathered out, masked heads and FFN neurons
-physically removed), tested on the test split, and timed in this process on the same
-test inputs. ``pruner.search_only=true`` (SwiftPruner) stops after the search.
+The pipeline asks the pruner only through the protocol of ``pruners.base``. Every final
+model is reloaded from its checkpoint, turned into its served copy by the module
+(``served_model()``: pruned tokens gathered out, masked heads and FFN neurons removed),
+tested on the test split and timed in this process on the same test inputs.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from modules.bert_classifier import BertClassifier
-from modules.structured import shrink_structured
-from pipelines.common import (
-    build,
-    build_callbacks,
-    build_loggers,
-    build_trainer,
-    checkpoint_callback,
-    finish_loggers,
-)
-from pipelines.latency import measure_latency_ms, protocol
+from modules.latency import measure_latency_ms, protocol
+from pipelines.common import build, build_trainer, fit_phase, run_relative
+from pruners.base import FitPlan, Pruner
 
 log = logging.getLogger(__name__)
 
 
-def fit_phase(
-    cfg: DictConfig, phase: str, module: BertClassifier, datamodule, monitor: str, extra_callbacks=(), **trainer_overrides
-) -> tuple[str, float | None]:
-    """Fit ``module`` in its own phase and return (checkpoint to use, its monitored score).
-
-    The best checkpoint by ``monitor`` is used; if no checkpoint ever scored above -1
-    (e.g. a pruner whose sparsity target was never met), the last one is used.
-    """
-    loggers = build_loggers(cfg, phase)
-    callbacks = build_callbacks(cfg, phase, monitor=monitor, has_logger=bool(loggers)) + list(extra_callbacks)
-    trainer = build_trainer(cfg, phase, callbacks, loggers, **trainer_overrides)
-    try:
-        trainer.fit(module, datamodule=datamodule)
-    finally:
-        finish_loggers(loggers)
-    ckpt = checkpoint_callback(trainer)
-    score = None if ckpt.best_model_score is None else float(ckpt.best_model_score)
-    path = ckpt.best_model_path
-    if not path or score is None or score < 0:
-        if not ckpt.last_model_path:
-            raise RuntimeError(f"The {phase} phase wrote no checkpoint; keep callbacks.model_checkpoint.save_last=true.")
-        log.warning("%s: no checkpoint met the monitored criterion %s; using the last checkpoint.", phase, monitor)
-        path = ckpt.last_model_path
-    return path, score
-
-
-def evaluate_test_split(cfg: DictConfig, module: BertClassifier, datamodule) -> dict[str, float]:
+def evaluate_test_split(cfg: DictConfig, module: L.LightningModule, datamodule) -> dict[str, float]:
     """Test-split metrics by name (``accuracy``, ``f1``, ..., ``macs_per_sample``, ``sparsity``)."""
     trainer = build_trainer(cfg, "test", [], [], enable_checkpointing=False, enable_progress_bar=False)
     (raw,) = trainer.test(module, datamodule=datamodule, verbose=False)
@@ -82,11 +48,11 @@ def latency_batches(datamodule, batch_size: int, examples: int) -> list[dict[str
     """Consecutive test batches of ``batch_size`` covering the first ``max(examples, batch_size)`` examples."""
     ds = datamodule.datasets["test"]
     n = min(len(ds), max(examples, batch_size))
-    return [datamodule._collate([ds[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]
+    return [datamodule.collate([ds[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]
 
 
 def time_models(
-    models: dict[str, BertClassifier],
+    models: dict[str, L.LightningModule],
     datamodule,
     batch_sizes: list[int],
     warmup: int,
@@ -97,10 +63,10 @@ def time_models(
     """Median latency (ms per batch) of each model per batch size, measured interleaved on the same inputs.
 
     Args:
-        models: name -> module; each runs as in evaluation (pruned tokens removed).
+        models: name -> served module; each runs in eval mode (pruned tokens removed).
         datamodule: a set-up text data module; inputs come from its test split.
         batch_sizes: batch sizes to time.
-        warmup, repeats, threads: see :func:`pipelines.latency.measure_latency_ms`.
+        warmup, repeats, threads: see :func:`modules.latency.measure_latency_ms`.
         examples: inputs are the first ``max(examples, batch size)`` test examples.
 
     Returns:
@@ -112,7 +78,7 @@ def time_models(
     for bs in batch_sizes:
         batches = latency_batches(datamodule, int(bs), examples)
 
-        def make(m: BertClassifier):
+        def make(m: L.LightningModule):
             """A zero-argument call running ``m`` on every latency batch."""
 
             def call():
@@ -132,15 +98,15 @@ def time_models(
         what=(
             f"forward pass of the classifier (embeddings to logits) per batch, averaged over the batches of the "
             f"first {examples} test examples (or one batch if larger) in test order, padded to the longest in each "
-            "batch; the pruned model physically removes pruned tokens (gathered out) before each pruning layer; "
-            "models measured interleaved in one process"
+            "batch; served models: pruned tokens physically removed (gathered out) before each pruning layer, "
+            "masked heads and FFN neurons physically removed; models measured interleaved in one process"
         ),
     )
     return lat, proto
 
 
 @torch.no_grad()
-def kept_tokens_per_layer(module: BertClassifier, datamodule) -> list[float]:
+def kept_tokens_per_layer(module: L.LightningModule, datamodule) -> list[float]:
     """Mean tokens (CLS included, padding excluded) each layer computes on, over the test split."""
     module.eval()
     sums: list[float] | None = None
@@ -153,128 +119,86 @@ def kept_tokens_per_layer(module: BertClassifier, datamodule) -> list[float]:
     return [s / count for s in (sums or [])]
 
 
-def served_model(module: BertClassifier) -> BertClassifier:
-    """The module as served: masked heads and FFN neurons physically removed (unchanged if none is masked).
-
-    The copy gives the same logits as the masked module (``modules.structured``), and its
-    analytic MACs and latency are those of the smaller model.
-    """
-    layers = module.model.bert.encoder.layer
-    if not any(l.attention.self.head_mask_applied or l.intermediate.neuron_mask_applied for l in layers):
-        return module
-    served = copy.deepcopy(module)
-    served.model = shrink_structured(module.model)
-    return served
-
-
-def finetune_under_masks(
-    cfg: DictConfig, phase: str, teacher_ckpt: str, pruner, datamodule, **trainer_overrides
-) -> tuple[str, BertClassifier, dict[str, float]]:
-    """Fine-tune the dense checkpoint under a fixed-mask pruner in its own phase; test the served copy.
+def prune_phase(
+    cfg: DictConfig, phase: str, pruner: Pruner, dense_ckpt: str, teacher: torch.nn.Module, datamodule, out_dir: Path
+) -> tuple[dict[str, Any], L.LightningModule]:
+    """Prune a copy of the dense checkpoint with ``pruner`` in its own phase; test its served copy.
 
     Args:
-        cfg: the run's config (trainer, callbacks, loggers, paths).
-        phase: phase name (checkpoints under ``checkpoints/<phase>``, logger run name).
-        teacher_ckpt: the dense ``BertClassifier`` checkpoint the student starts from.
-        pruner: a :class:`pruners.swiftpruner.MaskedDistillation` (its masks, loss and
-            ``model_lr``; its teacher is loaded from ``teacher_ckpt`` if not set).
+        cfg: the run's config.
+        phase: phase name (``pruned`` or a baseline's name).
+        pruner: the pruner (a callback), asked through its protocol only.
+        dense_ckpt: the dense checkpoint the student starts from.
+        teacher: the dense network, handed over when the pruner asks for a teacher.
         datamodule: a set-up text data module.
-        trainer_overrides: e.g. ``max_epochs``.
+        out_dir: the run dir (checkpoint paths are recorded relative to it).
 
     Returns:
-        (best checkpoint path, the served model from it (masked units physically removed),
-        its test-split metrics as in :func:`evaluate_test_split`).
+        (the results entry: checkpoint, whether it met the pruner's criterion, test metrics,
+        kept tokens per layer, the pruner's results; the served model).
     """
-    student = BertClassifier.load_from_checkpoint(teacher_ckpt, map_location="cpu")
-    if pruner.model_lr:
-        student.hparams.lr = pruner.model_lr
-    path, _ = fit_phase(cfg, phase, student, datamodule, pruner.monitor, extra_callbacks=[pruner], **trainer_overrides)
+    module_cls = get_class(cfg.model.module._target_)
+    student = module_cls.load_from_checkpoint(dense_ckpt, map_location="cpu")
+    plan = pruner.fit_plan()
+    if plan.model_lr:
+        student.hparams.lr = plan.model_lr
+    if pruner.teacher_plan() is not None:
+        pruner.set_teacher(teacher)
+    path, score = fit_phase(cfg, phase, student, datamodule, plan, extra_callbacks=[pruner])
     del student
-    served = served_model(BertClassifier.load_from_checkpoint(path, map_location="cpu"))
-    return str(path), served, evaluate_test_split(cfg, served, datamodule)
-
-
-def add_search_results(results: dict[str, Any], pruner, out_dir: Path) -> None:
-    """Put a SwiftPruner search into ``results["search"]``, write its full history and its Pareto plot.
-
-    Writes ``search_history.json`` (every evaluated candidate and every uniform
-    configuration), ``latency_table.json`` (the lookup table, reusable with
-    ``pruner.latency_table``) and ``search_pareto.png`` under ``out_dir``.
-    """
-    from pipelines.common import json_safe
-    from pipelines.pareto import plot_pareto
-
-    results["search"] = results.pop("pruner", None) or pruner.summary()
-    history = {k: pruner.result[k] for k in ("budget_ms", "search_budget_ms", "candidates", "uniform_candidates", "chosen", "uniform")}
-    path = out_dir / "search_history.json"
-    path.write_text(json.dumps(json_safe(history), indent=1))
-    results["search"]["history_file"] = str(path)
-    table = out_dir / "latency_table.json"  # reusable with pruner.latency_table=PATH
-    table.write_text(json.dumps(json_safe(pruner.result["lut"]), indent=1))
-    results["search"]["latency_table_file"] = str(table)
-    results["search"]["pareto_plot"] = str(plot_pareto(pruner.result, out_dir / "search_pareto.png"))
-
-
-def search_only_results(results: dict[str, Any], pruner, out_dir: Path, started: float) -> dict[str, Any]:
-    """Results of ``pruner.search_only=true``: the dense model's test metrics and the search, no fine-tuning."""
-    add_search_results(results, pruner, out_dir)
-    results["wall_clock_s"] = math.floor(time.time() - started)
-    return results
+    served = module_cls.load_from_checkpoint(path, map_location="cpu").served_model()
+    entry = {
+        "checkpoint": run_relative(path, out_dir),
+        "checkpoint_met_target": score is not None and score >= 0,
+        "metrics": evaluate_test_split(cfg, served, datamodule),
+        "kept_tokens_per_layer": kept_tokens_per_layer(served, datamodule),
+        "pruner": pruner.results(),
+    }
+    return entry, served
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Run the text pipeline and return the results dict (see module docstring and README)."""
+    """Run the text pipeline and return the results dict (see the module docstring and README).
+
+    Raises:
+        pruners.base.PrunerConfigError: the pruner cannot prune this model or data (before any training).
+        modules.text_data.DataError: unusable data.
+    """
     started = time.time()
-    pruner = build(cfg.pruner) if cfg.pruner.get("_target_") else None  # validates settings first
+    pruner: Pruner | None = build(cfg.pruner) if cfg.pruner.get("_target_") else None  # validates settings first
     datamodule = build(cfg.data)
     datamodule.setup("fit")
     module_kwargs = {"num_labels": datamodule.num_labels, "metrics": list(datamodule.metrics)}
+    module_cls = get_class(cfg.model.module._target_)
+    dense_module = build(cfg.model.module, **module_kwargs)
+    if pruner is not None:
+        pruner.check(dense_module, datamodule)
 
-    teacher_ckpt = getattr(pruner, "teacher_ckpt", None)
-    if teacher_ckpt is None:
-        epochs = pruner.teacher_epochs if pruner is not None else cfg.trainer.max_epochs
-        dense_module = build(cfg.model.module, **module_kwargs)
-        teacher_ckpt, _ = fit_phase(cfg, "dense", dense_module, datamodule, cfg.model.monitor, max_epochs=epochs)
-        del dense_module
-    dense = BertClassifier.load_from_checkpoint(teacher_ckpt, map_location="cpu")
+    teacher_plan = pruner.teacher_plan() if pruner is not None else None
+    if teacher_plan is not None and teacher_plan.checkpoint is not None:
+        dense_ckpt = teacher_plan.checkpoint
+    else:
+        epochs = teacher_plan.epochs if teacher_plan is not None else None
+        plan = FitPlan(max_epochs=epochs, monitor=cfg.model.monitor)
+        dense_ckpt, _ = fit_phase(cfg, "dense", dense_module, datamodule, plan)
+    del dense_module
+    dense = module_cls.load_from_checkpoint(dense_ckpt, map_location="cpu").served_model()
     results: dict[str, Any] = {
         "task": cfg.task_name,
         "data": OmegaConf.select(cfg, "data._target_"),
         "splits": {s: len(d) for s, d in datamodule.datasets.items()},
-        "dense": {"checkpoint": str(teacher_ckpt), "metrics": evaluate_test_split(cfg, dense, datamodule)},
+        "dense": {"checkpoint": run_relative(dense_ckpt, out_dir), "metrics": evaluate_test_split(cfg, dense, datamodule)},
     }
     models = {"dense": dense}
+    files: dict[str, str] = {}
 
     if pruner is not None:
-        student = BertClassifier.load_from_checkpoint(teacher_ckpt, map_location="cpu")
-        if getattr(pruner, "model_lr", None):
-            student.hparams.lr = pruner.model_lr
-        pruner.load_teacher(teacher_ckpt)
-        if getattr(pruner, "search_only", False):
-            pruner.run_search(student.model, datamodule)
-            return search_only_results(results, pruner, out_dir, started)
-        epochs = getattr(pruner, "finetune_epochs", None) or getattr(pruner, "pruning_epochs", None)
-        overrides = {"max_epochs": epochs} if epochs else {}
-        monitor = getattr(pruner, "monitor", "val/accuracy_at_target")
-        path, score = fit_phase(cfg, "pruned", student, datamodule, monitor, extra_callbacks=[pruner], **overrides)
-        del student
-        pruned = served_model(BertClassifier.load_from_checkpoint(path, map_location="cpu"))
-        results["pruned"] = {
-            "checkpoint": str(path),
-            "checkpoint_met_target": score is not None and score >= 0,
-            "metrics": evaluate_test_split(cfg, pruned, datamodule),
-            "kept_tokens_per_layer": kept_tokens_per_layer(pruned, datamodule),
-        }
+        results["pruned"], models["pruned"] = prune_phase(cfg, "pruned", pruner, dense_ckpt, dense.model, datamodule, out_dir)
         results["dense"]["kept_tokens_per_layer"] = kept_tokens_per_layer(dense, datamodule)
-        results["pruner"] = pruner.summary()
-        models["pruned"] = pruned
-        if hasattr(pruner, "uniform_pruner"):  # SwiftPruner: its search, and the uniform baseline fine-tuned alike
-            add_search_results(results, pruner, out_dir)
-            baseline = pruner.uniform_pruner()
-            if baseline is not None:
-                path, uniform, metrics = finetune_under_masks(cfg, "uniform", teacher_ckpt, baseline, datamodule, **overrides)
-                results["uniform"] = {"checkpoint": path, "metrics": metrics, "search": pruner.result["uniform"]}
-                models["uniform"] = uniform
+        results["pruner"] = results["pruned"].pop("pruner")
+        files.update(pruner.write_files(out_dir))
+        for name, baseline in pruner.baselines().items():
+            results[name], models[name] = prune_phase(cfg, name, baseline, dense_ckpt, dense.model, datamodule, out_dir)
 
     latency, proto = time_models(
         models,
@@ -294,17 +218,25 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     results["latency_protocol"] = proto
     results["macs_protocol"] = (
         "analytic encoder MACs per test sample on its real (unpadded) length, counting the tokens each layer "
-        "actually computed on: 4NH^2 + 2N^2H + 2NHI per layer, plus pooler and classifier"
+        "actually computed on and the heads and FFN neurons present: 4NHW + 2N^2W + 2NHI per layer "
+        "(W = width of the heads present), plus pooler and classifier"
     )
+    d = results["dense"]
+    for name in models:
+        if name == "dense":
+            continue
+        entry = results[name]
+        entry["speedup"] = {bs: d["latency_ms"][bs] / entry["latency_ms"][bs] for bs in d["latency_ms"]}
+        entry["macs_reduction"] = d["macs_per_sample"] / entry["macs_per_sample"]
     if "pruned" in results:
-        d, p = results["dense"], results["pruned"]
-        results["speedup"] = {bs: d["latency_ms"][bs] / p["latency_ms"][bs] for bs in d["latency_ms"]}
-        results["macs_reduction"] = d["macs_per_sample"] / p["macs_per_sample"]
+        p = results["pruned"]
+        results["speedup"] = p["speedup"]
+        results["macs_reduction"] = p["macs_reduction"]
         results["accuracy_drop_points"] = 100.0 * (d["metrics"]["accuracy"] - p["metrics"]["accuracy"])
-    if "uniform" in results:
-        u = results["uniform"]
-        u["speedup"] = {bs: d["latency_ms"][bs] / u["latency_ms"][bs] for bs in d["latency_ms"]}
-        u["macs_reduction"] = d["macs_per_sample"] / u["macs_per_sample"]
-        results["searched_minus_uniform_points"] = 100.0 * (p["metrics"]["accuracy"] - u["metrics"]["accuracy"])
+        for name in models:
+            if name not in ("dense", "pruned"):
+                results[f"pruned_minus_{name}_points"] = 100.0 * (p["metrics"]["accuracy"] - results[name]["metrics"]["accuracy"])
+    if files:
+        results["files"] = files
     results["wall_clock_s"] = math.floor(time.time() - started)
     return results

@@ -40,12 +40,13 @@ parameters; the pruner's own state (step, gradient averages, history) is saved b
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from modules.dlrm import neuron_alive
+from modules.dlrm import DLRMModule, neuron_alive
 from pruners.base import Pruner, PrunerConfigError, check_choice, check_positive_int, check_range
 
 
@@ -179,7 +180,20 @@ class D2SPruner(Pruner):
         for layer in self._tensors().values():
             layer.straight_through = self.mode == "adaptive"
 
+    def check(self, pl_module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+        """The model must be a :class:`~modules.dlrm.DLRMModule`.
+
+        Raises:
+            PrunerConfigError: another model (e.g. ``model=bert``).
+        """
+        if not isinstance(pl_module, DLRMModule):
+            raise PrunerConfigError(
+                f"pruner=d2s prunes the DLRM recommender (model=dlrm), not a {type(pl_module).__name__}; "
+                "with model=bert use pruner=top, pruner=swiftpruner or pruner=none."
+            )
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Bind to the module's DLRM (see :meth:`attach`)."""
         self.attach(getattr(pl_module, "model", pl_module))
 
     def _tensors(self) -> dict[str, torch.nn.Module]:
@@ -419,7 +433,7 @@ class D2SPruner(Pruner):
         tables = self.model.embedding_tables().values()
         return 1.0 - sum(int(t.mask.sum()) for t in tables) / sum(t.mask.numel() for t in tables)
 
-    def summary(self) -> dict[str, Any]:
+    def results(self) -> dict[str, Any]:
         """Settings, achieved sparsity (overall / masked / per layer, fractions), neuron removal, regrowth, history."""
         dens = self.layer_densities() if self.model is not None else {}
         out = {
@@ -441,6 +455,31 @@ class D2SPruner(Pruner):
         if self.prune_embeddings and self.model is not None:
             out["embeddings"] = self.embedding_sparsity()
         return out
+
+    def write_files(self, out_dir: Path) -> dict[str, str]:
+        """``sparsity_history.png``: achieved per-layer MLP sparsity and the schedule over the optimizer steps."""
+        if not self.history:
+            return {}
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [h["step"] for h in self.history]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for layer in self.history[-1]["layers"]:
+            ax.plot(steps, [h["layers"][layer] for h in self.history], label=layer)
+        ax.plot(steps, [h["overall"] for h in self.history], "k-", lw=2, label="overall")
+        ax.plot(steps, [h["target"] for h in self.history], "k:", label="schedule")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("sparsity (fraction of weights)")
+        ax.set_title(f"D2S ({self.mode}, {self.granularity}): achieved per-layer sparsity")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = "sparsity_history.png"
+        fig.savefig(Path(out_dir) / name, dpi=100)
+        plt.close(fig)
+        return {"sparsity_history": name}
 
     def state_dict(self) -> dict[str, Any]:
         """Step, total steps, gradient averages, history and regrowth count (masks and shadows are in the model)."""

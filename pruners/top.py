@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.bert import layer_macs
-from pruners.base import PrunerConfigError, check_positive_int, check_range
+from pruners.base import FitPlan, PrunerConfigError, check_positive_int, check_range
 from pruners.distillation import TeacherPruner, kd_loss
 from modules.gates import TokenGates, bin_of_rank
 
@@ -308,6 +308,38 @@ class ToPPruner(TeacherPruner):
         self._last: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
+    def check(self, pl_module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
+        """A BERT classifier whose layers fit ``pruning_layers``, ``distill_layers`` and ``bin_count``.
+
+        Raises:
+            PrunerConfigError: another model, or layer settings the model cannot take (named).
+        """
+        super().check(pl_module, datamodule)
+        n_layers = len(pl_module.model.bert.encoder.layer)
+        layers = self.pruning_layers if self.pruning_layers is not None else default_pruning_layers(n_layers)
+        try:
+            gates = TokenGates(n_layers, layers, self.bin_count)
+        except ValueError as err:
+            raise PrunerConfigError(str(err)) from None
+        self._distill_layers_for(gates)
+
+    def _distill_layers_for(self, gates: TokenGates) -> list[int]:
+        """``distill_layers``, or the first half of the layers that score a pruning layer (each
+        pruning layer l is scored by layer l - 1).
+
+        Raises:
+            PrunerConfigError: a distilled layer scores no pruning layer.
+        """
+        scoring = [l - 1 for l in gates.pruning_layers]
+        layers = self.distill_layers if self.distill_layers is not None else scoring[: max(1, len(scoring) // 2)]
+        bad = [l for l in layers if l not in scoring]
+        if bad:
+            raise PrunerConfigError(
+                f"pruner.distill_layers={layers}: layers {bad} do not score any pruning layer; "
+                f"choose from {scoring} (each pruning layer l is scored by layer l-1)."
+            )
+        return layers
+
     def attach(self, pl_module: L.LightningModule) -> TokenGates:
         """Give the module its token gates (kept if already there, e.g. when resuming)."""
         n_layers = len(pl_module.model.bert.encoder.layer)
@@ -317,15 +349,7 @@ class ToPPruner(TeacherPruner):
                 n_layers, layers, self.bin_count, self.token_init_log_alpha, self.layer_init_log_alpha
             )
         gates = pl_module.token_gates
-        scoring = [l - 1 for l in gates.pruning_layers]
-        if self.distill_layers is None:
-            self.distill_layers = scoring[: max(1, len(scoring) // 2)]
-        bad = [l for l in self.distill_layers if l not in scoring]
-        if bad:
-            raise PrunerConfigError(
-                f"pruner.distill_layers={self.distill_layers}: layers {bad} do not score any pruning layer; "
-                f"choose from {scoring} (each pruning layer l is scored by layer l-1)."
-            )
+        self.distill_layers = self._distill_layers_for(gates)
         return gates
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -491,7 +515,13 @@ class ToPPruner(TeacherPruner):
         self.distill_layers = state_dict.get("distill_layers", self.distill_layers)
         self.freeze_info = state_dict.get("freeze_info")
 
-    def summary(self) -> dict[str, Any]:
+    def fit_plan(self) -> FitPlan:
+        """``pruning_epochs`` at ``model_lr``; the checkpoint is the best ``val/accuracy_at_target``
+        (-1 until the validation sparsity is within 0.01 of the target and, with a fine-tuning
+        window, the gates are frozen)."""
+        return FitPlan(max_epochs=self.pruning_epochs, monitor="val/accuracy_at_target", model_lr=self.model_lr)
+
+    def results(self) -> dict[str, Any]:
         """Settings and final training-time figures of the pruning (for results.json)."""
         return {
             "method": "ToP (arXiv 2306.14393)",

@@ -8,7 +8,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from bert_inputs import bert_inputs
 from modules.bert import PrunableBertForSequenceClassification, gather_tokens, layer_macs
-from pruners.top import TokenGates
+from modules.gates import TokenGates
 
 
 def test_logits_equal_hf_bert(tiny_bert_config):

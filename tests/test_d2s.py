@@ -151,7 +151,7 @@ def test_adaptive_training_follows_schedule_and_pruned_shadows_keep_learning(str
         assert rec["masked"] == pytest.approx(rec["target"], abs=0.02)
     assert p.history[-1]["target"] == pytest.approx(0.8)
     assert p.regrown_total > 0  # masks moved with the data
-    assert p.summary()["per_layer"].keys() == module.model.mlp_layers().keys()
+    assert p.results()["per_layer"].keys() == module.model.mlp_layers().keys()
     # the served model has exact zeros where masked and computes the training model's logits
     served = export_served(module.model, remove_neurons=False)
     for name, layer in module.model.mlp_layers().items():
@@ -171,7 +171,7 @@ def test_static_mode_prunes_once_and_trains_sparse(stream):
     assert len(p.history) == 1 and p.history[0]["step"] == 0
     for layer in module.model.mlp_layers().values():
         assert (layer.weight.detach()[~layer.mask] == 0).all()  # pruned weights never learned again
-    assert p.summary()["masked"] == pytest.approx(0.7, abs=0.01)
+    assert p.results()["masked"] == pytest.approx(0.7, abs=0.01)
 
 
 def test_state_survives_a_checkpoint_round_trip(stream, tmp_path):
@@ -192,7 +192,7 @@ def test_state_survives_a_checkpoint_round_trip(stream, tmp_path):
     assert all(torch.equal(q.grad_ema[k], p.grad_ema[k]) for k in p.grad_ema)
     assert restored.window_records == module.window_records
     q.attach(restored.model)
-    assert q.summary()["per_layer"] == p.summary()["per_layer"]
+    assert q.results()["per_layer"] == p.results()["per_layer"]
 
 
 def test_dense_loss_adds_the_unmasked_models_loss_and_restores_masks():

@@ -53,7 +53,7 @@ def test_top_main_job_on_a_slice_writes_results_and_reloads(tmp_path):
     assert (tmp_path / "csv" / "dense").is_dir() and (tmp_path / "csv" / "pruned").is_dir()
 
     # The final checkpoint reloads (default torch loading) as the pruned model and reproduces its test accuracy.
-    reloaded = BertClassifier.load_from_checkpoint(on_disk["pruned"]["checkpoint"])
+    reloaded = BertClassifier.load_from_checkpoint(tmp_path / on_disk["pruned"]["checkpoint"])  # relative to the run dir
     assert reloaded.token_gates is not None
     datamodule = build(cfg.data)
     datamodule.setup("test")

@@ -14,6 +14,7 @@ import run
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
+@pytest.mark.slow
 def test_dlrm_d2s_run_writes_results_plot_logs_and_checkpoints(tmp_path):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(
@@ -42,7 +43,7 @@ def test_dlrm_d2s_run_writes_results_plot_logs_and_checkpoints(tmp_path):
         assert len(r["per_window"]["auc"]) == 8
         assert 0.5 < r["metrics"]["auc"] < 1.0  # real signal on the real stream
         assert set(r["latency_ms"]) == {"1", "4096"} and r["params"] > 0
-    sp = saved["pruned"]["sparsity"]
+    sp = saved["pruner"]
     assert sp["neurons_removed"] == pytest.approx(0.5, abs=0.01)
     assert set(sp["per_layer"]) == {"bottom.0", "bottom.1", "bottom.2", "top.0", "top.1", "top.2"}
     assert sp["history"][-1]["target"] == pytest.approx(0.5)
@@ -50,7 +51,9 @@ def test_dlrm_d2s_run_writes_results_plot_logs_and_checkpoints(tmp_path):
     assert saved["pruned"]["mlp_shapes"]["top.1"][1] < saved["dense"]["mlp_shapes"]["top.1"][1]  # physically smaller
     assert set(saved["speedup"]) == {"1", "4096"}
     assert saved["auc_delta"] == pytest.approx(results["pruned"]["metrics"]["auc"] - results["dense"]["metrics"]["auc"])
-    assert (tmp_path / "stream_auc_sparsity.png").stat().st_size > 0
+    assert saved["files"] == {"sparsity_history": "sparsity_history.png", "auc_per_window": "stream_auc.png"}
+    for name in saved["files"].values():
+        assert (tmp_path / name).stat().st_size > 0
     assert (tmp_path / "checkpoints" / "pruned" / "last.ckpt").is_file()
     logged = pd.concat(pd.read_csv(p) for p in (tmp_path / "csv").rglob("metrics.csv"))
     assert {"stream/auc", "pruner/sparsity", "pruner/sparsity/top.0"} <= set(logged.columns)

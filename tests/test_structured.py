@@ -11,7 +11,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from bert_inputs import bert_inputs
 from modules.bert import PrunableBertForSequenceClassification, layer_macs
 from modules.structured import UnitImportance, shrink_structured, taylor_importance, top_unit_masks
-from pruners.top import TokenGates
+from modules.gates import TokenGates
 
 torch.set_num_threads(1)
 

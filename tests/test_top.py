@@ -9,10 +9,9 @@ import torch
 
 from modules.bert import layer_macs
 from pruners.base import PrunerConfigError
-from pruners.hard_concrete import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGates
+from modules.gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGates, TokenGates, rank_bins
 from pruners.top import (
     ToPPruner,
-    TokenGates,
     arp2_loss,
     default_pruning_layers,
     deterministic_kept_lengths,
@@ -20,7 +19,6 @@ from pruners.top import (
     expected_macs_dense,
     lagrangian,
     project_to_sparsity,
-    rank_bins,
 )
 
 
@@ -168,9 +166,17 @@ def test_bad_settings_are_config_errors_naming_the_setting(kwargs, setting):
         ToPPruner(**kwargs)
 
 
-def test_pruning_layer_zero_is_rejected():
-    with pytest.raises(PrunerConfigError, match="pruning_layers"):
+def test_pruning_layer_zero_is_rejected_by_the_gates_and_before_training_by_the_pruner(tiny_bert_config):
+    from modules.bert_classifier import BertClassifier
+
+    with pytest.raises(ValueError, match="pruning_layers"):
         TokenGates(4, [0, 1])
+    module = BertClassifier(bert_config=tiny_bert_config)  # 3 layers
+    with pytest.raises(PrunerConfigError, match=r"pruning_layers=\[0, 1\]"):
+        ToPPruner(pruning_layers=[0, 1]).check(module, None)
+    with pytest.raises(PrunerConfigError, match="distill_layers"):
+        ToPPruner(distill_layers=[2]).check(module, None)  # layer 2 scores no pruning layer of 2..2
+    ToPPruner().check(module, None)
 
 
 def test_default_pruning_layers_follow_top_and_leave_layers_0_and_1_whole():
@@ -279,14 +285,14 @@ def test_cached_teacher_outputs_equal_fresh_ones_whatever_the_padding(tiny_setup
     pruner = ToPPruner(teacher_ckpt=str(teacher_ckpt))
     pruner.teacher = load_teacher_model(teacher_ckpt)
     ds = dm.datasets["train"]
-    batch = dm._collate([ds[i] for i in range(6)])
+    batch = dm.collate([ds[i] for i in range(6)])
     fresh = ToPPruner(teacher_ckpt=str(teacher_ckpt), cache_teacher=False)
     fresh.teacher = pruner.teacher
     logits, scores = fresh.teacher_outputs(batch)
     pruner.teacher_outputs(batch)  # fills the cache
     assert len(pruner._teacher_cache) == 6
     # The same rows in another order and padded to another length come from the cache.
-    reordered = dm._collate([ds[i] for i in [5, 3, 1]])
+    reordered = dm.collate([ds[i] for i in [5, 3, 1]])
     pruner.teacher = None  # a cache miss would fail
     cached_logits, cached_scores = pruner.teacher_outputs(reordered)
     torch.testing.assert_close(cached_logits, logits[[5, 3, 1]])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from modules.bert_classifier import BertClassifier
+from conftest import build_pruner
 from pruners.top import ToPPruner
 
 
@@ -26,9 +27,11 @@ class RecordAtTrainStart(L.Callback):
         }
 
 
-def _pruner(teacher_ckpt, **kw):
-    return ToPPruner(target_sparsity=0.5, teacher_ckpt=str(teacher_ckpt), bin_count=4, warmup_fraction=0.5,
-                     gate_lr=0.1, multiplier_lr=0.1, **kw)
+def _pruner(teacher_ckpt) -> ToPPruner:
+    """The shipped pruner=top config, shrunk for the tiny model (as a user would override it)."""
+    return build_pruner("pruner=top", "pruner.target_sparsity=0.5", f"pruner.teacher_ckpt={teacher_ckpt}",
+                        "pruner.bin_count=4", "pruner.warmup_fraction=0.5", "pruner.gate_lr=0.1",
+                        "pruner.multiplier_lr=0.1")
 
 
 def test_gates_train_and_checkpoint_round_trip_restores_pruner_state(tiny_setup, tmp_path):
@@ -71,7 +74,7 @@ def test_gates_train_and_checkpoint_round_trip_restores_pruner_state(tiny_setup,
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     pruner = ToPPruner(teacher_ckpt=str(tmp_path / "none.ckpt"))
     with pytest.raises(FileNotFoundError, match="pruner.teacher_ckpt"):
-        pruner.load_teacher(pruner.teacher_ckpt)
+        pruner.teacher_plan()
 
 
 def test_gates_freeze_at_the_target_at_the_first_validation_in_the_window(tiny_setup, tmp_path):
@@ -98,7 +101,7 @@ def test_gates_freeze_at_the_target_at_the_first_validation_in_the_window(tiny_s
     reloaded = BertClassifier.load_from_checkpoint(ckpt.best_model_path)
     assert reloaded.token_gates.frozen
     assert torch.equal(reloaded.token_gates.deterministic()[1], student.token_gates.deterministic()[1])
-    assert pruner.summary()["gates_frozen_at_step"] == 2 * steps_per_epoch
+    assert pruner.results()["gates_frozen_at_step"] == 2 * steps_per_epoch
     restored = ToPPruner()
     restored.load_state_dict(pruner.state_dict())
     assert restored.frozen_at_step == 2 * steps_per_epoch
