@@ -17,6 +17,8 @@ unpickle the task function, import it with it.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,18 +36,22 @@ from modules.dlrm import DLRMModule
 from modules.packages import default_bert_dir
 from modules.stream_data import CriteoStream, CsvStream, MovieLensStream
 from modules.text_data import GlueDataModule, RottenTomatoesDataModule, TextFileDataModule
-from pruners.d2s import D2SPruner
-from pruners.swiftpruner import SwiftPruner
-from pruners.top import ToPPruner
+from pruners.base import Pruner
 
 
 class _Builds(BuildsFn):
-    """hydra-zen's ``builds`` that also types ``X | None`` annotations as ``Optional[X]`` (checked by OmegaConf)."""
+    """hydra-zen's ``builds`` that also types ``X | None`` annotations as ``Optional[X]`` (checked by OmegaConf).
+
+    Dict-typed arguments stay untyped (``Any``): OmegaConf cannot assign a dict to an
+    ``Optional[Dict]`` node that is None, which a command-line override needs.
+    """
 
     @classmethod
     def _sanitized_type(cls, type_: Any, *args, **kwargs) -> Any:
         if isinstance(type_, types.UnionType):
             type_ = typing.Union[type_.__args__]
+        if any(a is dict or typing.get_origin(a) is dict for a in (type_, *typing.get_args(type_))):
+            return Any
         return super()._sanitized_type(type_, *args, **kwargs)
 
 
@@ -150,9 +156,8 @@ def register_configs() -> None:
     ):
         cs.store(group="data", name=f"base_{name}", node=schema(target))
     cs.store(group="pruner", name="base_none", node=NoPrunerConfig)
-    cs.store(group="pruner", name="base_top", node=schema(ToPPruner))
-    cs.store(group="pruner", name="base_d2s", node=schema(D2SPruner))
-    cs.store(group="pruner", name="base_swiftpruner", node=swiftpruner_schema())
+    for cls in selectable_pruners():
+        cs.store(group="pruner", name=f"base_{cls.config_name}", node=pruner_schema(cls))
     cs.store(group="trainer", name="base_trainer", node=schema(L.Trainer, zen_exclude=("callbacks", "logger")))
     cs.store(group="callbacks", name="base_model_checkpoint", node=schema(ModelCheckpoint))
     cs.store(group="callbacks", name="base_lr_monitor", node=schema(LearningRateMonitor))
@@ -160,9 +165,25 @@ def register_configs() -> None:
     cs.store(group="logger", name="base_csv", node=schema(CSVLogger))
 
 
-def swiftpruner_schema() -> Any:
-    """SwiftPruner's schema, with its components (nested ``_target_`` nodes) as fields."""
-    return schema(SwiftPruner)
+def selectable_pruners() -> list[type[Pruner]]:
+    """Every :class:`~pruners.base.Pruner` subclass that sets ``config_name``, after importing every
+    module of the ``pruners`` package (so a new pruner needs no change here), sorted by config name."""
+    import pruners
+
+    for info in pkgutil.walk_packages(pruners.__path__, "pruners."):
+        importlib.import_module(info.name)
+    found, todo = {}, [Pruner]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__dict__.get("config_name"):
+            found[cls.config_name] = cls
+    return [found[k] for k in sorted(found)]
+
+
+def pruner_schema(cls: type[Pruner]) -> Any:
+    """A pruner's schema: its constructor, with its components (``cls.components``) as nested ``_target_`` nodes."""
+    return schema(cls, **{arg: schema(component) for arg, component in cls.components.items()})
 
 
 register_configs()

@@ -21,8 +21,8 @@ The served model is not the pruner's business: the pruner leaves its decisions i
 model's state (token gates, head/neuron masks, weight masks) and the LightningModule builds
 the served copy from them (``served_model()``).
 
-A new pruner is a file in ``pruners/``, a YAML in ``conf/pruner/`` and tests; no pipeline
-changes. Settings are validated in ``__init__`` with :class:`PrunerConfigError`, which names
+A new pruner is a file in ``pruners/`` (a subclass setting :attr:`Pruner.config_name`), a
+YAML in ``conf/pruner/`` and tests; no pipeline changes. Settings are validated in ``__init__`` with :class:`PrunerConfigError`, which names
 the setting, the bad value and the allowed values.
 """
 
@@ -121,6 +121,13 @@ class Pruner(TrainingObjective):
 
     #: short name used in configs, metric names and checkpoint state keys
     name: str = "pruner"
+    #: the pruner's config in ``conf/pruner/<config_name>.yaml``, which extends the schema
+    #: ``base_<config_name>`` built from this class's constructor (``pipelines.configs``
+    #: finds every Pruner subclass in ``pruners/`` that sets it); None: not selectable
+    config_name: str | None = None
+    #: constructor arguments that are components, configured by nested ``_target_`` nodes:
+    #: argument name -> the component's class (its constructor is the node's schema)
+    components: dict[str, type] = {}
 
     @property
     def state_key(self) -> str:

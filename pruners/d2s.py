@@ -115,6 +115,7 @@ class D2SPruner(Pruner):
     """
 
     name = "d2s"
+    config_name = "d2s"
 
     def __init__(
         self,

@@ -403,6 +403,7 @@ class SwiftPruner(MaskedDistillation):
     """
 
     name = "swiftpruner"
+    config_name = "swiftpruner"
 
     def __init__(
         self,

@@ -228,7 +228,6 @@ class ToPPruner(TeacherPruner):
         kd_temperature: logits distillation temperature.
         kd_weight, task_weight: weights of the KL and task losses.
         token_init_log_alpha, layer_init_log_alpha: gate initialisation (keep / off).
-        freeze_embeddings: keep the embeddings fixed while pruning (as in ToP).
         model_lr: learning rate of the model weights while pruning; None keeps ``model.lr``.
         finetune_fraction: at the first validation in the last ``finetune_fraction`` of
             training, the gates are frozen at their deterministic evaluation values,
@@ -240,15 +239,13 @@ class ToPPruner(TeacherPruner):
             (checkpoints then count once validation sparsity is within 0.01 of the target).
         pruning_epochs: epochs of the pruning fit (after the teacher); None uses
             ``trainer.max_epochs``.
-        cache_teacher: keep the frozen teacher's logits and final-layer token scores per
-            training sample after their first computation, so later epochs skip the
-            teacher's forward pass (the teacher is in eval mode: its outputs never change).
 
     Raises:
         PrunerConfigError: a setting out of range (named, with the allowed range).
     """
 
     name = "top"
+    config_name = "top"
 
     def __init__(
         self,
@@ -268,11 +265,9 @@ class ToPPruner(TeacherPruner):
         task_weight: float = 1.0,
         token_init_log_alpha: float = 2.0,
         layer_init_log_alpha: float = -1.0,
-        freeze_embeddings: bool = True,
         model_lr: float | None = 3e-5,
         finetune_fraction: float = 0.6,
         pruning_epochs: int | None = 5,
-        cache_teacher: bool = True,
         name: str = "top",
     ):
         super().__init__()
@@ -292,12 +287,10 @@ class ToPPruner(TeacherPruner):
         self.task_weight = check_range("pruner.task_weight", task_weight, 0.0, math.inf)
         self.token_init_log_alpha = float(token_init_log_alpha)
         self.layer_init_log_alpha = float(layer_init_log_alpha)
-        self.freeze_embeddings = bool(freeze_embeddings)
         self.model_lr = None if model_lr is None else check_range("pruner.model_lr", model_lr, 0.0, math.inf, low_open=True)
         self.finetune_fraction = check_range("pruner.finetune_fraction", finetune_fraction, 0.0, 1.0, high_open=False)
         self.pruning_epochs = None if pruning_epochs is None else check_positive_int("pruner.pruning_epochs", pruning_epochs)
         self.freeze_info: dict[str, Any] | None = None
-        self.cache_teacher = bool(cache_teacher)
         self._teacher_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
         self._val_lengths: list[torch.Tensor] = []
         self.name = name
@@ -358,8 +351,7 @@ class ToPPruner(TeacherPruner):
             return
         self.ensure_teacher()
         self.attach(pl_module)  # a resumed fit restores the frozen snapshot with the module's state dict
-        if self.freeze_embeddings:
-            pl_module.model.bert.embeddings.requires_grad_(False)
+        pl_module.model.bert.embeddings.requires_grad_(False)  # ToP trains with frozen embeddings
         pl_module.checkpoint_sparsity_floor = self.target_sparsity - 0.01
         # With a fine-tuning window, only models under their final (frozen) pruning are kept.
         pl_module.checkpoint_requires_frozen_gates = self.finetune_fraction > 0
@@ -385,28 +377,38 @@ class ToPPruner(TeacherPruner):
         return self.target_sparsity * frac, self.rank_alpha * (1.0 - 0.99 * frac)
 
     @torch.no_grad()
-    def teacher_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's (B, C) logits and (B, N) final-layer token scores on ``batch``.
+    def teacher_forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's (B, C) logits and (B, N) final-layer token scores on ``batch``, computed now."""
+        out = self.teacher(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), return_scores=True)
+        return out.logits, out.scores[-1]
 
-        With ``cache_teacher``, rows seen before (same tokens and segments) come from the
-        cache; a batch with any unseen row runs the teacher and caches every row. Scores
-        at padding positions are 0 (the ranking loss masks them).
+    @torch.no_grad()
+    def teacher_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`teacher_forward`, cached per training sentence.
+
+        The frozen teacher's outputs never change, so rows seen before (same tokens and
+        segments) come from the cache and later epochs skip its forward pass; a batch with
+        any unseen row runs the teacher and caches every row. Scores at padding positions are
+        0 (the ranking loss masks them).
+
+        Returns:
+            (B, C) logits and (B, N) scores, on the batch's device.
         """
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         types = batch.get("token_type_ids")
-        if not self.cache_teacher:
-            out = self.teacher(ids, batch["attention_mask"], types, return_scores=True)
-            return out.logits, out.scores[-1]
+        host_ids, host_mask = ids.cpu(), mask.cpu()
+        host_types = None if types is None else types.cpu()
         keys = [
-            ids[i][mask[i]].numpy().tobytes() + (b"" if types is None else types[i][mask[i]].numpy().tobytes())
+            host_ids[i][host_mask[i]].numpy().tobytes()
+            + (b"" if host_types is None else host_types[i][host_mask[i]].numpy().tobytes())
             for i in range(ids.shape[0])
         ]
         if not all(k in self._teacher_cache for k in keys):
-            out = self.teacher(ids, batch["attention_mask"], types, return_scores=True)
+            logits, scores = self.teacher_forward(batch)
             for i, k in enumerate(keys):
-                self._teacher_cache[k] = (out.logits[i].clone(), out.scores[-1][i][mask[i]].clone())
+                self._teacher_cache[k] = (logits[i].clone(), scores[i][mask[i]].clone())
         logits = torch.stack([self._teacher_cache[k][0] for k in keys])
-        scores = torch.zeros(ids.shape, dtype=logits.dtype)
+        scores = torch.zeros(ids.shape, dtype=logits.dtype, device=logits.device)
         for i, k in enumerate(keys):
             scores[i][mask[i]] = self._teacher_cache[k][1]
         return logits, scores
