@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
+import pipelines.configs  # noqa: E402,F401  (registers the resolvers the run's config uses)
 from modules.bert_classifier import BertClassifier  # noqa: E402
-from pipelines.common import build, register_resolvers  # noqa: E402
+from pipelines.common import build  # noqa: E402
 from pipelines.text import time_models  # noqa: E402
 
 
@@ -48,12 +49,11 @@ def main(argv: list[str] | None = None) -> dict:
     results = json.loads(results_path.read_text())
     if "pruned" not in results:
         raise ValueError(f"{results_path} has no pruned model; benchmark a run with a pruner (e.g. pruner=top).")
-    register_resolvers()
     cfg = OmegaConf.load(config_path)
     datamodule = build(cfg.data)
     datamodule.setup("test")
-    models = {
-        name: BertClassifier.load_from_checkpoint(results[name]["checkpoint"], map_location="cpu")
+    models = {  # checkpoints are recorded relative to the run dir
+        name: BertClassifier.load_from_checkpoint(args.run_dir / results[name]["checkpoint"], map_location="cpu").served_model()
         for name in ("dense", "pruned")
     }
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         models, datamodule, args.batch_sizes, args.warmup, args.repeats, args.threads, args.examples
     )
     out = {
-        "run_dir": str(args.run_dir),
+        "command": "python benchmarks/top_latency.py RUN_DIR " + " ".join((argv if argv is not None else sys.argv[1:])[1:]),
         "latency_ms": latency,
         "speedup": {bs: latency["dense"][bs] / latency["pruned"][bs] for bs in latency["dense"]},
         "macs_reduction": results.get("macs_reduction"),

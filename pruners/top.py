@@ -213,9 +213,7 @@ class ToPPruner(TeacherPruner):
         teacher_epochs: epochs of that in-run dense fine-tuning.
         pruning_layers: layers before which tokens are pruned; None = 2..L-1 (ToP's
             default, layers 2-11 of 12: the first two layers always run on every token;
-            1..L-1 for a model of two layers). Layer 0's attention ranks tokens poorly:
-            on Rotten Tomatoes, MiniLM runs that pruned before layer 1 lost more test
-            accuracy than runs that did not (README).
+            1..L-1 for a model of two layers); why not earlier: benchmarks/top.md.
         distill_layers: layers whose token scores are distilled towards the teacher's
             final-layer ranking; None = the first half of the scoring layers (ToP: 1-3 of 12).
         bin_count: rank bins per pruning layer (ToP: 25 for SST-2).
