@@ -209,9 +209,9 @@ def write_results(out_dir: str | Path, results: dict[str, Any]) -> Path:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A short text table of the headline figures (metrics, MACs, latency, speedup)."""
+    """A short text table of the headline figures (metrics, MACs, latency, speedup) of every final model."""
     rows = []
-    models = [k for k in ("dense", "pruned", "uniform") if isinstance(results.get(k), dict)]
+    models = [k for k, v in results.items() if isinstance(v, dict) and "metrics" in v and "latency_ms" in v]
     metric_names = sorted({m for k in models for m in results[k].get("metrics", {})})
     batch_sizes = sorted({b for k in models for b in results[k].get("latency_ms", {})}, key=int)
     header = ["model", *metric_names, "MACs/sample", "params", *[f"ms@bs{b}" for b in batch_sizes]]
