@@ -204,7 +204,7 @@ def encode(
         multi = np.zeros((n, 0, 1), np.int64)
     ts = np.asarray(timestamps, dtype=np.float64)
     return EncodedStream(
-        dense=torch.from_numpy(np.ascontiguousarray(dense)),
+        dense=torch.from_numpy(np.array(dense, dtype=np.float32)),  # a copy: pandas may hand out read-only views
         sparse=torch.from_numpy(np.ascontiguousarray(sparse)),
         multi=torch.from_numpy(np.ascontiguousarray(multi)),
         label=torch.from_numpy(np.array(labels, dtype=np.float32)),
@@ -277,11 +277,31 @@ class StreamDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the stream once."""
+        """Load the stream once and check it can be evaluated prequentially.
+
+        Raises:
+            DataError: no rows; fewer than two windows (every window is scored before the model
+                trains on it, so a single window is scored only by the untrained model); a single
+                class (AUC and normalized entropy are undefined).
+        """
         if self.stream is None:
-            self.stream = self.load()
-            if len(self.stream) == 0:
+            stream = self.load()
+            if len(stream) == 0:
                 raise DataError("The stream has no rows after loading; check the file and data.limit_rows.")
+            if stream.num_windows < 2:
+                raise DataError(
+                    f"The stream is one window of {len(stream)} rows (data.window={self.window!r}): every window is "
+                    "scored before the model trains on it, so the model would only ever be scored untrained. Use a "
+                    "smaller data.window (a shorter time span, e.g. 1D, or a row count) so that the stream has at "
+                    "least two windows; the headline metrics average the second half of them."
+                )
+            clicks = float(stream.label.sum())
+            if clicks in (0.0, float(len(stream))):
+                raise DataError(
+                    f"Every label of the stream is {int(clicks > 0)}: a click model needs both classes (0 and 1), and "
+                    "AUC and normalized entropy are undefined without them. Check data.label_column."
+                )
+            self.stream = stream
 
     def model_sizes(self) -> dict[str, Any]:
         """Feature sizes the DLRM needs: ``num_dense``, ``num_embeddings``, ``multi_num_embeddings``."""
@@ -464,17 +484,58 @@ def check_binary_labels(values: pd.Series, path: str | Path, column: str, header
 
 
 def numeric_column(values: pd.Series, path: str | Path, column: str, header: bool = True) -> np.ndarray:
-    """A numeric feature column as float ``(N,)`` (missing -> 0).
+    """A numeric feature column as float ``(N,)``; an empty field (missing) becomes 0.
 
     Raises:
-        DataError: a non-numeric value, naming the file, line and value.
+        DataError: a non-numeric or infinite value, naming the file, line, column and value.
     """
     num = pd.to_numeric(values, errors="coerce")
     bad = (num.isna() & values.notna() & (values.astype(str).str.strip() != "")).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataError(f"{path} line {_line_of(i, header)}: numeric column {column!r} has non-numeric value {str(values.iloc[i])!r}.")
+    infinite = np.isinf(num.to_numpy(dtype=float))
+    if infinite.any():
+        i = int(np.flatnonzero(infinite)[0])
+        raise DataError(
+            f"{path} line {_line_of(i, header)}: numeric column {column!r} has the infinite value {str(values.iloc[i])!r}; "
+            "numeric features must be finite (leave the field empty for a missing value, which counts as 0)."
+        )
     return num.fillna(0.0).to_numpy(dtype=float)
+
+
+def timestamp_seconds(values: pd.Series, path: str | Path, column: str) -> np.ndarray:
+    """A timestamp column as float seconds ``(N,)``: Unix seconds (numbers) or date-time strings.
+
+    A column whose values are mostly numbers is read as Unix seconds (every value must
+    then be a finite number); otherwise every value must parse as a date-time. Either way the error names the first bad line and its value.
+
+    Raises:
+        DataError: an empty, non-finite or unparsable timestamp (file, line, column, value).
+    """
+    if values.isna().any():
+        i = int(np.flatnonzero(values.isna().to_numpy())[0])
+        raise DataError(f"{path} line {_line_of(i)}: timestamp column {column!r} is empty.")
+    num = pd.to_numeric(values, errors="coerce")
+    if num.notna().mean() >= 0.5:  # mostly numbers: Unix seconds, and a value that is not one is the bad line
+        bad = (num.isna() | np.isinf(num.to_numpy(dtype=float, na_value=np.nan))).to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(
+                f"{path} line {_line_of(i)}: timestamp column {column!r} has {str(values.iloc[i])!r}, but the column "
+                "holds Unix seconds; give a finite number for every row."
+            )
+        return num.to_numpy(dtype=float)
+    parsed = pd.to_datetime(values.astype(str), errors="coerce", utc=True, format="ISO8601")
+    if parsed.isna().any():
+        parsed = pd.to_datetime(values.astype(str), errors="coerce", utc=True, format="mixed")
+    if parsed.isna().any():
+        i = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+        raise DataError(
+            f"{path} line {_line_of(i)}: cannot parse timestamp {str(values.iloc[i])!r} in column {column!r}; "
+            "use Unix seconds or ISO dates (2024-05-01 12:00:00)."
+        )
+    return (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=float)
 
 
 class CsvStream(StreamDataModule):
@@ -531,18 +592,7 @@ class CsvStream(StreamDataModule):
             unknown = [c for c in cols if c not in df.columns]
             if unknown:
                 raise DataError(f"data.{setting}: column(s) {unknown} not in {path}; the file has columns {list(df.columns)}.")
-        ts_raw = df[self.timestamp_column]
-        if ts_raw.isna().any():
-            i = int(np.flatnonzero(ts_raw.isna().to_numpy())[0])
-            raise DataError(f"{path} line {_line_of(i)}: timestamp column {self.timestamp_column!r} is empty.")
-        if pd.api.types.is_numeric_dtype(ts_raw):
-            ts = ts_raw.to_numpy(dtype=float)
-        else:
-            parsed = pd.to_datetime(ts_raw, errors="coerce", utc=True)
-            if parsed.isna().any():
-                i = int(np.flatnonzero(parsed.isna().to_numpy())[0])
-                raise DataError(f"{path} line {_line_of(i)}: cannot parse timestamp {ts_raw.iloc[i]!r}; use Unix seconds or ISO dates.")
-            ts = (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=float)
+        ts = timestamp_seconds(df[self.timestamp_column], path, self.timestamp_column)
         labels = check_binary_labels(df[self.label_column], path, self.label_column)
         feats = pd.DataFrame(index=df.index)
         dense_names = []

@@ -114,6 +114,10 @@ class TextClassificationDataModule(L.LightningDataModule):
             if len(df) == 0:
                 raise DataError(f"The {split} split is empty; check the data file and the split settings.")
             validate_labels(df["label"], self.num_labels, where=f"{split} split")
+            empty = (df["text"].isna() | (df["text"].astype(str).str.strip() == "")).to_numpy()
+            if empty.any():
+                row = int(np.flatnonzero(empty)[0])
+                raise DataError(f"Empty text in the {split} split (row {row}); every example needs a text.")
             pair = df["text_pair"].astype(str).tolist() if "text_pair" in df else None
             enc = self.tokenizer(
                 df["text"].astype(str).tolist(), pair, truncation=True, max_length=self.max_length
@@ -160,28 +164,39 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
-def validate_labels(labels: pd.Series, num_labels: int, where: str) -> None:
+def validate_labels(labels: pd.Series, num_labels: int, where: str, line_offset: int | None = None) -> None:
     """Check that labels are integers in [0, num_labels).
+
+    Args:
+        labels: (R,) the labels.
+        num_labels: number of classes.
+        where: the split or file, for the message.
+        line_offset: file line of row 0 minus 0 (e.g. 2 for a CSV with a header); None names
+            the row within ``where`` instead of a file line.
 
     Raises:
         DataError: a missing, non-integer or out-of-range label, naming the first one.
     """
+
+    def at(row: int) -> str:
+        return f"{where} line {row + line_offset}" if line_offset is not None else f"the {where} (row {row})"
+
     if labels.isna().any():
         row = int(np.flatnonzero(labels.isna().to_numpy())[0])
-        raise DataError(f"Missing label in the {where} at row {row}; every example needs an integer label.")
+        raise DataError(f"Missing label in {at(row)}; every example needs an integer label.")
     numeric = pd.to_numeric(labels, errors="coerce")
     bad = numeric.isna() | (numeric != np.floor(numeric))
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
-            f"Label {labels.iloc[row]!r} in the {where} (row {row}) is not an integer. "
+            f"Label {labels.iloc[row]!r} in {at(row)} is not an integer. "
             "Labels must be integers 0..num_labels-1; map class names to integers first."
         )
     out = (numeric < 0) | (numeric >= num_labels)
     if out.any():
         row = int(np.flatnonzero(out.to_numpy())[0])
         raise DataError(
-            f"Label {labels.iloc[row]!r} in the {where} (row {row}) is outside [0, {num_labels}); "
+            f"Label {labels.iloc[row]!r} in {at(row)} is outside [0, {num_labels}); "
             "set data.num_labels or fix the labels."
         )
 
@@ -338,9 +353,16 @@ class TextFileDataModule(TextClassificationDataModule):
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self._frames = self._read()
-        self.num_labels = num_labels or int(self._frames["label"].max()) + 1
-        if self.num_labels < 2:
-            raise DataError(f"{self.path} has a single class; classification needs at least 2 labels.")
+        present = sorted(set(self._frames["label"].tolist()))
+        if len(present) < 2:
+            raise DataError(f"{self.path} has a single class ({present}); classification needs at least 2 labels.")
+        self.num_labels = num_labels or present[-1] + 1
+        missing = sorted(set(range(self.num_labels)) - set(present))
+        if num_labels is None and missing:
+            raise DataError(
+                f"{self.path}: labels must be the class ids 0..{self.num_labels - 1}, but {missing} never occur "
+                f"(found {present}). Renumber the classes consecutively from 0, or set data.num_labels."
+            )
 
     def _read(self) -> pd.DataFrame:
         df = read_table(self.path)
@@ -349,7 +371,20 @@ class TextFileDataModule(TextClassificationDataModule):
         if self.columns["text_pair_column"]:
             out["text_pair"] = df[self.columns["text_pair_column"]]
         out["label"] = df[self.columns["label_column"]]
-        validate_labels(out["label"], 2**31, where=str(self.path))
+        header = 0 if self.path.suffix.lower() in (".jsonl", ".json") else 1  # file line = row + header + 1
+        for key in ("text_column", "text_pair_column"):
+            column = self.columns[key]
+            if column is None:
+                continue
+            texts = df[column]
+            empty = (texts.isna() | (texts.astype(str).str.strip() == "")).to_numpy()
+            if empty.any():
+                row = int(np.flatnonzero(empty)[0])
+                raise DataError(
+                    f"{self.path} line {row + header + 1}: column {column!r} (data.{key}) is empty; every example "
+                    "needs a text. Drop or fill such rows."
+                )
+        validate_labels(out["label"], 2**31, where=str(self.path), line_offset=header + 1)
         out["label"] = out["label"].astype(int)
         return out
 

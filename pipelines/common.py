@@ -235,4 +235,6 @@ def format_table(results: dict[str, Any]) -> str:
         out.append("speedup: " + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup"].items()))
     if "macs_reduction" in results:
         out.append(f"MACs reduction: {results['macs_reduction']:.2f}x")
+    if results.get("target_met") is False:
+        out.append("TARGET NOT MET: the pruned model did not reach the pruner's target (see results.json 'pruner').")
     return "\n".join(out)

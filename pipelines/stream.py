@@ -162,6 +162,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results.setdefault(name, {}).update({"metrics": second_half_means(records), "per_window": per_window(records)})
     if "pruned" in results:
         results["pruner"] = results["pruned"].pop("pruner")
+        results["target_met"] = results["pruner"].get("target_met", True)
 
     # served copies, equivalence check, latency
     served = {name: module.served_model() for name, module in modules.items()}

@@ -196,6 +196,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["pruned"], models["pruned"] = prune_phase(cfg, "pruned", pruner, dense_ckpt, dense.model, datamodule, out_dir)
         results["dense"]["kept_tokens_per_layer"] = kept_tokens_per_layer(dense, datamodule)
         results["pruner"] = results["pruned"].pop("pruner")
+        results["target_met"] = results["pruned"]["checkpoint_met_target"] and results["pruner"].get("target_met", True)
         files.update(pruner.write_files(out_dir))
         for name, baseline in pruner.baselines().items():
             results[name], models[name] = prune_phase(cfg, name, baseline, dense_ckpt, dense.model, datamodule, out_dir)

@@ -217,6 +217,11 @@ class D2SPruner(Pruner):
             self.total_steps = int(dm.num_optimizer_steps())
         return self.total_steps
 
+    def ramp_end_step(self) -> int:
+        """Optimizer step at which the cubic ramp reaches the target; the masks are updated there too,
+        so the target is reached even when the ramp ends between two ``update_every`` updates."""
+        return max(1, int(round(self.ramp_end * (self.total_steps or 1))))
+
     def scheduled_sparsity(self, step: int) -> float:
         """Target sparsity at optimizer step ``step`` (cubic ramp; the final target in static mode)."""
         if self.mode == "static":
@@ -238,7 +243,7 @@ class D2SPruner(Pruner):
         if self.mode == "static" and self.step == 0 and not self.history:
             self.prune_once()
         self.step += 1
-        if self.mode == "adaptive" and self.step % self.update_every == 0:
+        if self.mode == "adaptive" and (self.step % self.update_every == 0 or self.step == self.ramp_end_step()):
             self.update_masks(self.scheduled_sparsity(self.step))
 
     def prune_once(self) -> dict[str, Any]:
@@ -434,6 +439,15 @@ class D2SPruner(Pruner):
         tables = self.model.embedding_tables().values()
         return 1.0 - sum(int(t.mask.sum()) for t in tables) / sum(t.mask.numel() for t in tables)
 
+    def achieved_sparsity(self) -> float:
+        """What ``target_sparsity`` controls: the fraction of masked MLP weights (``unstructured``) or of
+        removed hidden neurons (``neuron``)."""
+        return self.masked_sparsity() if self.granularity == "unstructured" else self.neurons_removed()
+
+    def target_met(self, tolerance: float = 0.01) -> bool:
+        """Whether the achieved sparsity is within ``tolerance`` (a fraction) of ``target_sparsity``."""
+        return self.achieved_sparsity() >= self.target_sparsity - tolerance
+
     def results(self) -> dict[str, Any]:
         """Settings, achieved sparsity (overall / masked / per layer, fractions), neuron removal, regrowth, history."""
         dens = self.layer_densities() if self.model is not None else {}
@@ -450,6 +464,7 @@ class D2SPruner(Pruner):
             "per_layer": {k: 1.0 - v for k, v in dens.items()},
             "neurons_removed": self.neurons_removed() if self.model is not None else None,
             "mask_updates": len(self.history),
+            "target_met": self.target_met() if self.model is not None else None,
             "regrown_total": self.regrown_total,
             "history": self.history,
         }

@@ -225,3 +225,16 @@ def test_invalid_settings_raise_with_allowed_values():
         D2SPruner(ramp_start=0.5, ramp_end=0.2)
     with pytest.raises(PrunerConfigError, match="DLRM"):
         D2SPruner().attach(torch.nn.Linear(2, 2))
+
+
+def test_a_stream_shorter_than_the_update_period_still_reaches_the_target(stream):
+    """400 rows in batches of 10 are 40 optimizer steps: with update_every=50 only the step-0 update
+    would run; the update at the ramp's end (step 20) brings the masks to the target."""
+    pruner = D2SPruner(target_sparsity=0.8, update_every=50)
+    fit(stream, pruner)
+    assert [h["step"] for h in pruner.history] == [0, 20]
+    assert pruner.masked_sparsity() == pytest.approx(0.8, abs=0.01)
+    assert pruner.results()["target_met"] is True
+    short = D2SPruner(target_sparsity=0.8, update_every=50)
+    short.total_steps, short.model = 40, None
+    assert short.ramp_end_step() == 20
