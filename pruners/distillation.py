@@ -55,6 +55,47 @@ def check_teacher_checkpoint(path: str | Path) -> None:
         )
 
 
+#: BertConfig keys that must agree between the teacher checkpoint and the model to prune
+ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def check_teacher_matches(path: str | Path, pl_module: BertClassifier) -> None:
+    """Check that ``path`` holds a finished *dense* ``BertClassifier`` of ``pl_module``'s architecture.
+
+    A checkpoint of a pruning run (token gates, or a head/FFN mask with a zero) is not a
+    dense teacher, nor is one of another size or label count.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        PrunerConfigError: not a BertClassifier checkpoint, a pruned one, or another architecture (named).
+    """
+    import torch
+
+    check_teacher_checkpoint(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001  (any unreadable file is the same user error)
+        raise PrunerConfigError(f"pruner.teacher_ckpt={path} is not a readable checkpoint: {err}") from None
+    hparams = ckpt.get("hyper_parameters") or {}
+    theirs, ours = hparams.get("bert_config"), pl_module.hparams.get("bert_config") or {}
+    if not isinstance(theirs, dict) or "state_dict" not in ckpt:
+        raise PrunerConfigError(f"pruner.teacher_ckpt={path} is not a checkpoint of a BertClassifier (model=bert) run.")
+    masks = [k for k, v in ckpt["state_dict"].items() if k.endswith(("head_mask", "neuron_mask")) and bool((v == 0).any())]
+    if "token_gates_config" in ckpt or masks:
+        raise PrunerConfigError(
+            f"pruner.teacher_ckpt={path} is a pruned model ({'token gates' if 'token_gates_config' in ckpt else masks[0]}), "
+            "not a dense teacher; give the dense checkpoint of a pruner=none run (or its checkpoints/dense/ file)."
+        )
+    differ = {k: (theirs.get(k), ours.get(k)) for k in ARCHITECTURE_KEYS if theirs.get(k) != ours.get(k)}
+    if hparams.get("num_labels") != pl_module.hparams.get("num_labels"):
+        differ["num_labels"] = (hparams.get("num_labels"), pl_module.hparams.get("num_labels"))
+    if differ:
+        raise PrunerConfigError(
+            f"pruner.teacher_ckpt={path} is a model of another architecture than model.pretrained's "
+            f"(checkpoint, this run): {differ}; use a teacher trained from the same model and data."
+        )
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """``model`` in eval mode with no parameter requiring grad (in place; returned for chaining)."""
     model.eval()
@@ -75,16 +116,20 @@ class TeacherPruner(Pruner):
     teacher_epochs: int = 1
 
     def check(self, pl_module, datamodule) -> None:
-        """The model must be a :class:`~modules.bert_classifier.BertClassifier`.
+        """The model must be a :class:`~modules.bert_classifier.BertClassifier`, and ``teacher_ckpt``, if set,
+        a finished dense model of the same architecture (:func:`check_teacher_matches`).
 
         Raises:
-            PrunerConfigError: another model (e.g. ``model=dlrm``).
+            PrunerConfigError: another model (e.g. ``model=dlrm``), or an unusable teacher checkpoint.
+            FileNotFoundError: ``teacher_ckpt`` does not exist.
         """
         if not isinstance(pl_module, BertClassifier):
             raise PrunerConfigError(
                 f"pruner={self.name} prunes a BERT classifier (model=bert), not a {type(pl_module).__name__}; "
                 "with model=dlrm use pruner=d2s or pruner=none."
             )
+        if self.teacher_ckpt is not None:
+            check_teacher_matches(self.teacher_ckpt, pl_module)
 
     def teacher_plan(self) -> TeacherPlan:
         """The checkpoint ``teacher_ckpt``, or a dense fit of ``teacher_epochs`` when it is None.

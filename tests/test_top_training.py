@@ -106,3 +106,32 @@ def test_gates_freeze_at_the_target_at_the_first_validation_in_the_window(tiny_s
     restored.load_state_dict(pruner.state_dict())
     assert restored.frozen_at_step == 2 * steps_per_epoch
     assert restored.freeze_info == pruner.freeze_info
+
+
+def test_a_pruned_or_mismatched_teacher_checkpoint_is_refused_before_training(tiny_setup, tmp_path, tiny_bert_config):
+    from pruners.base import PrunerConfigError
+
+    dm, teacher_ckpt, _ = tiny_setup
+    student = BertClassifier.load_from_checkpoint(teacher_ckpt)
+    ToPPruner(teacher_ckpt=str(teacher_ckpt)).check(student, dm)  # the dense teacher of the same model passes
+
+    ckpt = torch.load(teacher_ckpt, weights_only=True)
+    ckpt["token_gates_config"] = {"num_layers": 3, "pruning_layers": [2], "bin_count": 4}
+    torch.save(ckpt, tmp_path / "mid_pruning.ckpt")
+    with pytest.raises(PrunerConfigError, match="pruned model .*token gates.*not a dense teacher"):
+        ToPPruner(teacher_ckpt=str(tmp_path / "mid_pruning.ckpt")).check(student, dm)
+
+    ckpt = torch.load(teacher_ckpt, weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("neuron_mask"))
+    ckpt["state_dict"][key][0] = 0.0
+    torch.save(ckpt, tmp_path / "masked.ckpt")
+    with pytest.raises(PrunerConfigError, match="pruned model"):
+        ToPPruner(teacher_ckpt=str(tmp_path / "masked.ckpt")).check(student, dm)
+
+    wider = BertClassifier(bert_config={**tiny_bert_config, "hidden_size": 64, "intermediate_size": 128})
+    with pytest.raises(PrunerConfigError, match="another architecture.*hidden_size"):
+        ToPPruner(teacher_ckpt=str(teacher_ckpt)).check(wider, dm)
+
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    with pytest.raises(PrunerConfigError, match="not a readable checkpoint"):
+        ToPPruner(teacher_ckpt=str(tmp_path / "junk.ckpt")).check(student, dm)
