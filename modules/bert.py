@@ -40,8 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
+
+from modules.errors import MissingFileError, UserError
 from transformers.activations import ACT2FN
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertPooler
+
+
+class NotBertError(UserError, ValueError):
+    """``model.pretrained`` holds a model that is not BERT."""
 
 
 class TokenPrunerHook(Protocol):
@@ -506,13 +512,13 @@ class PrunableBertForSequenceClassification(nn.Module):
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"No BERT checkpoint at {path}: expected config.json and weights there. "
                 "Set model.pretrained to a local Hugging Face BERT folder."
             )
         config = BertConfig.from_pretrained(path, num_labels=num_labels)
         if config.model_type != "bert":
-            raise ValueError(f"{path} holds a {config.model_type!r} model; model.pretrained must be a BERT folder.")
+            raise NotBertError(f"{path} holds a {config.model_type!r} model; model.pretrained must be a BERT folder.")
         verbosity = hf_logging.get_verbosity()
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # the "newly initialised classifier" warning is expected

@@ -20,6 +20,7 @@ import torchmetrics
 from transformers import BertConfig
 
 from modules.bert import EncoderOutput, PrunableBertForSequenceClassification
+from modules.errors import ConfigError
 from modules.gates import TokenGates
 from modules.objective import objectives_of, log_objective_metrics
 from modules.structured import shrink_structured
@@ -79,14 +80,14 @@ class BertClassifier(L.LightningModule):
     ):
         super().__init__()
         if lr <= 0 or not 0 <= warmup_fraction < 1:
-            raise ValueError(f"model.lr={lr} must be > 0 and model.warmup_fraction={warmup_fraction} in [0, 1).")
+            raise ConfigError(f"model.lr={lr} must be > 0 and model.warmup_fraction={warmup_fraction} in [0, 1).")
         if bert_config is not None:
             self.model = PrunableBertForSequenceClassification(BertConfig(**{**bert_config, "num_labels": num_labels}))
         elif pretrained is not None:
             self.model = PrunableBertForSequenceClassification.from_pretrained(pretrained, num_labels)
             bert_config = self.model.config.to_dict()
         else:
-            raise ValueError("BertClassifier needs model.pretrained (a local BERT folder) or a bert_config.")
+            raise ConfigError("BertClassifier needs model.pretrained (a local BERT folder) or a bert_config.")
         self.save_hyperparameters({**locals_to_hparams(locals()), "bert_config": bert_config})
         self.token_gates: torch.nn.Module | None = None
         #: set by a pruner: checkpoints only count once validation sparsity reaches it (ToP Sec. 4.1)

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
+from modules.errors import ConfigError
 from modules.objective import log_objective_metrics, objectives_of
 
 
@@ -134,7 +135,7 @@ def wrap_ids(ids: torch.Tensor, num_embeddings: int) -> torch.Tensor:
 def _check_sizes(name: str, sizes: list[int]) -> list[int]:
     sizes = [int(s) for s in sizes]
     if not sizes or any(s < 1 for s in sizes):
-        raise ValueError(f"{name}={sizes} must be a non-empty list of positive layer widths.")
+        raise ConfigError(f"{name}={sizes} must be a non-empty list of positive layer widths.")
     return sizes
 
 
@@ -284,7 +285,7 @@ class DLRM(nn.Module):
     ):
         super().__init__()
         if num_dense < 1 or embedding_dim < 1:
-            raise ValueError(f"num_dense={num_dense} and model.embedding_dim={embedding_dim} must be >= 1.")
+            raise ConfigError(f"num_dense={num_dense} and model.embedding_dim={embedding_dim} must be >= 1.")
         self.sparse_arch = SparseArch(list(num_embeddings), list(multi_num_embeddings), embedding_dim)
         self.dense_arch = DenseArch(num_dense, [*_check_sizes("model.bottom_mlp", bottom_mlp), embedding_dim])
         self.interaction = InteractionArch(self.sparse_arch.num_features)
@@ -467,7 +468,7 @@ class DLRMModule(L.LightningModule):
     ):
         super().__init__()
         if lr <= 0 or weight_decay < 0:
-            raise ValueError(f"model.lr={lr} must be > 0 and model.weight_decay={weight_decay} >= 0.")
+            raise ConfigError(f"model.lr={lr} must be > 0 and model.weight_decay={weight_decay} >= 0.")
         self.save_hyperparameters(
             {
                 "num_dense": int(num_dense),

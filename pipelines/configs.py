@@ -118,6 +118,7 @@ class RunConfig:
     Attributes:
         task_name: names the run dir and the W&B runs (``<model>-<pruner>``).
         seed: seeds Lightning, the data order and the pruners' own generators.
+        debug: a user error shows its traceback instead of one line.
         threads: torch intra-op threads for training and latency (None: torch's choice).
         optimized_metric: dotted path into results.json that ``main`` returns to sweepers.
         latency: how final models are timed.
@@ -125,6 +126,7 @@ class RunConfig:
 
     task_name: str = "???"
     seed: int = 42
+    debug: bool = False
     threads: Optional[int] = None
     optimized_metric: Optional[str] = None
     latency: LatencyConfig = field(default_factory=LatencyConfig)

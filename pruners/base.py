@@ -36,10 +36,11 @@ import lightning as L
 import torch
 from torch import nn
 
+from modules.errors import UserError
 from modules.objective import TrainingObjective, log_objective_metrics
 
 
-class PrunerConfigError(ValueError):
+class PrunerConfigError(UserError, ValueError):
     """A pruner setting is invalid; the message names the setting, the value and what is allowed."""
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.bert_classifier import BertClassifier
+from modules.errors import MissingFileError
 from pruners.base import Pruner, PrunerConfigError, TeacherPlan
 
 
@@ -49,7 +50,7 @@ def load_teacher_model(path: str | Path) -> nn.Module:
 def check_teacher_checkpoint(path: str | Path) -> None:
     """Raise FileNotFoundError (saying how to fix it) unless ``path`` is a file."""
     if not Path(path).is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"pruner.teacher_ckpt={path} does not exist; point it at a checkpoint of a `pruner=none` run "
             "or leave it unset to fine-tune the teacher in this run."
         )
