@@ -269,10 +269,11 @@ class RottenTomatoesDataModule(TextClassificationDataModule):
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV, TSV or JSONL file by its extension (.csv, .tsv/.tab, .jsonl/.json).
+    """Read a CSV, TSV or JSONL file by its extension (.csv, .tsv/.tab, .jsonl/.json), as UTF-8 text.
 
     Raises:
-        DataError: missing file, unknown extension, unparsable or empty file.
+        DataError: missing file, unknown extension, a file that is not UTF-8 (its byte offset),
+            a JSONL line that is not a JSON object (its line number), an unparsable or empty file.
     """
     path = Path(path)
     if not path.is_file():
@@ -280,13 +281,18 @@ def read_table(path: str | Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
-            df = pd.read_csv(path)
+            df = pd.read_csv(path, encoding="utf-8")
         elif suffix in (".tsv", ".tab"):
-            df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE)
+            df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, encoding="utf-8")
         elif suffix in (".jsonl", ".json"):
-            df = pd.read_json(path, lines=True)
+            df = read_jsonl(path)
         else:
             raise DataError(f"Unknown data file type {suffix!r} for {path}; use .csv, .tsv or .jsonl.")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"Data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8 first, "
+            "e.g. iconv -f LATIN1 -t UTF-8 (or -f UTF-16)."
+        ) from None
     except pd.errors.EmptyDataError:
         raise DataError(f"Data file {path} is empty; it needs a header row and examples.") from None
     except (pd.errors.ParserError, ValueError) as err:
@@ -296,6 +302,30 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if len(df) == 0:
         raise DataError(f"Data file {path} has a header but no examples.")
     return df
+
+
+def read_jsonl(path: Path) -> pd.DataFrame:
+    """One JSON object per non-empty line -> a DataFrame (columns: the union of the keys).
+
+    Raises:
+        DataError: a line that is not a JSON object, naming its line number.
+        UnicodeDecodeError: the file is not UTF-8.
+    """
+    import json
+
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path} line {line_no} is not valid JSON ({err.msg}); each line must be one JSON object.") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {line_no} is a JSON {type(row).__name__}, not an object with named fields.")
+            rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def require_columns(df: pd.DataFrame, columns: dict[str, str | None], path: str | Path) -> None:
