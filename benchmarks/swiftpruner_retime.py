@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from modules.bert_classifier import BertClassifier  # noqa: E402
 from pipelines.text import served_model  # noqa: E402
-from pruners.latency_table import measure_model_ms  # noqa: E402
+from pruners.swiftpruner.latency_table import measure_model_ms  # noqa: E402
 from swiftpruner_search import benchmark_runs  # noqa: E402
 
 

@@ -196,7 +196,7 @@ def toy_problem(seed: int, table, importance_noise: float = 0.5, quality_noise: 
     as Taylor importance is only an estimate.
     """
     from modules.structured import UnitImportance
-    from pruners.evolution import SearchSpace
+    from pruners.swiftpruner.evolution import SearchSpace
 
     space = SearchSpace(table.num_layers, tuple(table.head_choices), tuple(table.neuron_choices))
     g = torch.Generator().manual_seed(10_000 + seed)
@@ -271,8 +271,8 @@ def accuracy_gap(test_accuracy: list[dict[str, float]]) -> dict:
 
 def toy_study(args) -> None:
     """Reinforced vs random mutator on :func:`toy_problem`, many seeds; writes ``<out>_toy.json``."""
-    from pruners.evolution import EvolutionarySearch, RandomMutator
-    from pruners.latency_table import LatencyTable
+    from pruners.swiftpruner.evolution import EvolutionarySearch, RandomMutator
+    from pruners.swiftpruner.latency_table import LatencyTable
     from pruners.swiftpruner import SwiftPruner
 
     table = LatencyTable.from_state_dict(json.loads(Path(args.toy_table).read_text()))

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pruners.evolution import (
+from pruners.swiftpruner.evolution import (
     GENERIC_ACTION_FEATURE_NAMES,
     GENERIC_ACTION_FEATURES,
     EvolutionarySearch,

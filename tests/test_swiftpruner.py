@@ -17,8 +17,8 @@ from pipelines.common import build
 from pipelines.text import evaluate_test_split
 from pruners.base import PrunerConfigError
 from modules.structured import UnitImportance
-from pruners.evolution import GENERIC_ACTION_FEATURES, ReinforcedMutator, SearchSpace
-from pruners.swiftpruner import SwiftPruner, policy_prior, proxy_score, unit_action_features
+from pruners.swiftpruner.evolution import GENERIC_ACTION_FEATURES, ReinforcedMutator, SearchSpace
+from pruners.swiftpruner.pruner import SwiftPruner, policy_prior, proxy_score, unit_action_features
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -304,7 +304,7 @@ def test_proxy_recovery_steps_train_a_fresh_copy_per_candidate(tiny_setup, monke
     """``proxy_recovery_steps``: each candidate is scored after that many training steps on a
     train subset, always starting from the dense weights (nothing accumulates across candidates
     and the dense model is untouched)."""
-    import pruners.swiftpruner as sp
+    import pruners.swiftpruner.pruner as sp
 
     dm, teacher_ckpt, _ = tiny_setup
     dm.setup("fit")
@@ -337,7 +337,7 @@ def test_proxy_recovery_steps_use_the_fine_tuning_loss_with_the_dense_logits(tin
     """The recovery steps minimise the final fine-tuning's loss, ``task_weight * CE + kd_weight *
     KL(dense || candidate)`` at ``kd_temperature``, against the dense model's logits of the same
     recovery batch, so the proxy scores what the fine-tuning can recover."""
-    import pruners.swiftpruner as sp
+    import pruners.swiftpruner.pruner as sp
 
     dm, teacher_ckpt, _ = tiny_setup
     dm.setup("fit")
@@ -362,7 +362,7 @@ def test_mask_tuning_scores_the_least_squares_tuned_shrunk_copy(tiny_setup, monk
     :func:`tune_unit_scales` on ``mask_tuning_examples`` seeded training sentences against the
     unmasked dense model; the same seed gives the same calibration set, and the dense model is
     untouched."""
-    import pruners.swiftpruner as sp
+    import pruners.swiftpruner.pruner as sp
     from pruners.mask_tuning import dense_targets, tune_unit_scales
 
     dm, teacher_ckpt, _ = tiny_setup
@@ -533,7 +533,7 @@ def test_rerank_re_scores_the_top_k_re_timed_candidates_and_picks_by_that(tiny_s
 def test_dense_timing_reference_cancels_a_change_of_machine_speed(tiny_setup, monkeypatch):
     """``latency_reference=dense``: a candidate timed while the machine runs 1.7x slower reads
     the same ms as before, ``candidate / dense now * dense at the start``."""
-    import pruners.swiftpruner as sp
+    import pruners.swiftpruner.pruner as sp
 
     dm, teacher_ckpt, _ = tiny_setup
     dm.setup("fit")

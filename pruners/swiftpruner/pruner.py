@@ -50,8 +50,8 @@ from torch import nn
 from modules.structured import UnitImportance, shrink_structured, taylor_importance, top_unit_masks
 from pruners.base import PrunerConfigError, check_choice, check_positive_int, check_range
 from pruners.distillation import TeacherPruner, kd_loss
-from pruners.evolution import GENERIC_ACTION_FEATURE_NAMES, GENERIC_ACTION_FEATURES, EvolutionarySearch, RandomMutator, ReinforcedMutator, SearchSpace
-from pruners.latency_table import LatencyTable, measure_model_ms
+from pruners.swiftpruner.evolution import GENERIC_ACTION_FEATURE_NAMES, GENERIC_ACTION_FEATURES, EvolutionarySearch, RandomMutator, ReinforcedMutator, SearchSpace
+from pruners.swiftpruner.latency_table import LatencyTable, measure_model_ms
 from pruners.mask_tuning import dense_targets, tune_unit_scales
 
 log = logging.getLogger(__name__)
