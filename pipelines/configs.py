@@ -161,8 +161,17 @@ def register_configs() -> None:
 
 
 def swiftpruner_schema() -> Any:
-    """SwiftPruner's schema, with its components (nested ``_target_`` nodes) as fields."""
-    return schema(SwiftPruner)
+    """SwiftPruner's schema, with its components as nested ``_target_`` nodes with their own schemas
+    (``pruner.latency``, ``pruner.proxy``, ``pruner.importance``, ``pruner.search``)."""
+    from pruners.swiftpruner import Importance, LatencyMeter, Proxy, Search
+
+    return schema(
+        SwiftPruner,
+        latency=schema(LatencyMeter),
+        proxy=schema(Proxy),
+        importance=schema(Importance),
+        search=schema(Search),
+    )
 
 
 register_configs()
