@@ -10,9 +10,9 @@ layers, averaged over the pairs of sets.
 
     python benchmarks/swiftpruner_importance_stability.py --teacher-ckpt T
 
-writes ``benchmarks/results/swiftpruner_importance_stability.json`` (``--out``): per setting the
-number of sets (``--sets``, fewer where the split is too small), the per-pair overlaps, their
-mean, and the seconds one estimate took on this machine.
+writes ``benchmarks/results/swiftpruner_importance_stability.json`` (``--out``): the command that
+regenerates it, and per setting the number of sets (``--sets``, fewer where the split is too
+small), the per-pair overlaps, their mean, and the seconds one estimate took on this machine.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 
-from modules.bert_classifier import BertClassifier  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
 from modules.structured import taylor_importance, top_unit_masks  # noqa: E402
-from pipelines.common import build, register_resolvers  # noqa: E402
-from pruners.swiftpruner import collated  # noqa: E402
-from swiftpruner_search import compose_config  # noqa: E402
+from pruners.distillation import load_teacher_model  # noqa: E402
+from pruners.swiftpruner.proxy import by_length, collated  # noqa: E402
+from swiftpruner_search import command_line, compose_config, relative  # noqa: E402
 
 #: (split, examples per set): the search's old default (256 validation sentences) and larger sets
 SETTINGS = (("validation", 256), ("validation", 512), ("train", 1024), ("train", 2048), ("train", 4096))
@@ -56,6 +57,7 @@ def kept_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher-ckpt", required=True, help="dense BertClassifier checkpoint (the benchmark's teacher)")
     parser.add_argument("--sets", type=int, default=3, help="disjoint example sets per setting (pairs: sets choose 2)")
@@ -64,15 +66,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.sets < 2:
         parser.error(f"--sets={args.sets}: need at least 2 sets to compare.")
-    register_resolvers()
     torch.set_num_threads(args.threads)
-    cfg = compose_config(["pruner=swiftpruner", f"pruner.teacher_ckpt={args.teacher_ckpt}"])
-    dm = build(cfg.data)
+    cfg = compose_config(["model=bert", "pruner=swiftpruner", f"pruner.teacher_ckpt={args.teacher_ckpt}"])
+    dm = instantiate(cfg.data)
     dm.setup("fit")
-    model = BertClassifier.load_from_checkpoint(args.teacher_ckpt, map_location="cpu").model.eval()
+    model = load_teacher_model(args.teacher_ckpt)
     layers = len(model.layer_structure())
 
-    report = {"teacher_ckpt": args.teacher_ckpt, "sets": args.sets, "configs": [list(c) for c in CONFIGS], "settings": []}
+    report = {"command": command_line("benchmarks/swiftpruner_importance_stability.py", argv),
+              "teacher_ckpt": relative(args.teacher_ckpt), "sets": args.sets, "configs": [list(c) for c in CONFIGS], "settings": []}
     for split, n in SETTINGS:
         ds = dm.datasets[split]
         sets = min(args.sets, len(ds) // n)  # as many disjoint sets as the split holds, up to --sets
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
         estimates, seconds = [], []
         for k in range(sets):
-            idx = sorted(order[k * n : (k + 1) * n], key=lambda i: len(ds[i]["input_ids"]))
+            idx = by_length(ds, order[k * n : (k + 1) * n])
             start = time.perf_counter()
             estimates.append(taylor_importance(model, collated(dm, ds, idx, 64)))
             seconds.append(time.perf_counter() - start)

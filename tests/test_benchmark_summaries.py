@@ -1,4 +1,4 @@
-"""Known-value tests of the SwiftPruner benchmark's curve summaries (benchmarks/swiftpruner_search.py)."""
+"""Known-value tests of the SwiftPruner benchmarks' summaries (benchmarks/swiftpruner_search.py, swiftpruner_retime.py)."""
 
 import importlib.util
 import json
@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 
 def load_benchmark(name: str):
@@ -111,62 +110,45 @@ def test_runs_with_checkpoints_skips_runs_whose_checkpoints_are_gone(tmp_path):
         runs.append(run)
     timable, missing = retime.runs_with_checkpoints(runs)
     assert timable == [runs[0]]
-    assert missing == {str(runs[1]): [str(runs[1] / "pruned.ckpt"), str(runs[1] / "uniform.ckpt")]}
+    assert missing == {bench.relative(runs[1]): [bench.relative(runs[1] / "pruned.ckpt"), bench.relative(runs[1] / "uniform.ckpt")]}
+    assert not any(Path(p).is_absolute() for p in [*missing, *missing[bench.relative(runs[1])]])
 
 
-finetune_seeds = load_benchmark("swiftpruner_finetune_seeds")
+def test_command_line_holds_relative_paths_only(tmp_path):
+    root = bench.ROOT
+    cmd = bench.command_line("benchmarks/swiftpruner_search.py", [
+        "--teacher-ckpt", str(root / "outputs" / "t.ckpt"), f"--runs={tmp_path}", "--extra", f"pruner.latency.table={root / 'x.json'}",
+        "pruner.search.generations=8", "--seeds", "0", "1"])
+    assert cmd.startswith("python benchmarks/swiftpruner_search.py --teacher-ckpt outputs/t.ckpt ")
+    assert "pruner.latency.table=x.json pruner.search.generations=8 --seeds 0 1" in cmd
+    assert not any(token.split("=")[-1].startswith("/") for token in cmd.split())  # no absolute path
+    assert f"--runs={bench.relative(tmp_path)}" in cmd
 
 
-def test_finetune_seed_summary_known_values():
-    runs = [
-        {"seed": 0, "searched": [0.82, 0.80, 0.81], "uniform": [0.80, 0.80, 0.79]},  # means 0.81 vs 0.7967
-        {"seed": 1, "searched": [0.80, 0.79, 0.78], "uniform": [0.81, 0.80, 0.79]},  # means 0.79 vs 0.80
-    ]
-    out = finetune_seeds.finetune_seed_summary(runs)
-    assert [p["difference_points"] for p in out["per_seed"]] == pytest.approx([4 / 3, -1.0])
-    assert out["per_seed"][0]["paired_differences_points"] == pytest.approx([2.0, 0.0, 2.0])
-    assert out["mean_difference_points"] == pytest.approx(1 / 6)
-    assert out["standard_error"] == pytest.approx(abs(4 / 3 + 1) / 2)  # two values: SD = |a - b| / sqrt 2
-    assert (out["searched_higher"], out["searched_lower"]) == (1, 1)
-    assert (out["pairs_searched_higher"], out["pairs_searched_lower"]) == (2, 3)
-    # Sample variances (points^2) of the four picks: 1, 1/3, 1, 1 -> pooled SD sqrt(5/6).
-    assert out["finetune_sd_points"] == pytest.approx(math.sqrt((1 + 1 / 3 + 1 + 1) / 4))
-    assert out["finetune_noise_sd_of_difference_points"] == pytest.approx(math.sqrt(5 / 6) * math.sqrt(2 / 3))
+def _results(searched: float, uniform: float, verified: float) -> dict:
+    """A reinforced run's results.json as the text pipeline writes it (the fields the benchmark reads)."""
+    pick = {"heads": [4, 4], "ffn_neurons": [8, 8], "predicted_ms": 4.0, "measured_ms": 4.1, "verified_ms": verified, "quality": 0.9}
+    search = {"budget_ms": 5.0, "search_budget_ms": 4.85, "dense_ms": 10.0, "chosen": pick, "uniform": dict(pick),
+              "verification": {"rejected": [{}], "rejected_uniform": []}, "best_reward_curve": [0.5, 0.7, 0.9],
+              "predictor_error": {"mean_abs_pct": 3.0, "two_anchor_fit_mean_abs_pct": 6.0}}
+    return {"pruner": search, "dense": {"metrics": {"accuracy": 0.85}}, "pruned": {"metrics": {"accuracy": searched}},
+            "uniform": {"metrics": {"accuracy": uniform}, "speedup": {"1": 1.9}, "macs_reduction": 2.1},
+            "speedup": {"1": 2.0}, "macs_reduction": 2.2}
 
 
-def test_finetune_seed_summary_single_values_and_bad_input():
-    one = finetune_seeds.finetune_seed_summary([{"seed": 0, "searched": [0.8], "uniform": [0.7]}])
-    assert one["mean_difference_points"] == pytest.approx(10.0)
-    assert one["standard_error"] is None and one["finetune_sd_points"] is None
-    with pytest.raises(ValueError, match="at least one"):
-        finetune_seeds.finetune_seed_summary([])
-    with pytest.raises(ValueError, match="same number"):
-        finetune_seeds.finetune_seed_summary([{"seed": 3, "searched": [0.8, 0.7], "uniform": [0.7]}])
-
-
-proxy_study = load_benchmark("swiftpruner_proxy_study")
-
-
-def test_proxy_agreement_known_values():
-    picks = [
-        {"run": "a", "score": 0.9, "test": 0.82}, {"run": "a", "score": 0.8, "test": 0.81},  # agrees
-        {"run": "b", "score": 0.7, "test": 0.83}, {"run": "b", "score": 0.6, "test": 0.84},  # disagrees
-        {"run": "c", "score": 0.5, "test": 0.80}, {"run": "c", "score": 0.4, "test": 0.80},  # tie in test: not counted
-    ]
-    out = proxy_study.agreement(picks, "score")
-    assert (out["pairs_agree"], out["pairs"]) == (1, 2)
-    # Ranks of score 6..1 against test ranks 4, 3, 5, 6, 1.5, 1.5: Pearson of the ranks.
-    rs, rt = torch.tensor([6, 5, 4, 3, 2, 1.0]), torch.tensor([4, 3, 5, 6, 1.5, 1.5])
-    expected = float(torch.corrcoef(torch.stack([rs, rt]))[0, 1])
-    assert out["spearman"] == pytest.approx(expected, abs=1e-6)
-    with pytest.raises(ValueError, match="at least 3"):
-        proxy_study.agreement(picks[:2], "score")
-
-
-def test_proxies_of_the_teacher_itself():
-    logits = torch.tensor([[2.0, -1.0], [0.5, 1.0], [-1.0, 3.0], [1.0, 0.0]])
-    labels = torch.tensor([0, 1, 1, 1])
-    out = proxy_study.proxies(logits, labels, logits)
-    assert out["accuracy"] == pytest.approx(0.75)
-    assert out["neg_kl_t1"] == pytest.approx(0.0, abs=1e-6) and out["neg_kl_t2"] == pytest.approx(0.0, abs=1e-6)
-    assert out["neg_ce"] == pytest.approx(-float(torch.nn.functional.cross_entropy(logits, labels)))
+def test_seed_figures_and_their_summary_known_values():
+    first = bench.seed_figures(_results(0.82, 0.80, 4.5), random_curve=[0.5, 0.6, 0.7, 0.8])
+    assert first["chosen"]["within_budget"] and first["rejected_on_re_measurement"] == {"searched": 1, "uniform": 0}
+    assert first["test_accuracy"] == {"dense": 0.85, "searched": 0.82, "uniform": 0.80}
+    assert first["evaluations_to_random_best"] == {"reinforced": 3, "random": 4}
+    assert first["evaluations"] == {"reinforced": 3, "random": 4} and first["best_reward"] == {"reinforced": 0.9, "random": 0.8}
+    second = bench.seed_figures(_results(0.80, 0.81, 5.5), random_curve=[0.95, 0.95, 0.95])
+    assert not second["chosen"]["within_budget"] and second["evaluations_to_random_best"] == {"reinforced": None, "random": 1}
+    out = bench.summarise([first, second], {"reinforced": [[0.5, 0.7, 0.9]] * 2, "random": [[0.5, 0.6, 0.7, 0.8], [0.95] * 3]})
+    assert out["all_chosen_within_budget"] is False
+    assert out["searched_minus_uniform_points"]["per_seed"] == pytest.approx([2.0, -1.0])
+    assert out["mean_test_accuracy"]["searched"] == pytest.approx(0.81)
+    assert out["reinforced_reached_random_best_in_fewer_evaluations"] == 1
+    assert out["mean_evaluations_to_random_best"] == {"reinforced": 3, "random": 2.5}
+    assert out["mean_speedup_batch1"] == pytest.approx({"searched": 2.0, "uniform": 1.9})
+    json.dumps(out)

@@ -14,7 +14,7 @@ from transformers import BertConfig
 
 from modules.bert import PrunableBertForSequenceClassification
 from modules.structured import shrink_structured
-from pruners.latency_table import LatencyTable, measure_model_ms, synthetic_inputs
+from pruners.swiftpruner.latency_table import LatencyTable, measure_model_ms, synthetic_inputs
 
 HEADS = [4, 0, 2]  # unsorted on purpose: measure sorts them
 NEURONS = [0, 32, 64]
@@ -71,7 +71,7 @@ def test_measured_table_shape_and_monotone_prediction(table):
 @pytest.mark.parametrize("calibrate", [True, False])
 def test_noisy_rows_are_made_monotone_and_calibrated(tiny_bert_config, monkeypatch, calibrate):
     """Fake timer: larger blocks "measure" faster; the table's rows must still be non-decreasing."""
-    import pruners.latency_table as lt
+    import pruners.swiftpruner.latency_table as lt
 
     fake = {"attention/0": 0.3, "attention/2": 0.2, "attention/4": 0.5, "ffn/0": 0.1, "ffn/32": 0.4, "ffn/64": 0.35}
     fake.update(smallest=5.0, largest=11.0)

@@ -31,7 +31,7 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> Path:
     physically shrunk model at the budget's shape (ms), quality the search's proxy.
 
     Args:
-        result: :attr:`pruners.swiftpruner.SwiftPruner.result`.
+        result: :attr:`pruners.swiftpruner.SwiftPruner.result` (:func:`pruners.swiftpruner.search.run_search`).
         path: the PNG to write (parent folders are created).
 
     Returns:
@@ -63,13 +63,12 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> Path:
         ax.scatter([u["measured_ms"] for u in uni], [u["quality"] for u in uni], marker="s", facecolors="none",
                    edgecolors="tab:orange", s=30, label="uniform (within budget)")
     ax.axvline(result["budget_ms"], color="tab:red", ls="--", lw=1, label=f"budget {result['budget_ms']:.2f} ms")
-    search_budget = result.get("search_budget_ms", result["budget_ms"])
-    if search_budget < result["budget_ms"]:  # the budget less pruner.latency_margin
+    search_budget = result["search_budget_ms"]
+    if search_budget < result["budget_ms"]:  # the budget less pruner.latency.margin
         ax.axvline(search_budget, color="tab:red", ls=":", lw=1, label=f"search budget {search_budget:.2f} ms (margin)")
     ch = result["chosen"]
-    if ch is not None:  # None: a search-only run found nothing within the measured budget
-        ax.scatter([ch["measured_ms"]], [ch["quality"]], marker="*", s=220, color="tab:red", edgecolors="k",
-                   zorder=5, label="chosen")
+    ax.scatter([ch["measured_ms"]], [ch["quality"]], marker="*", s=220, color="tab:red", edgecolors="k", zorder=5,
+               label="chosen")
     if result.get("uniform"):
         u = result["uniform"]
         ax.scatter([u["measured_ms"]], [u["quality"]], marker="D", s=80, color="tab:orange", edgecolors="k", zorder=5,

@@ -1,4 +1,4 @@
-"""Per-layer latency lookup table (LUT) of the prunable BERT, for SwiftPruner.
+"""Per-layer latency lookup table (LUT) of the prunable BERT, for SwiftPruner's search.
 
 SwiftPruner (Zhang et al., CIKM 2022, arXiv 2209.00625) searches per-layer sparsities
 under a latency budget; timing every candidate model is far too slow, so the latency
@@ -310,9 +310,8 @@ class LatencyTable:
         (``smallest_model_ms``, ``largest_model_ms``). Blocks timed alone do not cost
         exactly what they cost inside the model's forward (caches, the forward's
         Python work, and on a busy machine a long forward is time-sliced more often
-        than a short block call): on MiniLM-L6 on a shared 2-core machine the whole
-        model took 0.8x to 1.7x the sum of its isolated blocks, depending on the load
-        from other processes. So, with ``calibrate=True`` (default), the prediction is
+        than a short block call; the ratio depends on the load from other processes).
+        So, with ``calibrate=True`` (default), the prediction is
         fitted through both anchors: every table entry is the monotone isolated timing
         times ``scale`` = (largest - smallest) / (isolated blocks of largest - isolated
         blocks of smallest), and ``fixed_ms`` = smallest - ``scale`` * its isolated
