@@ -63,8 +63,12 @@ def test_top_main_job_on_a_slice_writes_results_and_reloads(tmp_path):
     assert meta["labels"] == ["rotten", "fresh"] and meta["pruning"]["token_pruning"] is not None
 
     # export.py's work on the finished run: the same export and checks, results.json updated
+    from omegaconf import OmegaConf
+
     from pipelines.reexport import reexport
 
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # what Hydra saves for run.py
     again = reexport(tmp_path, names=["pruned"])
     assert again["pruned"]["served"]["parity_ok"] and again["pruned"]["metrics"] == on_disk["pruned"]["metrics"]
 
