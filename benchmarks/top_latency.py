@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         name: BertClassifier.load_from_checkpoint(args.run_dir / results[name]["checkpoint"], map_location="cpu").served_model()
         for name in ("dense", "pruned")
     }
-    served, sessions = export_text_models(cfg, args.run_dir.resolve(), models, datamodule)
+    served, sessions = export_text_models(cfg, args.run_dir.resolve(), models, datamodule, results)
     torch.manual_seed(0)
     latency, proto = time_models(
         models, datamodule, args.batch_sizes, args.warmup, args.repeats, args.threads, args.examples, sessions=sessions

@@ -141,12 +141,15 @@ def kept_tokens_per_layer(module: L.LightningModule, datamodule) -> list[float]:
 
 
 def export_text_models(
-    cfg: DictConfig, out_dir: Path, models: dict[str, L.LightningModule], datamodule
+    cfg: DictConfig, out_dir: Path, models: dict[str, L.LightningModule], datamodule, results: dict[str, Any] | None = None
 ) -> tuple[dict[str, dict], dict[str, Any]]:
     """Export each served model to ``served/<name>/`` and check ONNX Runtime against PyTorch.
 
     Parity inputs: the first ``export.parity_examples`` test examples in batches of 32,
     padded per batch as the test loader pads.
+
+    ``results`` (the run's, when given) adds each model's measured ``kept_tokens_per_layer``
+    and MACs ``sparsity`` on the test split to the pruning summary in litprune.json.
 
     Returns:
         (name -> results ``served`` entry, name -> ONNX Runtime session); see :mod:`pipelines.export`.
@@ -155,7 +158,13 @@ def export_text_models(
     folders, parity = {}, {}
     for name, module in models.items():
         exportable = module.exportable()
-        meta = {"kind": "text", **exportable.io_meta(), "pruning": exportable.summary()}
+        pruning = exportable.summary()
+        measured = (results or {}).get(name, {})
+        if "kept_tokens_per_layer" in measured:
+            pruning["kept_tokens_per_layer_test_mean"] = measured["kept_tokens_per_layer"]
+        if "sparsity" in measured.get("metrics", {}):
+            pruning["macs_sparsity_test"] = measured["metrics"]["sparsity"]
+        meta = {"kind": "text", **exportable.io_meta(), "pruning": pruning}
         folders[name] = partial(
             write_served_folder, out_dir, name, exportable, exportable.feeds(batches[0]), exportable.dynamic_axes(),
             meta, datamodule.write_serving_files, int(cfg.export.opset),
@@ -178,7 +187,7 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], mode
     """
     sessions = {}
     if cfg.export.enabled:
-        served, sessions = export_text_models(cfg, out_dir, models, datamodule)
+        served, sessions = export_text_models(cfg, out_dir, models, datamodule, results)
         for name, entry in served.items():
             results[name]["served"] = entry
     latency, proto = time_models(

@@ -61,6 +61,7 @@ def test_top_main_job_on_a_slice_writes_results_and_reloads(tmp_path):
     assert set(on_disk["speedup_onnxruntime"]) == set(on_disk["speedup_vs_dense_torch"]) == {"1", "4"}
     meta = json.loads((tmp_path / "served" / "pruned" / "litprune.json").read_text())
     assert meta["labels"] == ["rotten", "fresh"] and meta["pruning"]["token_pruning"] is not None
+    assert len(meta["pruning"]["kept_tokens_per_layer_test_mean"]) == 6 and 0 < meta["pruning"]["macs_sparsity_test"] < 1
 
     # export.py's work on the finished run: the same export and checks, results.json updated
     from omegaconf import OmegaConf
