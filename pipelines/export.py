@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 from modules.onnx_export import OPSET, export_onnx
 from modules.version import VERSION
 from pipelines.common import run_relative
-from serving.runtime import META_FILE, MODEL_FILE, make_session
+from serving.runtime import META_FILE, MODEL_FILE, graph_feeds, make_session
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,10 @@ def write_served_folder(
     staging.mkdir(parents=True)
     export_onnx(exportable, example, staging / MODEL_FILE, dynamic_axes, [o["name"] for o in meta["outputs"]], opset)
     extra = write_extra(staging)
+    import onnx
+
+    in_graph = {i.name for i in onnx.load(str(staging / MODEL_FILE), load_external_data=False).graph.input}
+    meta = {**meta, "inputs": [i for i in meta["inputs"] if i["name"] in in_graph]}
     full = {"name": name, **meta, **extra, "opset": opset, "project": {"name": "litprune", "version": VERSION}}
     (staging / META_FILE).write_text(json.dumps(full, indent=2) + "\n")
     if final.exists():
@@ -91,7 +95,7 @@ def max_abs_diff(session, feeds: list[dict[str, np.ndarray]], reference: list[to
     """Largest |ONNX Runtime output - PyTorch output| over the given batches (same order)."""
     worst = 0.0
     for f, ref in zip(feeds, reference):
-        got = session.run(None, f)[0]
+        got = session.run(None, graph_feeds(session, f))[0]
         worst = max(worst, float(np.abs(got - ref.detach().cpu().numpy()).max()) if got.size else 0.0)
     return worst
 

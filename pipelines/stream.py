@@ -37,6 +37,7 @@ from modules.latency import measure_latency_ms, protocol
 from pipelines.common import build, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
 from pruners.base import FitPlan, Pruner
+from serving.runtime import graph_feeds
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def serve_and_time(
         calls = {k: (lambda m=m: m(*x)) for k, m in served.items()}
         calls["dense_again"] = lambda: served["dense"](*x)  # A/A control: the same model timed twice
         for k, session in sessions.items():
-            feeds = {n: v.numpy() for n, v in modules[k].exportable().feeds(*x).items()}
+            feeds = graph_feeds(session, {n: v.numpy() for n, v in modules[k].exportable().feeds(*x).items()})
             calls[f"{k}@onnxruntime"] = lambda s=session, f=feeds: s.run(None, f)
         ms = measure_latency_ms(calls, warmup=int(lat.warmup), repeats=int(lat.repeats), threads=threads)
         for k in served:

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from modules.latency import measure_latency_ms, protocol
 from modules.served_bert import ExportableBert
+from serving.runtime import graph_feeds
 from pipelines.common import build, build_trainer, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
 from pruners.base import FitPlan, Pruner
@@ -107,7 +108,7 @@ def time_models(
 
         calls = {name: make(m) for name, m in models.items()}
         for name, session in sessions.items():
-            feeds = [{k: v.numpy() for k, v in ExportableBert.feeds(b).items()} for b in batches]
+            feeds = [graph_feeds(session, {k: v.numpy() for k, v in ExportableBert.feeds(b).items()}) for b in batches]
             calls[f"{name}@onnxruntime"] = make_ort(session, feeds)
         ms = measure_latency_ms(calls, warmup, repeats, threads)
         for name, v in ms.items():

@@ -45,6 +45,13 @@ def make_session(path: str | Path, threads: int | None = None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def graph_feeds(session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The entries of ``feeds`` the session's graph takes (an input no output depends on, e.g. the
+    attention mask of a model with every head removed, is not in the exported graph)."""
+    names = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feeds.items() if k in names}
+
+
 @dataclass
 class ServedModel:
     """An exported model ready to run.
@@ -66,7 +73,7 @@ class ServedModel:
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The model's first output for ``feeds`` (input name -> array)."""
-        return self.session.run(None, feeds)[0]
+        return self.session.run(None, graph_feeds(self.session, feeds))[0]
 
 
 def load_served(folder: str | Path, threads: int | None = None) -> ServedModel:

@@ -213,3 +213,18 @@ def test_dlrm_exports_and_onnx_runtime_equals_the_served_copy(tmp_path, multi, k
     if kind == "unstructured":
         # the masked zeros stay in the exported kernels (the output layer keeps only live inputs)
         assert all(v["sparsity"] > 0.3 for k, v in summary.items() if k != "top.2")
+
+
+def test_a_model_with_every_head_removed_drops_the_mask_input_and_still_serves(tiny_bert_config, tmp_path):
+    from serving.runtime import graph_feeds
+
+    model = tiny_bert(tiny_bert_config)
+    model.set_structured_masks(heads=torch.zeros(3, 4))
+    model = shrink_structured(model).eval()
+    exportable = ExportableBert(model)
+    path = export_onnx(exportable, exportable.feeds(text_batch(2, True)), tmp_path / "m.onnx", exportable.dynamic_axes(), ["logits"])
+    session = make_session(path, threads=1)
+    assert "attention_mask" not in {i.name for i in session.get_inputs()}  # no attention left: the mask is unused
+    batch = text_batch(3, True)
+    got = session.run(None, graph_feeds(session, {k: v.numpy() for k, v in exportable.feeds(batch).items()}))[0]
+    assert abs(got - reference_logits(model, None, batch).numpy()).max() <= TOL
