@@ -116,7 +116,7 @@ class LatencyMeter:
         calibration_models: int = 16,
         lut_layers: str = "shared",
         table: str | None = None,
-        runtime: str = "torch",
+        runtime: str = "onnxruntime",
     ):
         self.budget_ms = None if budget_ms is None else check_range("pruner.latency.budget_ms", budget_ms, 0.0, math.inf, low_open=True)
         self.budget_fraction = check_range("pruner.latency.budget_fraction", budget_fraction, 0.0, 1.0, low_open=True, high_open=False)
