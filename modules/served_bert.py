@@ -91,41 +91,41 @@ class ExportableBert(nn.Module):
             "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", self.model.config.num_labels]}],
         }
 
-    def keep_tokens(self, slot: int, scores: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """(B, N) bool: the tokens a pruning layer keeps (ToP's evaluation gates, arXiv 2306.14393 Sec. 3.2).
+    def select_tokens(
+        self, slot: int, scores: torch.Tensor, present: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens a pruning layer keeps, gathered to the front in their order (ToP's evaluation gates,
+        arXiv 2306.14393 Sec. 3.2).
+
+        Candidates (present tokens but [CLS]) are ranked by score (``TopK`` over all N:
+        candidates first, ties to the earlier position); rank ``j`` falls in bin
+        ``floor(j * bin_count / candidates)`` and stays when that bin's gate is open; [CLS]
+        always stays. The kept tokens are then the K smallest of ``position`` (kept) or
+        ``N + position`` (closed), K the largest kept count in the batch, computed in the graph
+        (``TopK`` with K as an input, then ``GatherElements``).
 
         Args:
             slot: index of the pruning layer among those whose layer gate is on.
             scores: (B, N) attention received in the previous layer.
             present: (B, N) bool, tokens present (not padding).
+            hidden: (B, N, H) hidden states entering the layer.
+
+        Returns:
+            (B, K) bool presence and (B, K, H) hidden states of the kept tokens.
         """
         n = scores.shape[1]
-        positions = torch.arange(n, device=scores.device)
-        candidates = present & (positions != 0)[None, :]  # [CLS] is never pruned
-        masked = scores.masked_fill(~candidates, float("-inf"))
-        # Rank 0 = highest score; ties go to the earlier position, as a stable sort does.
-        order = torch.topk(masked, n, dim=1, largest=True, sorted=True).indices
-        rank = torch.zeros_like(order).scatter(1, order, positions[None, :].expand_as(order))
-        m = candidates.sum(dim=1, keepdim=True).clamp_min(1)
-        bins = bin_of_rank(rank, m, self.bin_count)
-        open_bin = self.kept_bins[slot].index_select(0, bins.reshape(-1)).view_as(bins)  # ONNX Gather
-        return present & (~candidates | open_bin)
-
-    @staticmethod
-    def gather_kept(keep: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather kept tokens to the front in their order: (B, N) bool, (B, N, H) -> (B, K) bool, (B, K, H).
-
-        ``K`` is the largest count of kept tokens in the batch, computed from the data
-        (ONNX ``TopK`` with K as an input, then ``GatherElements``).
-        """
-        n = keep.shape[1]
-        k = keep.sum(dim=1).max()
-        # Kept positions first, each in its original order: the K smallest of (closed * N + position).
-        key = (~keep).to(torch.int64) * n + torch.arange(n, device=keep.device)[None, :]
-        order = torch.topk(key, k, dim=1, largest=False, sorted=True).indices
-        new_keep = torch.gather(keep, 1, order)
-        idx = order[:, :, None].expand(-1, -1, hidden.shape[2])
-        return new_keep, torch.gather(hidden, 1, idx)
+        positions = torch.arange(n, device=scores.device)[None, :]
+        candidates = present & (positions != 0)  # [CLS] is never pruned
+        order = torch.topk(scores.masked_fill(~candidates, float("-inf")), n, dim=1).indices  # token at each rank
+        count = candidates.sum(dim=1, keepdim=True)
+        bins = bin_of_rank(positions, count.clamp_min(1), self.bin_count)  # (B, N): bin of each rank
+        open_rank = self.kept_bins[slot].index_select(0, bins.reshape(-1)).view_as(bins) & (positions < count)
+        kept = open_rank | (order == 0)
+        k = kept.sum(dim=1).max()
+        picked = torch.topk(torch.where(kept, order, order + n), k, dim=1, largest=False).values
+        new_present = picked < n
+        idx = torch.where(new_present, picked, picked - n)
+        return new_present, torch.gather(hidden, 1, idx[:, :, None].expand(-1, -1, hidden.shape[2]))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         """(B, N) int64 ids, (B, N) int64 mask (1 token, 0 padding), (B, N) int64 segment ids -> (B, C) logits."""
@@ -134,8 +134,7 @@ class ExportableBert(nn.Module):
         scores = None
         for i, layer in enumerate(self.model.bert.encoder.layer):
             if i in self.pruning_slots:
-                keep = self.keep_tokens(self.pruning_slots[i], scores, present)
-                present, hidden = self.gather_kept(keep, hidden)
+                present, hidden = self.select_tokens(self.pruning_slots[i], scores, present, hidden)
             need_scores = (i + 1) in self.pruning_slots
             hidden, probs = layer(hidden, present, None, need_probs=need_scores)
             if need_scores:

@@ -91,10 +91,9 @@ def test_only_cls_kept_really_leaves_one_token(tiny_bert_config):
     model, gates = VARIANTS["top_only_cls"](tiny_bert(tiny_bert_config))
     exportable = ExportableBert(model, gates)
     batch = text_batch(3, padded=True)
-    keep = exportable.keep_tokens(0, torch.rand(3, 12), batch["attention_mask"].bool())
-    assert keep.sum(dim=1).tolist() == [1, 1, 1] and keep[:, 0].all()
-    new_keep, hidden = exportable.gather_kept(keep, torch.randn(3, 12, 32))
-    assert hidden.shape == (3, 1, 32) and new_keep.all()
+    hidden = torch.randn(3, 12, 32)
+    present, kept = exportable.select_tokens(0, torch.rand(3, 12), batch["attention_mask"].bool(), hidden)
+    assert kept.shape == (3, 1, 32) and present.all() and torch.equal(kept[:, 0], hidden[:, 0])  # [CLS] alone
 
 
 def test_exportable_bert_refuses_an_unshrunk_masked_model(tiny_bert_config):
