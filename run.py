@@ -99,6 +99,8 @@ def main(cfg: DictConfig) -> float | None:
     """
     global _task_started
     _task_started = True
+    if isinstance(sys.stderr, _HeldStderr):  # the config composed: pass stderr through from now on
+        sys.stderr.real.write(sys.stderr.release())
     try:
         results = train(cfg)
     except UserError as err:
@@ -112,11 +114,59 @@ def main(cfg: DictConfig) -> float | None:
     return headline(results, cfg.get("optimized_metric"))
 
 
+def compact_hydra_message(text: str) -> str:
+    """Hydra's report of a config it cannot compose, as one line (its pointer to HYDRA_FULL_ERROR and
+    OmegaConf's ``full_key``/``object_type`` detail lines dropped)."""
+    drop = ("Set the environment variable HYDRA_FULL_ERROR", "full_key:", "object_type=", "reference_type=")
+    text = text.split("Config search path:", 1)[0]  # the search path lists machine paths
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(drop)]
+    return " ".join(line if line.endswith((".", ":")) else line + ";" for line in lines).rstrip(";")
+
+
+class _HeldStderr:
+    """stderr that holds what is written until the task starts (:meth:`release`), then passes it through.
+
+    Hydra reports a config it cannot compose on stderr in several lines before the task
+    starts; held, it is printed as one line ``error: <message>`` instead.
+    """
+
+    def __init__(self, real):
+        self.real, self.held, self.holding = real, [], True
+
+    def write(self, text: str) -> int:
+        if self.holding:
+            self.held.append(text)
+        else:
+            self.real.write(text)
+        return len(text)
+
+    def release(self) -> str:
+        """Stop holding; return what was held (not yet written)."""
+        self.holding = False
+        text, self.held = "".join(self.held), []
+        return text
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
 if __name__ == "__main__":
+    held = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else _HeldStderr(sys.stderr)
+    if held is not None:
+        sys.stderr = held
     try:
         main()
     except SystemExit as exc:
         # Hydra reports a config it cannot compose, then exits with 1 before the task starts.
         if exc.code == 1 and not _task_started:
+            text = held.release() if held is not None else ""
+            if text and "Traceback" not in text:
+                print(f"error: {compact_hydra_message(text)}", file=held.real)
+            elif held is not None:
+                held.real.write(text)
             sys.exit(USER_ERROR_STATUS)
         raise
+    finally:
+        if held is not None:
+            held.real.write(held.release())
+            sys.stderr = held.real

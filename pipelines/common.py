@@ -47,6 +47,21 @@ def build(node: DictConfig, **kwargs) -> Any:
         raise
 
 
+def check_data_kind(cfg: DictConfig, base: type, needs: str) -> None:
+    """Raise ConfigError unless ``cfg.data`` builds a ``base`` (text data for BERT, a stream for DLRM), before loading it.
+
+    Args:
+        needs: what the model needs, for the message (e.g. ``"text data (data=rotten_tomatoes, ...)"``).
+    """
+    from hydra.utils import get_class
+
+    from modules.errors import ConfigError
+
+    target = OmegaConf.select(cfg, "data._target_")
+    if target is None or not issubclass(get_class(target), base):
+        raise ConfigError(f"model={cfg.model.name} needs {needs}, but data._target_ is {target}; choose one of those data configs.")
+
+
 def build_loggers(cfg: DictConfig, phase: str) -> list:
     """Instantiate every logger in ``cfg.logger`` (a dict keyed by name) for one phase.
 

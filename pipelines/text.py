@@ -31,7 +31,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from modules.latency import measure_latency_ms, protocol
-from pipelines.common import build, build_trainer, fit_phase, run_relative
+from modules.text_data import TextClassificationDataModule
+from pipelines.common import build, build_trainer, check_data_kind, fit_phase, run_relative
 from pruners.base import FitPlan, Pruner
 
 log = logging.getLogger(__name__)
@@ -165,6 +166,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         modules.text_data.DataError: unusable data.
     """
     started = time.time()
+    check_data_kind(cfg, TextClassificationDataModule, "text data (data=rotten_tomatoes, data=text_csv or data=glue)")
     pruner: Pruner | None = build(cfg.pruner) if cfg.pruner.get("_target_") else None  # validates settings first
     datamodule = build(cfg.data)
     datamodule.setup("fit")

@@ -165,8 +165,9 @@ class SwiftPruner(MaskedDistillation):
                 model, fewer than 2 validation examples or an empty importance split.
         """
         super().check(pl_module, datamodule)
-        self.space(pl_module.model)
+        space = self.space(pl_module.model)
         self.latency.check(pl_module.model)
+        self.latency.check_budget(pl_module.model, space)
         self.proxy.check(datamodule)
         self.importance.check(datamodule)
 
