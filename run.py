@@ -68,7 +68,7 @@ def train(cfg: DictConfig) -> dict:
     check_run_settings(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the saved config; stderr stays for errors
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     if cfg.model.pipeline == "text":

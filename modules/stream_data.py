@@ -462,7 +462,7 @@ def read_log(path: str | Path) -> pd.DataFrame:
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({utf8_error(path) or err.reason}); convert it to UTF-8 first.") from None
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(f"Could not read {path}: {parser_message(err)}. Give a Parquet file, or a .csv/.tsv with one "
+        raise DataError(f"Could not read {path}: {parser_message(err).rstrip('.')}. Give a Parquet file, or a .csv/.tsv with one "
                         "header row and as many fields on every line.") from None
     if len(df) == 0:
         raise DataError(f"Data file {path} has a header but no rows.")

@@ -25,6 +25,11 @@ INTRO = (
 )
 
 
+def _code(text: str) -> str:
+    """``text`` as a markdown code span (double backticks when it holds one)."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -39,7 +44,7 @@ def section(cases, messages: dict[str, str | None]) -> str:
     for area in areas:
         out += [f"**{area[0].upper()}{area[1:]}**", "", "| input | what you get |", "| --- | --- |"]
         for c in (c for c in cases if c.area == area):
-            got = c.accepted if messages[c.id] is None else f"`error: {messages[c.id]}`"
+            got = c.accepted if messages[c.id] is None else _code(f"error: {messages[c.id]}")
             out.append(f"| {_cell(c.what)}{' ✓' if c.cli is not None else ''} | {_cell(got)} |")
         out.append("")
     return "\n".join(out).rstrip("\n")
