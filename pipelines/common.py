@@ -97,6 +97,9 @@ def build_callbacks(
 ) -> list[L.Callback]:
     """Instantiate ``cfg.callbacks`` (dict keyed by name); the checkpoint callback gets the phase's folder.
 
+    ``early_stopping`` (Lightning's ``EarlyStopping`` on ``monitor``) applies to the ``dense``
+    phase only, when it monitors a metric: the dense model trains until it converges.
+
     Args:
         monitor: metric that picks the best checkpoint (None: keep only the last).
         has_logger: False drops callbacks that need a logger (LearningRateMonitor).
@@ -106,6 +109,10 @@ def build_callbacks(
         if node is None or "_target_" not in node:
             continue
         if not has_logger and node._target_.endswith("LearningRateMonitor"):
+            continue
+        if key == "early_stopping":
+            if phase == "dense" and monitor is not None:
+                callbacks.append(instantiate(node, monitor=monitor, mode=mode))
             continue
         if key == "model_checkpoint":
             callbacks.append(
@@ -250,6 +257,9 @@ def format_table(results: dict[str, Any]) -> str:
         out.append("speedup: " + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup"].items()))
     if "macs_reduction" in results:
         out.append(f"MACs reduction: {results['macs_reduction']:.2f}x")
+    if results.get("dense", {}).get("beats_majority_class") is False:
+        out.append("DENSE MODEL AT THE MAJORITY CLASS: its validation accuracy does not beat always answering the most "
+                   "frequent class (see results.json 'dense'); train it longer.")
     if results.get("target_met") is False:
         out.append("TARGET NOT MET: the pruned model did not reach the pruner's target (see results.json 'pruner').")
     return "\n".join(out)

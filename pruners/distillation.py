@@ -117,7 +117,7 @@ class TeacherPruner(Pruner):
 
     teacher: nn.Module | None = None
     teacher_ckpt: str | None = None
-    teacher_epochs: int = 1
+    teacher_epochs: int = 3
 
     def check(self, pl_module, datamodule) -> None:
         """The model must be a :class:`~modules.bert_classifier.BertClassifier`, and ``teacher_ckpt``, if set,

@@ -93,7 +93,7 @@ class SwiftPruner(MaskedDistillation):
         head_choices: list[int] | None = None,
         ffn_fractions: list[float] = FFN_FRACTIONS,  # type: ignore[assignment]  (a tuple: immutable default)
         teacher_ckpt: str | None = None,
-        teacher_epochs: int = 1,
+        teacher_epochs: int = 3,
         finetune_epochs: int = 1,
         kd_weight: float = 1.0,
         task_weight: float = 1.0,
