@@ -688,7 +688,7 @@ class CriteoStream(StreamDataModule):
         feats = pd.DataFrame(index=df.index)
         for c in CRITEO_INT:
             for i in np.flatnonzero(integer_values(df[c]))[:1]:
-                raise DataError(f"{self.path} line {i + 1}: integer column {c} has {df[c].iloc[i]!r}; Criteo's I1..I13 "
+                raise DataError(f"{self.path} line {i + 1}: integer column {c!r} has {df[c].iloc[i]!r}; Criteo's I1..I13 "
                                 "fields hold integers (or nothing, for a missing value).")
             feats[c] = signed_log1p(numeric_column(df[c], self.path, c, header=False))
         for c in CRITEO_CAT:
