@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -37,14 +38,16 @@ def check_run_settings(cfg: DictConfig) -> None:
     """Settings of the run itself that Lightning or torch would otherwise reject late or obscurely.
 
     Raises:
-        ConfigError: an unknown ``model.pipeline``, ``threads`` below 1, or a run without an end
-            (``trainer.max_epochs`` below 1 and no ``trainer.max_steps``).
+        ConfigError: an unknown ``model.pipeline``, ``threads`` below 1, ``trainer.limit_train_batches=0``,
+            or a run without an end (``trainer.max_epochs`` below 1 and no ``trainer.max_steps``).
     """
     if cfg.model.get("pipeline") not in PIPELINES:
         raise ConfigError(f"model.pipeline={cfg.model.get('pipeline')!r} is not one of {list(PIPELINES)}.")
     threads = cfg.get("threads")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads={threads} must be >= 1, or null for torch's own choice.")
+    if cfg.trainer.get("limit_train_batches") in (0, 0.0):
+        raise ConfigError("trainer.limit_train_batches=0 trains nothing; set it to a number of batches >= 1, a fraction, or null.")
     epochs, steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps")
     if epochs is not None and epochs < 1 and (steps is None or steps < 1):
         raise ConfigError(
@@ -117,10 +120,16 @@ def main(cfg: DictConfig) -> float | None:
 def compact_hydra_message(text: str) -> str:
     """Hydra's report of a config it cannot compose, as one line (its pointer to HYDRA_FULL_ERROR and
     OmegaConf's ``full_key``/``object_type`` detail lines dropped)."""
-    drop = ("Set the environment variable HYDRA_FULL_ERROR", "full_key:", "object_type=", "reference_type=")
+    drop = ("Set the environment variable HYDRA_FULL_ERROR", "full_key:", "object_type=", "reference_type=",
+            "To append to your config use")  # every node is typed: a '+' cannot add a key to it either
     text = text.split("Config search path:", 1)[0]  # the search path lists machine paths
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(drop)]
-    return " ".join(line if line.endswith((".", ":")) else line + ";" for line in lines).rstrip(";")
+    message = " ".join(line if line.endswith((".", ":")) else line + ";" for line in lines).rstrip(";")
+    key = re.search(r"Could not override '([\w.]+)'", message)
+    if key and "not in" in message:
+        group = key.group(1).split(".")[0]
+        message += f". Check the spelling: python run.py --cfg job --package {group} prints every {group} setting."
+    return message
 
 
 class _HeldStderr:

@@ -79,6 +79,11 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise DataError("data.tokenizer is not set; it is the model's folder (data.tokenizer=${model.pretrained}).")
         if max_length < 8:
             raise DataError(f"data.max_length={max_length} is too short; use at least 8 tokens.")
+        for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise DataError(f"data.{key}={value!r} must be an integer >= {low}.")
+        if limit_per_split is not None and (isinstance(limit_per_split, bool) or not isinstance(limit_per_split, int) or limit_per_split < 1):
+            raise DataError(f"data.limit_per_split={limit_per_split!r} must be null (every example) or an integer >= 1.")
         self.tokenizer_path = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
@@ -97,7 +102,13 @@ class TextClassificationDataModule(L.LightningDataModule):
 
             if not Path(self.tokenizer_path).is_dir():
                 raise DataError(f"No tokenizer folder at {self.tokenizer_path}; set model.pretrained to a local BERT folder.")
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            except (OSError, ValueError) as err:
+                raise DataError(
+                    f"{self.tokenizer_path} holds no Hugging Face tokenizer ({type(err).__name__}); set model.pretrained "
+                    "to a local BERT folder (config.json, vocab.txt or tokenizer.json, and the weights)."
+                ) from None
         return self._tokenizer
 
     def load_frames(self) -> dict[str, pd.DataFrame]:
@@ -530,6 +541,11 @@ class GlueDataModule(TextClassificationDataModule):
         out = pd.DataFrame({"text": df[text]})
         if pair is not None:
             out["text_pair"] = df[pair]
+        for column in (c for c in (text, pair) if c is not None):
+            empty = (df[column].isna() | (df[column].astype(str).str.strip() == "")).to_numpy()
+            for row in np.flatnonzero(empty)[:1]:
+                raise DataError(f"{path} line {row + (2 if header else 1)}: column {column!r} is empty; every example "
+                                "needs a text. Drop or fill such rows.")
         if names:
             mapped = df[label].map({n: i for i, n in enumerate(names)})
             if mapped.isna().any():

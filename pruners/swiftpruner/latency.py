@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from modules.errors import MissingFileError
 from pruners.base import PrunerConfigError, check_choice, check_positive_int, check_range
 from pruners.swiftpruner.evolution import SearchSpace
 from pruners.swiftpruner.latency_table import LAYER_MODES, LatencyTable, measure_model_ms
@@ -241,7 +242,7 @@ class LatencyMeter:
         """
         path = Path(self.table)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"pruner.latency.table={path} does not exist; give the latency_table.json of an earlier SwiftPruner "
                 "run, or null to measure the table."
             )

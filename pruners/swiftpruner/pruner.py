@@ -168,6 +168,8 @@ class SwiftPruner(MaskedDistillation):
         space = self.space(pl_module.model)
         self.latency.check(pl_module.model)
         self.latency.check_budget(pl_module.model, space)
+        if self.latency.table is not None:  # a given lookup table must exist and fit this search
+            self.latency.load_table(space)
         self.proxy.check(datamodule)
         self.importance.check(datamodule)
 
