@@ -5,7 +5,8 @@ wrapper that returns the headline metric for sweeps. A user error (bad data, a b
 setting, a model and pruner that do not go together; ``modules.errors.UserError``) prints
 one line, ``error: <message>``, and exits with status 2; ``HYDRA_FULL_ERROR=1`` or
 ``debug=true`` shows its traceback. A config Hydra cannot compose (a misspelled key, a
-wrong type, an unknown group option) also exits with status 2, after Hydra's message.
+wrong type, an unknown group option) also exits with status 2, with Hydra's message as one
+line ``error: <message>`` (:func:`compact_hydra_message`; all of it with ``HYDRA_FULL_ERROR=1``).
 Any other exception is a bug and keeps its traceback.
 """
 
