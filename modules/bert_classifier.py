@@ -80,7 +80,7 @@ class BertClassifier(L.LightningModule):
     ):
         super().__init__()
         if lr <= 0 or not 0 <= warmup_fraction < 1:
-            raise ConfigError(f"model.lr={lr} must be > 0 and model.warmup_fraction={warmup_fraction} in [0, 1).")
+            raise ConfigError(f"model.module.lr={lr} must be > 0 and model.module.warmup_fraction={warmup_fraction} in [0, 1).")
         if bert_config is not None:
             self.model = PrunableBertForSequenceClassification(BertConfig(**{**bert_config, "num_labels": num_labels}))
         elif pretrained is not None:

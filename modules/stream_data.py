@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from modules.data_checks import check_field_counts, delimiter_hint, integer_values, parser_message, utf8_error
 from modules.features import MISSING, hash_bucket, hash_multi, signed_log1p  # noqa: F401  (re-exported)
 from modules.packages import package_file
 from modules.text_data import DataError
@@ -435,18 +436,24 @@ def read_log(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Data file not found: {path}. Set data.path to an existing CSV or Parquet file.")
-    suffix = path.suffix.lower()
+    suffix, sep = path.suffix.lower(), "," if path.suffix.lower() == ".csv" else "\t"
+    if suffix not in (".parquet", ".pq", ".csv", ".tsv", ".tab"):
+        raise DataError(f"Unknown log file type {suffix!r} for {path}; use .csv, .tsv or .parquet.")
     try:
         if suffix in (".parquet", ".pq"):
             df = pd.read_parquet(path)
-        elif suffix in (".csv", ".tsv", ".tab"):
-            df = pd.read_csv(path, sep="," if suffix == ".csv" else "\t", on_bad_lines="error")
         else:
-            raise DataError(f"Unknown log file type {suffix!r} for {path}; use .csv, .tsv or .parquet.")
+            check_field_counts(path, sep, DataError)
+            df = pd.read_csv(path, sep=sep, on_bad_lines="error")
+    except DataError:
+        raise
     except pd.errors.EmptyDataError:
         raise DataError(f"Data file {path} is empty; it needs a header row and rows.") from None
-    except pd.errors.ParserError as err:
-        raise DataError(f"Malformed row in {path}: {err}. Every row needs as many fields as the header.") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({utf8_error(path) or err.reason}); convert it to UTF-8 first.") from None
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"Could not read {path}: {parser_message(err).rstrip('.')}. Give a Parquet file, or a .csv/.tsv with one "
+                        "header row and as many fields on every line.") from None
     if len(df) == 0:
         raise DataError(f"Data file {path} has a header but no rows.")
     return df
@@ -586,7 +593,8 @@ class CsvStream(StreamDataModule):
         for setting, cols in settings.items():
             unknown = [c for c in cols if c not in df.columns]
             if unknown:
-                raise DataError(f"data.{setting}: column(s) {unknown} not in {path}; the file has columns {list(df.columns)}.")
+                raise DataError(f"data.{setting}: column(s) {unknown} not in {path}; the file has columns {list(df.columns)}."
+                                + delimiter_hint(list(df.columns), "\t" if str(path).lower().endswith((".tsv", ".tab")) else ","))
         ts = timestamp_seconds(df[self.timestamp_column], path, self.timestamp_column)
         labels = check_binary_labels(df[self.label_column], path, self.label_column)
         feats = pd.DataFrame(index=df.index)
@@ -640,7 +648,7 @@ def read_criteo(path: str | Path) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise DataError(f"Criteo file {path} is empty.") from None
     except pd.errors.ParserError as err:
-        raise DataError(f"Malformed row in {path}: {err}. Criteo rows have exactly 40 tab-separated fields.") from None
+        raise DataError(f"Malformed row in {path}: {parser_message(err)}. Criteo rows have exactly 40 tab-separated fields.") from None
     if len(df) == 0:
         raise DataError(f"Criteo file {path} is empty.")
     with open(path, "rb") as f:  # pandas pads short rows silently: count the tabs of every line
@@ -677,6 +685,9 @@ class CriteoStream(StreamDataModule):
         labels = check_binary_labels(df["label"], self.path, "label (first field)", header=False)
         feats = pd.DataFrame(index=df.index)
         for c in CRITEO_INT:
+            for i in np.flatnonzero(integer_values(df[c]))[:1]:
+                raise DataError(f"{self.path} line {i + 1}: integer column {c!r} has {df[c].iloc[i]!r}; Criteo's I1..I13 "
+                                "fields hold integers (or nothing, for a missing value).")
             feats[c] = signed_log1p(numeric_column(df[c], self.path, c, header=False))
         for c in CRITEO_CAT:
             feats[c] = df[c].where(df[c] != "", None)

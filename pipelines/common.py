@@ -47,6 +47,21 @@ def build(node: DictConfig, **kwargs) -> Any:
         raise
 
 
+def check_data_kind(cfg: DictConfig, base: type, needs: str) -> None:
+    """Raise ConfigError unless ``cfg.data`` builds a ``base`` (text data for BERT, a stream for DLRM), before loading it.
+
+    Args:
+        needs: what the model needs, for the message (e.g. ``"text data (data=rotten_tomatoes, ...)"``).
+    """
+    from hydra.utils import get_class
+
+    from modules.errors import ConfigError
+
+    target = OmegaConf.select(cfg, "data._target_")
+    if target is None or not issubclass(get_class(target), base):
+        raise ConfigError(f"model={cfg.model.name} needs {needs}, but data._target_ is {target}; choose one of those data configs.")
+
+
 def build_loggers(cfg: DictConfig, phase: str) -> list:
     """Instantiate every logger in ``cfg.logger`` (a dict keyed by name) for one phase.
 
@@ -82,6 +97,9 @@ def build_callbacks(
 ) -> list[L.Callback]:
     """Instantiate ``cfg.callbacks`` (dict keyed by name); the checkpoint callback gets the phase's folder.
 
+    ``early_stopping`` (Lightning's ``EarlyStopping`` on ``monitor``) applies to the ``dense``
+    phase only, when it monitors a metric: the dense model trains until it converges.
+
     Args:
         monitor: metric that picks the best checkpoint (None: keep only the last).
         has_logger: False drops callbacks that need a logger (LearningRateMonitor).
@@ -91,6 +109,10 @@ def build_callbacks(
         if node is None or "_target_" not in node:
             continue
         if not has_logger and node._target_.endswith("LearningRateMonitor"):
+            continue
+        if key == "early_stopping":
+            if phase == "dense" and monitor is not None:
+                callbacks.append(instantiate(node, monitor=monitor, mode=mode))
             continue
         if key == "model_checkpoint":
             callbacks.append(
@@ -247,6 +269,9 @@ def format_table(results: dict[str, Any]) -> str:
             out.append(f"PARITY: {k} in ONNX Runtime differs from PyTorch by {served['max_abs_diff']:.2e} (see results.json).")
     if "macs_reduction" in results:
         out.append(f"MACs reduction: {results['macs_reduction']:.2f}x")
+    if results.get("dense", {}).get("beats_majority_class") is False:
+        out.append("DENSE MODEL AT THE MAJORITY CLASS: its validation accuracy does not beat always answering the most "
+                   "frequent class (see results.json 'dense'); train it longer.")
     if results.get("target_met") is False:
         out.append("TARGET NOT MET: the pruned model did not reach the pruner's target (see results.json 'pruner').")
     return "\n".join(out)

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra_zen import BuildsFn
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import OmegaConf
 
@@ -182,6 +182,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="base_trainer", node=schema(L.Trainer, zen_exclude=("callbacks", "logger")))
     cs.store(group="callbacks", name="base_model_checkpoint", node=schema(ModelCheckpoint))
     cs.store(group="callbacks", name="base_lr_monitor", node=schema(LearningRateMonitor))
+    cs.store(group="callbacks", name="base_early_stopping", node=schema(EarlyStopping))
     cs.store(group="logger", name="base_wandb", node=schema(WandbLogger, group=None, job_type=None))
     cs.store(group="logger", name="base_csv", node=schema(CSVLogger))
 

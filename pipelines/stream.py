@@ -34,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from modules.dlrm import count_nonzero_params
 from modules.latency import measure_latency_ms, protocol
-from pipelines.common import build, fit_phase, run_relative
+from modules.stream_data import StreamDataModule
+from pipelines.common import build, check_data_kind, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
 from pruners.base import FitPlan, Pruner
 from serving.runtime import graph_feeds
@@ -208,6 +209,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         pruners.base.PrunerConfigError: bad pruner settings, or a pruner that cannot prune this
             model (raised before any training).
     """
+    check_data_kind(cfg, StreamDataModule, "a stream (data=movielens, data=stream_csv or data=criteo)")
     pruner: Pruner | None = build(cfg.pruner, _convert_="all") if cfg.pruner.get("_target_") else None
     dm = build(cfg.data, _convert_="all")
     dm.setup("fit")

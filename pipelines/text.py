@@ -3,9 +3,12 @@
 Phases (each a Lightning fit with its own checkpoints under ``checkpoints/<phase>`` and
 its own logger run, :func:`pipelines.common.fit_phase`):
 
-1. ``dense``: fine-tune the dense model for the pruner's teacher epochs
+1. ``dense``: fine-tune the dense model until its validation metric converges
+   (``callbacks.early_stopping``), for at most the pruner's teacher epochs
    (:meth:`~pruners.base.Pruner.teacher_plan`), or ``trainer.max_epochs`` without a
-   pruner; skipped when the plan names a checkpoint (``pruner.teacher_ckpt``).
+   pruner; skipped when the plan names a checkpoint (``pruner.teacher_ckpt``). Its
+   validation accuracy is compared with the majority-class rate
+   (:func:`pipelines.teacher.teacher_check`; ``dense.beats_majority_class``).
 2. ``pruned``: a copy of the dense checkpoint, the pruner attached as a callback, fitted
    as the pruner's :meth:`~pruners.base.Pruner.fit_plan` says.
 3. one phase per baseline the pruner names (:meth:`~pruners.base.Pruner.baselines`, e.g.
@@ -33,9 +36,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from modules.latency import measure_latency_ms, protocol
 from modules.served_bert import ExportableBert
-from serving.runtime import graph_feeds
-from pipelines.common import build, build_trainer, fit_phase, run_relative
+from modules.text_data import TextClassificationDataModule
+from pipelines.common import build, build_trainer, check_data_kind, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
+from pipelines.teacher import teacher_check
+from serving.runtime import graph_feeds
 from pruners.base import FitPlan, Pruner
 
 log = logging.getLogger(__name__)
@@ -268,6 +273,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         modules.text_data.DataError: unusable data.
     """
     started = time.time()
+    check_data_kind(cfg, TextClassificationDataModule, "text data (data=rotten_tomatoes, data=text_csv or data=glue)")
     pruner: Pruner | None = build(cfg.pruner) if cfg.pruner.get("_target_") else None  # validates settings first
     datamodule = build(cfg.data)
     datamodule.setup("fit")
@@ -278,12 +284,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         pruner.check(dense_module, datamodule)
 
     teacher_plan = pruner.teacher_plan() if pruner is not None else None
+    dense_score = None
     if teacher_plan is not None and teacher_plan.checkpoint is not None:
         dense_ckpt = teacher_plan.checkpoint
     else:
         epochs = teacher_plan.epochs if teacher_plan is not None else None
         plan = FitPlan(max_epochs=epochs, monitor=cfg.model.monitor)
-        dense_ckpt, _ = fit_phase(cfg, "dense", dense_module, datamodule, plan)
+        dense_ckpt, dense_score = fit_phase(cfg, "dense", dense_module, datamodule, plan)
     del dense_module
     dense = module_cls.load_from_checkpoint(dense_ckpt, map_location="cpu").served_model()
     results: dict[str, Any] = {
@@ -292,6 +299,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "splits": {s: len(d) for s, d in datamodule.datasets.items()},
         "dense": {"checkpoint": run_relative(dense_ckpt, out_dir), "metrics": evaluate_test_split(cfg, dense, datamodule)},
     }
+    results["dense"].update(teacher_check(cfg, dense, datamodule, dense_score, cfg.model.monitor))
     models = {"dense": dense}
     files: dict[str, str] = {}
 

@@ -132,7 +132,7 @@ def test_no_constructor_takes_more_than_20_arguments():
 def test_protocol_before_the_search(tiny_setup):
     dm, teacher_ckpt, _ = tiny_setup
     pruner = _pruner(teacher_ckpt, finetune_epochs=3, model_lr=1e-4)
-    assert pruner.teacher_plan() == TeacherPlan(str(teacher_ckpt), 1)
+    assert pruner.teacher_plan() == TeacherPlan(str(teacher_ckpt), 3)  # at most 3 epochs (early stopping)
     assert pruner.fit_plan() == FitPlan(max_epochs=3, monitor="val/accuracy", mode="max", model_lr=1e-4)
     assert pruner.baselines() == {} and pruner.write_files("unused") == {}
     assert pruner.results()["method"] == "swiftpruner"

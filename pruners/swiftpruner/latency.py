@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from modules.errors import MissingFileError
 from modules.latency import measure_latency_ms
 from modules.onnx_export import export_onnx
 from modules.served_bert import ExportableBert
@@ -137,6 +138,37 @@ class LatencyMeter:
         max_len = model.config.max_position_embeddings
         if self.seq_len > max_len:
             raise PrunerConfigError(f"pruner.latency.seq_len={self.seq_len} is out of range; the model takes at most {max_len} tokens.")
+
+    def check_budget(self, model: nn.Module, space: SearchSpace) -> None:
+        """Refuse, before any training, a ``budget_ms`` below the smallest candidate's latency measured now.
+
+        The smallest candidate keeps the fewest heads and FFN neurons of ``space`` in every layer;
+        its latency does not depend on the weights, so the untrained ``model`` (a full-size
+        prunable BERT, not modified) shows it. The search checks again on its lookup table
+        (:meth:`budgets`). A ``budget_fraction`` (a fraction of the dense latency) is checked there only.
+
+        Raises:
+            PrunerConfigError: the budget less its margin is below that latency (the message gives the budget to set).
+        """
+        if self.budget_ms is None:
+            return
+        from modules.structured import shrink_structured
+
+        heads, neurons = model.layer_structure()[0]
+        head_mask, neuron_mask = torch.zeros(space.num_layers, heads), torch.zeros(space.num_layers, neurons)
+        head_mask[:, : space.head_choices[0]] = 1.0
+        neuron_mask[:, : space.neuron_choices[0]] = 1.0
+        work = copy.deepcopy(model).eval()
+        work.set_structured_masks(head_mask, neuron_mask)
+        smallest = self.time(shrink_structured(work))
+        if self.budget_ms * (1.0 - self.margin) < smallest:
+            raise PrunerConfigError(
+                f"The latency budget {self.budget_ms} ms (pruner.latency.budget_ms) less its margin pruner.latency.margin="
+                f"{self.margin} is below the latency of the smallest candidate ({space.head_choices[0]} heads and "
+                f"{space.neuron_choices[0]} FFN neurons in every layer), {smallest:.3f} ms at batch {self.batch_size} x "
+                f"{self.seq_len} tokens on this machine. Set pruner.latency.budget_ms to at least "
+                f"{smallest / (1.0 - self.margin):.3f}, or use pruner.latency.budget_fraction."
+            )
 
     # ------------------------------------------------------------------ timing
     def time(self, model: nn.Module) -> float:
@@ -249,7 +281,7 @@ class LatencyMeter:
         """
         path = Path(self.table)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"pruner.latency.table={path} does not exist; give the latency_table.json of an earlier SwiftPruner "
                 "run, or null to measure the table."
             )
