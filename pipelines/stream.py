@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from modules.dlrm import count_nonzero_params
 from modules.latency import measure_latency_ms, protocol
 from pipelines.common import build, fit_phase, run_relative
+from pipelines.threads import latency_threads
 from pruners.base import FitPlan, Pruner
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results[key]["macs_per_sample"] = served_macs(model)
         results[key]["mlp_shapes"] = {f"{m}.{i}": list(l.weight.shape) for m, mlp in model.mlps().items() for i, l in enumerate(mlp.layers)}
     lat = cfg.latency
-    threads = int(cfg.get("threads") or torch.get_num_threads())
+    threads = latency_threads(cfg)
     for b in lat.batch_sizes:
         x = latency_inputs(dm, int(b))
         calls = {k: (lambda m=m: m(*x)) for k, m in served.items()}

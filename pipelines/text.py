@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from modules.latency import measure_latency_ms, protocol
 from pipelines.common import build, build_trainer, fit_phase, run_relative
+from pipelines.threads import latency_threads
 from pruners.base import FitPlan, Pruner
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         list(cfg.latency.batch_sizes),
         warmup=int(cfg.latency.warmup),
         repeats=int(cfg.latency.repeats),
-        threads=int(cfg.threads) if cfg.get("threads") else None,
+        threads=latency_threads(cfg),
         examples=int(cfg.latency.examples),
     )
     for name, model in models.items():
