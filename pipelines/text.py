@@ -32,6 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from modules.latency import measure_latency_ms, protocol
 from pipelines.common import build, build_trainer, fit_phase, run_relative
+from pipelines.sweep import multirun_job
+from pipelines.teacher_cache import dense_teacher
 from pipelines.threads import latency_threads
 from pruners.base import FitPlan, Pruner
 
@@ -176,12 +178,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         pruner.check(dense_module, datamodule)
 
     teacher_plan = pruner.teacher_plan() if pruner is not None else None
+    cached = None  # the teacher cache's record (pipelines.teacher_cache), when it is used
     if teacher_plan is not None and teacher_plan.checkpoint is not None:
         dense_ckpt = teacher_plan.checkpoint
     else:
         epochs = teacher_plan.epochs if teacher_plan is not None else None
         plan = FitPlan(max_epochs=epochs, monitor=cfg.model.monitor)
-        dense_ckpt, _ = fit_phase(cfg, "dense", dense_module, datamodule, plan)
+        fit = lambda: fit_phase(cfg, "dense", dense_module, datamodule, plan)[0]  # noqa: E731
+        dense_ckpt, cached = dense_teacher(cfg, out_dir, epochs, cfg.model.monitor, fit, multirun_job() is not None)
     del dense_module
     dense = module_cls.load_from_checkpoint(dense_ckpt, map_location="cpu").served_model()
     results: dict[str, Any] = {
@@ -190,6 +194,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "splits": {s: len(d) for s, d in datamodule.datasets.items()},
         "dense": {"checkpoint": run_relative(dense_ckpt, out_dir), "metrics": evaluate_test_split(cfg, dense, datamodule)},
     }
+    if cached is not None:
+        results["teacher_cache"] = cached
     models = {"dense": dense}
     files: dict[str, str] = {}
 
