@@ -199,7 +199,7 @@ def write_summary(sweep_dir: str | Path, objectives: list[str] | None = None, di
     if keys:
         md += ["", "## Pareto front", "", "Objectives: " + ", ".join(
             f"`{k}` = `{o}` ({d})" for k, o, d in zip(keys, objectives, directions)), ""]
-        md += [f"- job {rows[i]['job']}: `{rows[i]['overrides']}`: " + ", ".join(_fmt(rows[i][k]) for k in keys) for i in front]
+        md += [f"- job {rows[i]['job']}: `{shown[i]['overrides']}`: " + ", ".join(_fmt(rows[i][k]) for k in keys) for i in front]
         if front and plot_pareto(rows, keys, objectives, front, sweep_dir / PARETO_PNG):
             md += ["", f"![Pareto front]({PARETO_PNG})"]
     tmp = sweep_dir / f".{SUMMARY_MD}.{os.getpid()}.tmp"

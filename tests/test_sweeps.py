@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+import pipelines.configs  # noqa: F401  (registers the schemas)
 from conftest import ROOT, compose_config
 from pipelines.sweep import headline_figures, pareto_front, write_summary
 from pipelines.teacher_cache import cache_key, dense_teacher, key_material, store, valid_entry
@@ -156,3 +157,30 @@ def test_joblib_sweep_of_two_sparsities_fits_the_teacher_once(tmp_path):
         assert r["dense"]["metrics"] == results[0]["dense"]["metrics"] and r["threads"]["train"] == 1
         assert not Path(r["dense"]["checkpoint"]).is_absolute()  # linked into the run dir
     assert len(list((tmp_path / "teacher_cache").glob("*/complete.json"))) == 1
+
+
+@pytest.mark.parametrize("search", ["top_optuna", "d2s_optuna"])
+def test_every_search_composes_with_two_objectives_over_existing_settings(search, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=[f"hparams_search={search}", f"paths.output_dir={tmp_path}"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and len(cfg.optimized_metric) == 2
+    assert list(cfg.hydra.sweeper.direction) == ["maximize", "maximize"]
+    for key in cfg.hydra.sweeper.params:
+        assert OmegaConf.select(cfg, key, default="missing") != "missing", key
+
+
+def test_d2s_optuna_search_writes_the_pareto_front(tmp_path):
+    proc, sweep = multirun(tmp_path, "hparams_search=d2s_optuna", "hydra.sweeper.n_trials=3",
+                           "hydra.sweeper.sampler.population_size=2", "data.limit_rows=3000",
+                           *[o for o in TINY_STREAM if not o.startswith("model=")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(sweep)
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
+    front = [r for r in rows if r["pareto"] == "True"]
+    assert front and all(r["objective_1"] == r["sparsity"] for r in rows)
+    assert "## Pareto front" in (sweep / "summary.md").read_text() and (sweep / "pareto.png").is_file()
+    assert (sweep / "optimization_results.yaml").is_file()  # Optuna's own record
