@@ -646,11 +646,12 @@ class CriteoStream(StreamDataModule):
         dense, sparse, labels = [], [], []
         for df in criteo_chunks(self.path, CRITEO_COLUMNS, self.limit_rows):  # bounded memory; stops at limit_rows
             labels.append(check_binary_labels(df["label"], self.path, "label (first field)", header=False))
-            dense.append(np.stack([signed_log1p(numeric_column(df[c], self.path, c, header=False)) for c in CRITEO_INT], 1))
+            dense.append(np.stack([signed_log1p(numeric_column(df[c], self.path, c, header=False)) for c in CRITEO_INT], 1)
+                         .astype(np.float32))
             sparse.append(np.stack([hash_bucket(df[c].where(df[c] != "", None), self.hash_buckets) for c in CRITEO_CAT], 1))
         n = sum(len(y) for y in labels)
         return assemble(
-            np.concatenate(dense).astype(np.float32), np.concatenate(sparse), np.zeros((n, 0, 1), np.int64),
+            np.concatenate(dense), np.concatenate(sparse), np.zeros((n, 0, 1), np.int64),
             np.concatenate(labels), np.arange(n, dtype=float), CRITEO_INT, CRITEO_CAT, [], self.hash_buckets,
             self.window, has_clock=False,
             info={"source": str(self.path), "timestamp": "row number (Criteo rows are in time order)"},
