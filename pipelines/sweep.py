@@ -255,8 +255,10 @@ class SweepSummary(Callback):
         status = "completed" if job_return.status.name == "COMPLETED" else "failed"
         error = None
         if status == "failed":
-            err = job_return._return_value
-            error = f"{type(err).__name__}: {err}"
+            try:
+                job_return.return_value  # raises the job's exception
+            except Exception as err:  # noqa: BLE001  (any error of the job is its row's message)
+                error = f"{type(err).__name__}: {err}"
         record = {"status": status, "overrides": " ".join(hc.overrides.task), "error": error, "ended": time.time()}
         (out / STATUS_FILE).write_text(json.dumps(record, indent=2) + "\n")
         self._refresh(config, Path(str(hc.sweep.dir)))
