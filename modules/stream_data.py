@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from modules.packages import package_file
-from modules.stream_readers import criteo_chunks, keep_earliest, log_chunks, log_columns
+from modules.stream_readers import count_lines, criteo_chunks, keep_earliest, log_chunks, log_columns
 from modules.text_data import DataError
 
 MISSING = "<missing>"
@@ -217,7 +217,7 @@ def assemble(dense: np.ndarray, sparse: np.ndarray, multi: np.ndarray, labels: n
         raise DataError("The stream needs at least one numeric feature (data.numeric_columns or history columns).")
     ts = np.asarray(timestamps, dtype=np.float64)
     return EncodedStream(
-        dense=torch.from_numpy(np.array(dense, dtype=np.float32)),  # a copy: pandas may hand out read-only views
+        dense=torch.from_numpy(np.require(dense, np.float32, ["C", "W"])),  # copied if read-only (a pandas view)
         sparse=torch.from_numpy(np.ascontiguousarray(sparse)),
         multi=torch.from_numpy(np.ascontiguousarray(multi)),
         label=torch.from_numpy(np.array(labels, dtype=np.float32)),
@@ -643,16 +643,19 @@ class CriteoStream(StreamDataModule):
         self.path = path
 
     def load(self) -> EncodedStream:
-        dense, sparse, labels = [], [], []
+        n = count_lines(self.path, self.limit_rows) if Path(self.path).is_file() else 0
+        dense, sparse, labels = np.empty((n, 13), np.float32), np.empty((n, 26), np.int64), np.empty(n, np.float32)
+        end = 0
         for df in criteo_chunks(self.path, CRITEO_COLUMNS, self.limit_rows):  # bounded memory; stops at limit_rows
-            labels.append(check_binary_labels(df["label"], self.path, "label (first field)", header=False))
-            dense.append(np.stack([signed_log1p(numeric_column(df[c], self.path, c, header=False)) for c in CRITEO_INT], 1)
-                         .astype(np.float32))
-            sparse.append(np.stack([hash_bucket(df[c].where(df[c] != "", None), self.hash_buckets) for c in CRITEO_CAT], 1))
-        n = sum(len(y) for y in labels)
+            a, end = end, end + len(df)
+            labels[a:end] = check_binary_labels(df["label"], self.path, "label (first field)", header=False)
+            for j, c in enumerate(CRITEO_INT):
+                dense[a:end, j] = signed_log1p(numeric_column(df[c], self.path, c, header=False))
+            for j, c in enumerate(CRITEO_CAT):
+                sparse[a:end, j] = hash_bucket(df[c].where(df[c] != "", None), self.hash_buckets)
+        n, dense, sparse, labels = end, dense[:end], sparse[:end], labels[:end]  # blank lines are not rows
         return assemble(
-            np.concatenate(dense), np.concatenate(sparse), np.zeros((n, 0, 1), np.int64),
-            np.concatenate(labels), np.arange(n, dtype=float), CRITEO_INT, CRITEO_CAT, [], self.hash_buckets,
+            dense, sparse, np.zeros((n, 0, 1), np.int64), labels, np.arange(n, dtype=float), CRITEO_INT, CRITEO_CAT, [], self.hash_buckets,
             self.window, has_clock=False,
             info={"source": str(self.path), "timestamp": "row number (Criteo rows are in time order)"},
         )

@@ -6,7 +6,8 @@ float64 timestamps), and its strings are dropped before the next chunk is read. 
 the encoded rows kept plus one chunk of strings, instead of the whole file as strings.
 
 * Criteo (:func:`criteo_chunks`): rows are in time order, so reading stops after
-  ``limit_rows`` rows; every line's tab count is checked as it is read.
+  ``limit_rows`` rows; every line's tab count is checked as it is read. The encoded
+  arrays are allocated once (:func:`count_lines`) and filled chunk by chunk.
 * CSV / TSV / Parquet logs (:func:`log_chunks`): only the configured columns are read
   (pandas ``chunksize`` / pyarrow ``iter_batches``; a CSV chunk is parsed whole, so a ragged
   row is still an error), categorical columns as text, so a
@@ -69,6 +70,18 @@ def criteo_chunks(path: str | Path, columns: list[str], limit_rows: int | None =
             start += len(df)
     if start == 0:
         raise DataError(f"Criteo file {path} is empty.")
+
+
+def count_lines(path: str | Path, limit: int | None = None) -> int:
+    """Lines of a file (a last line without a newline counts), at most ``limit``; read in 16 MiB blocks,
+    so the arrays of a stream can be allocated once, at their final size."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            n, last = n + block.count(b"\n"), block[-1:]
+            if limit is not None and n >= limit:
+                return limit
+    return n + (last != b"\n")
 
 
 def log_columns(path: str | Path) -> list[str]:
