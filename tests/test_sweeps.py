@@ -184,3 +184,32 @@ def test_d2s_optuna_search_writes_the_pareto_front(tmp_path):
     assert front and all(r["objective_1"] == r["sparsity"] for r in rows)
     assert "## Pareto front" in (sweep / "summary.md").read_text() and (sweep / "pareto.png").is_file()
     assert (sweep / "optimization_results.yaml").is_file()  # Optuna's own record
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_runs_both_jobs(tmp_path):
+    proc, sweep = multirun(tmp_path, "hydra/launcher=submitit_local", *TINY_STREAM, "data.limit_rows=3000", "pruner=none,d2s")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(sweep)
+    assert [r["status"] for r in rows] == ["completed", "completed"]
+    assert all((sweep / r["job"] / "results.json").is_file() for r in rows)
+
+
+def test_multirun_job_is_named_after_its_overrides_and_grouped_by_sweep(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from conftest import CONF
+    from pipelines.sweep import multirun_job
+
+    assert multirun_job() is None  # outside Hydra
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=[f"paths.log_dir={tmp_path}"], return_hydra_config=True)
+    cfg.hydra.mode = "MULTIRUN"
+    cfg.hydra.job.override_dirname = "pruner.target_sparsity=0.4"
+    cfg.hydra.sweep.dir = str(tmp_path / "multiruns" / "2026-01-01_00-00-00")
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert multirun_job() == {"name": "pruner.target_sparsity=0.4", "group": "2026-01-01_00-00-00"}
+    finally:
+        HydraConfig.instance().cfg = None
