@@ -227,6 +227,14 @@ class BertClassifier(L.LightningModule):
         served.model = shrink_structured(self.model)
         return served.eval()
 
+    def exportable(self) -> "ExportableBert":
+        """The served model as one plain tensor function for ONNX export
+        (:class:`modules.served_bert.ExportableBert`: token selection inside the graph)."""
+        from modules.served_bert import ExportableBert
+
+        served = self.served_model()
+        return ExportableBert(served.model, served.token_gates)
+
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the token gates' constructor arguments so the module can rebuild them on load."""

@@ -39,49 +39,10 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from modules.features import MISSING, hash_bucket, hash_multi, signed_log1p  # noqa: F401  (re-exported)
 from modules.packages import package_file
 from modules.stream_readers import count_lines, criteo_chunks, keep_earliest, log_chunks, log_columns
 from modules.text_data import DataError
-
-MISSING = "<missing>"
-
-
-# ----------------------------------------------------------------------------- encoding helpers
-def hash_bucket(values: pd.Series | np.ndarray, buckets: int) -> np.ndarray:
-    """Stable hash of values (as strings; missing -> ``"<missing>"``) into ``[1, buckets)``.
-
-    Row 0 of every table is reserved for padding. The hash is ``pandas.util.hash_array``
-    (SipHash with a fixed key), identical across runs and machines.
-
-    Returns:
-        ``(N,)`` int64 ids.
-    """
-    s = pd.Series(values, copy=False).astype(object)
-    s = s.where(s.notna(), MISSING).astype(str)
-    h = pd.util.hash_array(s.to_numpy(dtype=object))
-    return (h % np.uint64(buckets - 1)).astype(np.int64) + 1
-
-
-def hash_multi(values: pd.Series, buckets: int, separator: str | None) -> np.ndarray:
-    """Multi-valued strings (tokens split on ``separator``, whitespace when None) -> ``(N, L)`` ids, 0-padded."""
-    lists = [[] if (v is None or (isinstance(v, float) and math.isnan(v))) else str(v).split(separator) for v in values]
-    lists = [[t.strip() for t in row if t.strip()] for row in lists]
-    width = max(1, max((len(r) for r in lists), default=1))
-    out = np.zeros((len(lists), width), dtype=np.int64)
-    flat = [t for r in lists for t in r]
-    if flat:
-        ids = hash_bucket(np.asarray(flat, dtype=object), buckets)
-        pos = 0
-        for i, r in enumerate(lists):
-            out[i, : len(r)] = ids[pos : pos + len(r)]
-            pos += len(r)
-    return out
-
-
-def signed_log1p(x: np.ndarray) -> np.ndarray:
-    """``sign(x) * log(1 + |x|)``: a stateless squashing of counts (needs no statistics of the future)."""
-    return np.sign(x) * np.log1p(np.abs(x))
-
 
 def past_history(keys: pd.Series, timestamps: pd.Series, labels: pd.Series, prior: float = 0.5, strength: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
     """Per row: how many earlier events the same key had, and its smoothed past click rate.
@@ -352,6 +313,35 @@ class StreamDataModule(L.LightningDataModule):
     def _limit(self, frame: pd.DataFrame) -> pd.DataFrame:
         return frame.iloc[: self.limit_rows] if self.limit_rows else frame
 
+    def feature_schema(self) -> dict[str, Any]:
+        """How a request row becomes the served model's inputs (written to ``litprune.json``).
+
+        ``dense``: one entry per numeric input, in model order: ``name`` (the model's
+        feature), ``column`` (the row's column holding it) and ``transform`` (``identity``
+        or ``signed_log1p``: ``sign(x) log(1 + |x|)``, missing -> 0); ``sparse`` and
+        ``multi``: the categorical columns in model order, hashed as
+        :func:`modules.features.hash_bucket` does into ``[1, hash_buckets)``; multi-valued
+        columns are split on ``multi_separator`` (whitespace when null).
+        """
+        self.setup()
+        s = self.stream
+        return {
+            "dense": [{"name": n, **self._dense_feature(n)} for n in s.dense_names],
+            "sparse": [{"name": n, "column": n} for n in s.sparse_names],
+            "multi": [{"name": n, "column": n.removeprefix("multi:")} for n in s.multi_names],
+            "multi_separator": getattr(self, "multi_separator", None),
+            "hash_buckets": self.hash_buckets,
+            "hash": "pandas.util.hash_array of the value as a string (missing -> '<missing>'), mod (hash_buckets - 1), plus 1",
+        }
+
+    def write_serving_files(self, folder: Path) -> dict[str, Any]:
+        """Nothing to write beside the model: return litprune.json's ``features`` (:meth:`feature_schema`) and ``labels``."""
+        return {"features": self.feature_schema(), "labels": ["no_click", "click"]}
+
+    def _dense_feature(self, name: str) -> dict[str, str]:
+        """Where numeric input ``name`` comes from in a request row (default: a column of that name, as is)."""
+        return {"column": name, "transform": "identity"}
+
 
 def _line_of(index_label: Any, header: bool = True) -> int:
     """1-based file line of a row with 0-based position ``index_label`` (header line counted)."""
@@ -569,6 +559,11 @@ class CsvStream(StreamDataModule):
         self.multi_separator = multi_separator
         self.history_columns = list(history_columns or [])
 
+    def _dense_feature(self, name: str) -> dict[str, str]:
+        if name.startswith("num:"):
+            return {"column": name.removeprefix("num:"), "transform": "signed_log1p"}
+        return {"column": name, "transform": "identity"}  # history features: computed by the caller
+
     def load(self) -> EncodedStream:
         path, kept = self.path, None
         settings = {"timestamp_column": [self.timestamp_column], "label_column": [self.label_column],
@@ -641,6 +636,9 @@ class CriteoStream(StreamDataModule):
     ):
         super().__init__(window, batch_size, hash_buckets, limit_rows)
         self.path = path
+
+    def _dense_feature(self, name: str) -> dict[str, str]:
+        return {"column": name, "transform": "signed_log1p"}
 
     def load(self) -> EncodedStream:
         n = count_lines(self.path, self.limit_rows) if Path(self.path).is_file() else 0

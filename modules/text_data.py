@@ -135,6 +135,17 @@ class TextClassificationDataModule(L.LightningDataModule):
             self._collator = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
         return dict(self._collator(items))
 
+    @property
+    def label_names(self) -> list[str]:
+        """Name of each class id (the ids as strings unless the data names them)."""
+        return [str(i) for i in range(self.num_labels)]
+
+    def write_serving_files(self, folder: Path) -> dict:
+        """Write ``tokenizer.json`` (the fast tokenizer) into ``folder``; return what litprune.json needs to
+        tokenize as training did: ``labels``, ``max_length`` (longer inputs are truncated), ``pad_token``."""
+        self.tokenizer.backend_tokenizer.save(str(Path(folder) / "tokenizer.json"))
+        return {"labels": self.label_names, "max_length": self.max_length, "pad_token": self.tokenizer.pad_token}
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.datasets[split],
@@ -255,6 +266,11 @@ class RottenTomatoesDataModule(TextClassificationDataModule):
         check_fractions(validation_fraction, test_fraction)
         self.validation_fraction = validation_fraction
         self.test_fraction = test_fraction
+
+    @property
+    def label_names(self) -> list[str]:
+        """Class 0 is a rotten review, class 1 a fresh one."""
+        return ["rotten", "fresh"]
 
     def load_frames(self) -> dict[str, pd.DataFrame]:
         """The corpus's fresh/rotten sentences, de-duplicated and split by movie."""

@@ -217,7 +217,9 @@ def format_table(results: dict[str, Any]) -> str:
     models = [k for k, v in results.items() if isinstance(v, dict) and "metrics" in v and "latency_ms" in v]
     metric_names = sorted({m for k in models for m in results[k].get("metrics", {})})
     batch_sizes = sorted({b for k in models for b in results[k].get("latency_ms", {})}, key=int)
-    header = ["model", *metric_names, "MACs/sample", "params", *[f"ms@bs{b}" for b in batch_sizes]]
+    ort = any("latency_ms_onnxruntime" in results[k] for k in models)
+    ort_cols = [f"ort ms@bs{b}" for b in batch_sizes] if ort else []
+    header = ["model", *metric_names, "MACs/sample", "params", *[f"ms@bs{b}" for b in batch_sizes], *ort_cols]
     for k in models:
         r = results[k]
         macs = r.get("macs_per_sample")
@@ -229,6 +231,7 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{macs / 1e6:.1f}M" if macs else "-",
                 f"{params / 1e6:.2f}M" if params else "-",
                 *[f"{r.get('latency_ms', {}).get(b, float('nan')):.1f}" for b in batch_sizes],
+                *([f"{r.get('latency_ms_onnxruntime', {}).get(b, float('nan')):.1f}" for b in batch_sizes] if ort else []),
             ]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -236,6 +239,15 @@ def format_table(results: dict[str, Any]) -> str:
     out = [line(header), *(line(r) for r in rows)]
     if "speedup" in results:
         out.append("speedup: " + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup"].items()))
+    if "speedup_onnxruntime" in results:
+        out.append("speedup in ONNX Runtime (dense ORT / pruned ORT): "
+                   + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup_onnxruntime"].items()))
+        out.append("pruned in ONNX Runtime vs dense in PyTorch eager: "
+                   + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup_vs_dense_torch"].items()))
+    for k in models:
+        served = results[k].get("served")
+        if served and not served.get("parity_ok", True):
+            out.append(f"PARITY: {k} in ONNX Runtime differs from PyTorch by {served['max_abs_diff']:.2e} (see results.json).")
     if "macs_reduction" in results:
         out.append(f"MACs reduction: {results['macs_reduction']:.2f}x")
     if results.get("target_met") is False:

@@ -86,6 +86,23 @@ class LatencyConfig:
 
 
 @dataclass
+class ExportConfig:
+    """How a run exports its final models for serving (see ``pipelines.export``).
+
+    Attributes:
+        enabled: export every final model to ``served/<name>/`` (ONNX) and time it in ONNX Runtime.
+        opset: ONNX opset of the exported graphs (>= 17).
+        parity_examples: ONNX Runtime's logits are compared with PyTorch's on this many first test inputs.
+        max_abs_diff: the largest logit difference that counts as parity (a larger one is flagged).
+    """
+
+    enabled: bool = True
+    opset: int = 18
+    parity_examples: int = 256
+    max_abs_diff: float = 1e-4
+
+
+@dataclass
 class ModelConfig:
     """The ``model`` group: which LightningModule, with which pipeline.
 
@@ -128,6 +145,7 @@ class RunConfig:
         teacher_cache: reuse dense teachers across runs (``pipelines.teacher_cache``): None
             (default) in multirun jobs only, True always, False never.
         latency: how final models are timed.
+        export: how final models are exported and served (ONNX, ONNX Runtime).
     """
 
     task_name: str = "???"
@@ -137,6 +155,7 @@ class RunConfig:
     optimized_metric: Any = None
     teacher_cache: Optional[bool] = None
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     model: Any = None
     data: Any = None
     pruner: Any = None

@@ -23,21 +23,31 @@ Every timing is a median over ``repeats`` forwards after ``warmup`` untimed ones
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from modules.latency import measure_latency_ms
+from modules.onnx_export import export_onnx
+from modules.served_bert import ExportableBert
+
 from pruners.base import PrunerConfigError, check_choice, check_positive_int, check_range
 from pruners.swiftpruner.evolution import SearchSpace
-from pruners.swiftpruner.latency_table import LAYER_MODES, LatencyTable, measure_model_ms
+from pruners.swiftpruner.latency_table import LAYER_MODES, LatencyTable, measure_model_ms, synthetic_inputs
+from serving.runtime import graph_feeds, make_session
 
 log = logging.getLogger(__name__)
+
+#: where whole models are timed (``pruner.latency.runtime``)
+RUNTIMES = ("torch", "onnxruntime")
 
 
 class DenseReference:
@@ -82,6 +92,12 @@ class LatencyMeter:
             the same shapes) or ``each``.
         table: path of a ``latency_table.json`` written by an earlier run on this machine (same
             choices and shape) to use instead of measuring; None measures.
+        runtime: where whole models are timed: ``torch`` (eager PyTorch) or ``onnxruntime``
+            (the model exported to ONNX as a run exports it, :class:`modules.served_bert.ExportableBert`,
+            in an ONNX Runtime session with the run's thread count), so the budget holds in the
+            runtime the model is served with. The dense reference, the lookup table's calibration
+            models, every candidate's direct timing and the verification all use it; the table's
+            isolated block timings stay in PyTorch and are refitted to those whole-model timings.
 
     Raises:
         PrunerConfigError: a setting out of range (the message names it as ``pruner.latency.<key>``).
@@ -100,6 +116,7 @@ class LatencyMeter:
         calibration_models: int = 16,
         lut_layers: str = "shared",
         table: str | None = None,
+        runtime: str = "onnxruntime",
     ):
         self.budget_ms = None if budget_ms is None else check_range("pruner.latency.budget_ms", budget_ms, 0.0, math.inf, low_open=True)
         self.budget_fraction = check_range("pruner.latency.budget_fraction", budget_fraction, 0.0, 1.0, low_open=True, high_open=False)
@@ -112,6 +129,8 @@ class LatencyMeter:
         self.calibration_models = check_positive_int("pruner.latency.calibration_models", calibration_models, minimum=0)
         self.lut_layers = check_choice("pruner.latency.lut_layers", lut_layers, LAYER_MODES)
         self.table = None if table is None else str(table)
+        self.runtime = check_choice("pruner.latency.runtime", runtime, RUNTIMES)
+        self._sessions: dict[int, tuple[nn.Module, object]] = {}  # id -> (model, ORT session), a small cache
 
     def check(self, model: nn.Module) -> None:
         """Raise :class:`PrunerConfigError` if ``seq_len`` exceeds what ``model`` (a prunable BERT) takes."""
@@ -121,8 +140,28 @@ class LatencyMeter:
 
     # ------------------------------------------------------------------ timing
     def time(self, model: nn.Module) -> float:
-        """Median ms of one forward of ``model`` at the budget's shape (absolute, no reference)."""
-        return measure_model_ms(model, self.batch_size, self.seq_len, warmup=self.warmup, repeats=self.repeats)
+        """Median ms of one forward of ``model`` at the budget's shape (absolute, no reference), in :attr:`runtime`."""
+        if self.runtime == "torch":
+            return measure_model_ms(model, self.batch_size, self.seq_len, warmup=self.warmup, repeats=self.repeats)
+        session = self._session(model)
+        inputs = synthetic_inputs(self.batch_size, self.seq_len, model.config.vocab_size)
+        feeds = graph_feeds(session, {k: v.numpy() for k, v in inputs.items()})
+        return measure_latency_ms({"model": lambda: session.run(None, feeds)}, warmup=self.warmup, repeats=self.repeats)["model"]
+
+    def _session(self, model: nn.Module):
+        """An ONNX Runtime session of ``model`` exported as served; the last few are kept (the dense model is timed often)."""
+        hit = self._sessions.get(id(model))
+        if hit is not None and hit[0] is model:
+            return hit[1]
+        exportable = ExportableBert(copy.deepcopy(model).cpu().eval())
+        example = synthetic_inputs(2, self.seq_len, model.config.vocab_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(exportable, exportable.feeds(example), Path(tmp) / "model.onnx", exportable.dynamic_axes(), ["logits"])
+            session = make_session(path, torch.get_num_threads())
+        if len(self._sessions) >= 3:
+            self._sessions.pop(next(iter(self._sessions)))
+        self._sessions[id(model)] = (model, session)
+        return session
 
     def reference(self, dense: nn.Module) -> DenseReference:
         """A :class:`DenseReference` timer against ``dense`` (timed once now)."""
@@ -137,8 +176,9 @@ class LatencyMeter:
 
     # ------------------------------------------------------------------ budget
     def budget_source(self) -> str:
-        """Where the budget comes from, for the results (``pruner.latency.budget_ms`` or ``<fraction> x dense``)."""
-        return "pruner.latency.budget_ms" if self.budget_ms is not None else f"{self.budget_fraction} x dense"
+        """Where the budget comes from, for the results (``pruner.latency.budget_ms`` or ``<fraction> x dense``, and the runtime)."""
+        source = "pruner.latency.budget_ms" if self.budget_ms is not None else f"{self.budget_fraction} x dense"
+        return f"{source}, timed in {self.runtime}"
 
     def budgets(self, dense_ms: float, smallest_ms: float, space: SearchSpace) -> tuple[float, float]:
         """(the budget, the search budget ``budget x (1 - margin)``), ms.
