@@ -13,19 +13,22 @@ Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import hydra
 import lightning as L
-import torch
 from omegaconf import DictConfig
 
 import pipelines.configs  # noqa: F401  (registers the config schemas and the resolvers before Hydra composes)
 from modules.errors import ConfigError, UserError
 from pipelines.common import format_table, write_results
+from pipelines.sweep import log_headline_to_wandb, multirun_job
+from pipelines.threads import apply_threads
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +42,17 @@ def check_run_settings(cfg: DictConfig) -> None:
     """Settings of the run itself that Lightning or torch would otherwise reject late or obscurely.
 
     Raises:
-        ConfigError: an unknown ``model.pipeline``, ``threads`` below 1, ``trainer.limit_train_batches=0``,
+        ConfigError: an unknown ``model.pipeline``, ``threads`` or ``latency.threads`` below 1, ``trainer.limit_train_batches=0``,
             or a run without an end (``trainer.max_epochs`` below 1 and no ``trainer.max_steps``).
     """
     if cfg.model.get("pipeline") not in PIPELINES:
         raise ConfigError(f"model.pipeline={cfg.model.get('pipeline')!r} is not one of {list(PIPELINES)}.")
     threads = cfg.get("threads")
     if threads is not None and threads < 1:
-        raise ConfigError(f"threads={threads} must be >= 1, or null for torch's own choice.")
+        raise ConfigError(f"threads={threads} must be >= 1, or null for the cores the process may use.")
+    lat_threads = (cfg.get("latency") or {}).get("threads")
+    if lat_threads is not None and lat_threads < 1:
+        raise ConfigError(f"latency.threads={lat_threads} must be >= 1, or null for the training thread count.")
     if cfg.trainer.get("limit_train_batches") in (0, 0.0):
         raise ConfigError("trainer.limit_train_batches=0 trains nothing; set it to a number of batches >= 1, a fraction, or null.")
     epochs, steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps")
@@ -73,22 +79,28 @@ def train(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the saved config; stderr stays for errors
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    threads = apply_threads(cfg)
+    started = time.time()
     if cfg.model.pipeline == "text":
         from pipelines.text import run
     else:
         from pipelines.stream import run
     results = run(cfg, out_dir)
+    results["threads"] = threads
+    results.setdefault("wall_clock_s", math.floor(time.time() - started))
     path = write_results(out_dir, results)
+    log_headline_to_wandb(cfg, results)
     print(f"\n{format_table(results)}\nresults: {path}")
     return results
 
 
-def headline(results: dict, metric: str | None) -> float | None:
-    """The value at the dotted path ``metric`` of ``results`` (what sweepers optimise), or None."""
+def headline(results: dict, metric) -> float | list | None:
+    """The value at the dotted path ``metric`` of ``results`` (what sweepers optimise), or None;
+    for a list of paths (a multi-objective search), the list of their values."""
     if not metric:
         return None
+    if not isinstance(metric, str):
+        return [headline(results, m) for m in metric]
     node = results
     for part in metric.split("."):
         node = node.get(part, {}) if isinstance(node, dict) else {}
@@ -99,7 +111,8 @@ def headline(results: dict, metric: str | None) -> float | None:
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry; returns ``cfg.optimized_metric`` from the results for sweepers.
 
-    A user error exits with status 2 after one line ``error: <message>`` on stderr.
+    A user error exits with status 2 after one line ``error: <message>`` on stderr; in a
+    multirun it fails only its job (Hydra records it; the sweep summary names it).
     """
     global _task_started
     _task_started = True
@@ -108,7 +121,7 @@ def main(cfg: DictConfig) -> float | None:
     try:
         results = train(cfg)
     except UserError as err:
-        if cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1" or multirun_job() is not None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_STATUS)

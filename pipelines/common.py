@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines.sweep import multirun_job
 from pruners.base import FitPlan
 
 RESULTS_FILE = "results.json"
@@ -76,7 +77,9 @@ def build_loggers(cfg: DictConfig, phase: str) -> list:
             if node.get("offline", True):
                 os.environ["WANDB_MODE"] = "offline"
             os.environ.setdefault("WANDB_SILENT", "true")
-            loggers.append(instantiate(node, name=f"{cfg.task_name}-{phase}", job_type=phase))
+            job = multirun_job()  # a multirun job's runs: named after its overrides, grouped by sweep
+            names = {"name": f"{job['name']}-{phase}", "group": job["group"]} if job else {"name": f"{cfg.task_name}-{phase}"}
+            loggers.append(instantiate(node, job_type=phase, **names))
         else:
             loggers.append(instantiate(node, name=phase))
     return loggers

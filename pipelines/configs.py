@@ -75,12 +75,14 @@ class LatencyConfig:
         warmup: untimed calls per model before timing.
         repeats: timed rounds (interleaved across models); the figure is the median, ms.
         examples: text: inputs are the first ``max(examples, batch size)`` test examples.
+        threads: torch intra-op threads while timing (None: the training count, ``threads``).
     """
 
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     warmup: int = 3
     repeats: int = 15
     examples: int = 32
+    threads: Optional[int] = None
 
 
 @dataclass
@@ -136,8 +138,12 @@ class RunConfig:
         task_name: names the run dir and the W&B runs (``<model>-<pruner>``).
         seed: seeds Lightning, the data order and the pruners' own generators.
         debug: a user error shows its traceback instead of one line.
-        threads: torch intra-op threads for training and latency (None: torch's choice).
-        optimized_metric: dotted path into results.json that ``main`` returns to sweepers.
+        threads: torch intra-op threads for training (None: the cores the process may use,
+            capped by torch's default; ``pipelines.threads``). Latency has its own, ``latency.threads``.
+        optimized_metric: dotted path into results.json that ``main`` returns to sweepers, or a
+            list of them for a multi-objective search (``hparams_search=top_optuna``).
+        teacher_cache: reuse dense teachers across runs (``pipelines.teacher_cache``): None
+            (default) in multirun jobs only, True always, False never.
         latency: how final models are timed.
         export: how final models are exported and served (ONNX, ONNX Runtime).
     """
@@ -146,7 +152,8 @@ class RunConfig:
     seed: int = 42
     debug: bool = False
     threads: Optional[int] = None
-    optimized_metric: Optional[str] = None
+    optimized_metric: Any = None
+    teacher_cache: Optional[bool] = None
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     model: Any = None

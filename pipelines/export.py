@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from modules.onnx_export import OPSET, export_onnx
 from modules.version import VERSION
 from pipelines.common import run_relative
+from pipelines.threads import latency_threads
 from serving.runtime import META_FILE, MODEL_FILE, graph_feeds, make_session
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def export_models(
     """Export every model, check parity, and open an ONNX Runtime session on each for timing.
 
     Args:
-        cfg: the run config (``export.*``, ``threads``).
+        cfg: the run config (``export.*``, ``latency.threads``).
         out_dir: the run dir.
         folders: name -> a function writing ``served/<name>/`` and returning it.
         parity: name -> a function of an ONNX Runtime session returning the max abs
@@ -125,7 +126,7 @@ def export_models(
         started = time.perf_counter()
         folder = write()
         elapsed = time.perf_counter() - started
-        session = make_session(folder / MODEL_FILE, cfg.get("threads"))
+        session = make_session(folder / MODEL_FILE, latency_threads(cfg))
         diff = parity[name](session)
         if diff > tol:
             log.warning("%s: ONNX Runtime differs from PyTorch by %.2e (> export.max_abs_diff=%g).", name, diff, tol)

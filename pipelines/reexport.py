@@ -96,6 +96,7 @@ def reexport(run_dir: str | Path, names: list[str] | None = None, threads: int |
     cfg, results = load_run(run_dir)
     if threads is not None:
         cfg.threads = threads
+        OmegaConf.update(cfg, "latency.threads", threads, force_add=True)  # timing reads latency.threads
     cfg.export.enabled = True
     checkpoints = final_models(results, names, run_dir)
     module_cls = get_class(cfg.model.module._target_)

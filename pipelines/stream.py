@@ -37,6 +37,7 @@ from modules.latency import measure_latency_ms, protocol
 from modules.stream_data import StreamDataModule
 from pipelines.common import build, check_data_kind, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
+from pipelines.threads import latency_threads
 from pruners.base import FitPlan, Pruner
 from serving.runtime import graph_feeds
 
@@ -143,7 +144,7 @@ def serve_and_time(
         for name, entry in exported.items():
             results[name]["served"] = entry
     lat = cfg.latency
-    threads = int(cfg.get("threads") or torch.get_num_threads())
+    threads = latency_threads(cfg)
     for b in lat.batch_sizes:
         x = latency_inputs(dm, int(b))
         calls = {k: (lambda m=m: m(*x)) for k, m in served.items()}

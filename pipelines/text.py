@@ -39,7 +39,10 @@ from modules.served_bert import ExportableBert
 from modules.text_data import TextClassificationDataModule
 from pipelines.common import build, build_trainer, check_data_kind, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
+from pipelines.sweep import multirun_job
 from pipelines.teacher import teacher_check
+from pipelines.teacher_cache import dense_teacher
+from pipelines.threads import latency_threads
 from serving.runtime import graph_feeds
 from pruners.base import FitPlan, Pruner
 
@@ -202,7 +205,7 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], mode
         list(cfg.latency.batch_sizes),
         warmup=int(cfg.latency.warmup),
         repeats=int(cfg.latency.repeats),
-        threads=int(cfg.threads) if cfg.get("threads") else None,
+        threads=latency_threads(cfg),
         examples=int(cfg.latency.examples),
         sessions=sessions,
     )
@@ -284,13 +287,22 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         pruner.check(dense_module, datamodule)
 
     teacher_plan = pruner.teacher_plan() if pruner is not None else None
-    dense_score = None
+    dense_score = None  # the dense phase's best monitored value (None: a given or cached teacher)
+    cached = None  # the teacher cache's record (pipelines.teacher_cache), when it is used
     if teacher_plan is not None and teacher_plan.checkpoint is not None:
         dense_ckpt = teacher_plan.checkpoint
     else:
         epochs = teacher_plan.epochs if teacher_plan is not None else None
         plan = FitPlan(max_epochs=epochs, monitor=cfg.model.monitor)
-        dense_ckpt, dense_score = fit_phase(cfg, "dense", dense_module, datamodule, plan)
+        fitted: dict[str, float | None] = {}
+
+        def fit() -> str:
+            """Fit the dense phase; remember its best monitored score."""
+            path, fitted["score"] = fit_phase(cfg, "dense", dense_module, datamodule, plan)
+            return path
+
+        dense_ckpt, cached = dense_teacher(cfg, out_dir, epochs, cfg.model.monitor, fit, multirun_job() is not None)
+        dense_score = fitted.get("score")
     del dense_module
     dense = module_cls.load_from_checkpoint(dense_ckpt, map_location="cpu").served_model()
     results: dict[str, Any] = {
@@ -300,6 +312,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "dense": {"checkpoint": run_relative(dense_ckpt, out_dir), "metrics": evaluate_test_split(cfg, dense, datamodule)},
     }
     results["dense"].update(teacher_check(cfg, dense, datamodule, dense_score, cfg.model.monitor))
+    if cached is not None:
+        results["teacher_cache"] = cached
     models = {"dense": dense}
     files: dict[str, str] = {}
 
