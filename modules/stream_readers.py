@@ -57,7 +57,11 @@ def criteo_chunks(path: str | Path, columns: list[str], limit_rows: int | None =
             if not lines:
                 break
             for i, line in enumerate(lines):  # pandas pads short rows silently: count the tabs
-                if line.count(b"\t") < len(columns) - 1:
+                fields = line.count(b"\t") + 1
+                if fields > len(columns):  # named here with the line in the file (pandas counts within the chunk)
+                    raise DataError(f"Malformed row in {path}: Expected {len(columns)} fields in line {start + i + 1}, saw "
+                                    f"{fields}. Criteo rows have exactly {len(columns)} tab-separated fields.")
+                if fields < len(columns):
                     raise DataError(f"{path} line {start + i + 1}: fewer than {len(columns)} tab-separated fields "
                                     "(label, 13 integer, 26 categorical; empty fields are allowed but the tabs must be there).")
             try:
