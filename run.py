@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 import pipelines.configs  # noqa: F401  (registers the config schemas and the resolvers before Hydra composes)
 from modules.errors import ConfigError, UserError
 from pipelines.common import format_table, write_results
+from pipelines.distributed import is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ def train(cfg: DictConfig) -> dict:
     else:
         from pipelines.stream import run
     results = run(cfg, out_dir)
-    path = write_results(out_dir, results)
-    print(f"\n{format_table(results)}\nresults: {path}")
+    if is_global_zero():  # under DDP every rank runs train(); rank 0 alone writes and prints
+        path = write_results(out_dir, results)
+        print(f"\n{format_table(results)}\nresults: {path}")
     return results
 
 

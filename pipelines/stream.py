@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from modules.dlrm import count_nonzero_params
 from modules.latency import measure_latency_ms, protocol
 from pipelines.common import build, fit_phase, run_relative
+from pipelines.distributed import distributed_summary, is_global_zero
 from pruners.base import FitPlan, Pruner
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
         def record(module, loggers) -> None:
             results[name] = {"pruner": p.results()}
-            written = p.write_files(out_dir)
+            written = p.write_files(out_dir) if is_global_zero() else {}
             files.update(written if name == "pruned" else {f"{name}/{k}": v for k, v in written.items()})
             for logger in loggers:
                 if type(logger).__name__ == "WandbLogger":
@@ -164,6 +165,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["pruner"] = results["pruned"].pop("pruner")
         results["target_met"] = results["pruner"].get("target_met", True)
 
+    results["distributed"] = distributed_summary({name: m.model for name, m in modules.items()})
+    if not is_global_zero():  # rank 0 builds the served copies, times them and writes; the others are done
+        return results
     # served copies, equivalence check, latency
     served = {name: module.served_model() for name, module in modules.items()}
     x = latency_inputs(dm, min(4096, len(dm.stream)))

@@ -32,14 +32,20 @@ from omegaconf import DictConfig, OmegaConf
 
 from modules.latency import measure_latency_ms, protocol
 from pipelines.common import build, build_trainer, fit_phase, run_relative
+from pipelines.distributed import distributed_summary, is_global_zero
 from pruners.base import FitPlan, Pruner
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_test_split(cfg: DictConfig, module: L.LightningModule, datamodule) -> dict[str, float]:
-    """Test-split metrics by name (``accuracy``, ``f1``, ..., ``macs_per_sample``, ``sparsity``)."""
-    trainer = build_trainer(cfg, "test", [], [], enable_checkpointing=False, enable_progress_bar=False)
+    """Test-split metrics by name (``accuracy``, ``f1``, ..., ``macs_per_sample``, ``sparsity``).
+
+    Under several ranks every rank tests the whole split (no distributed sampler, so no padded
+    duplicates) and torchmetrics syncs the counts: the figures equal one process's.
+    """
+    trainer = build_trainer(cfg, "test", [], [], enable_checkpointing=False, enable_progress_bar=False,
+                            use_distributed_sampler=False)
     (raw,) = trainer.test(module, datamodule=datamodule, verbose=False)
     return {k.removeprefix("test/"): float(v) for k, v in raw.items()}
 
@@ -197,10 +203,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["dense"]["kept_tokens_per_layer"] = kept_tokens_per_layer(dense, datamodule)
         results["pruner"] = results["pruned"].pop("pruner")
         results["target_met"] = results["pruned"]["checkpoint_met_target"] and results["pruner"].get("target_met", True)
-        files.update(pruner.write_files(out_dir))
+        if is_global_zero():
+            files.update(pruner.write_files(out_dir))
         for name, baseline in pruner.baselines().items():
             results[name], models[name] = prune_phase(cfg, name, baseline, dense_ckpt, dense.model, datamodule, out_dir)
 
+    results["distributed"] = distributed_summary(models)
+    if not is_global_zero():  # rank 0 times the models and writes; the others are done
+        return results
     latency, proto = time_models(
         models,
         datamodule,
