@@ -538,7 +538,8 @@ class DLRMModule(L.LightningModule):
         return gather_rows(self.score(share).to(batch["label"].device))
 
     def _check_window_order(self, window: int) -> None:
-        if self.window_records and window != self.window_records[-1]["window"] + 1:
+        """Under several ranks, refuse a window that does not follow the last one (a sharded or shuffled stream)."""
+        if world_size() > 1 and self.window_records and window != self.window_records[-1]["window"] + 1:
             raise RuntimeError(
                 f"window {window} arrived after window {self.window_records[-1]['window']}: the stream must be "
                 "trained on in time order, every window on every rank; keep trainer.use_distributed_sampler=false "
