@@ -523,7 +523,7 @@ class DLRMModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         n = batch["label"].shape[0]
-        out = torch.cat([self(*self._rows(batch, slice(i, i + chunk))) for i in range(0, n, chunk)]) if n else torch.zeros(0)
+        out = torch.cat([self(*self._rows(batch, slice(i, i + chunk))) for i in range(0, n, chunk)]) if n else torch.zeros(0, device=self.device)
         self.model.train(was_training)
         return out
 

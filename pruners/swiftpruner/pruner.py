@@ -28,6 +28,7 @@ and a resumed fit does not search again.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -217,7 +218,8 @@ class SwiftPruner(MaskedDistillation):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Search (unless restored from a checkpoint), log the history table, apply the chosen masks.
 
-        Under several ranks rank 0 searches (its latency timings are the only uncontended ones, and the
+        The search times candidates on the host (a CPU copy when the module is on a GPU), as the
+        pipeline times the served models. Under several ranks rank 0 searches (its latency timings are the only uncontended ones, and the
         evolution draws its children one after the other) while the others wait; the result and the
         evolution's state (population, policy, history) are then broadcast, so every rank holds the
         same choice and the same masks.
@@ -228,7 +230,9 @@ class SwiftPruner(MaskedDistillation):
             if datamodule is None or not getattr(datamodule, "datasets", None):
                 raise RuntimeError("SwiftPruner searches on the fit's datamodule; call trainer.fit(module, datamodule=...).")
             if is_global_zero():
-                self.run_search(pl_module.model, datamodule)
+                # On the host, like every latency figure of the run (the served models are timed there too).
+                model = pl_module.model if pl_module.device.type == "cpu" else copy.deepcopy(pl_module.model).cpu()
+                self.run_search(model, datamodule)
             self.share_search()
             self.log_history_table(trainer)
         self.apply_masks(pl_module)
