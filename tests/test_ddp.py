@@ -91,6 +91,20 @@ def test_top_on_two_ranks_freezes_alike_and_survives_the_freeze(tmp_path):
     assert results["pruner"]["gates_frozen_at_step"] is not None
     assert results["pruner"]["last_train_step"]["lagrangian"] == 0.0  # a step ran with frozen gates
     assert set(results["pruned"]["latency_ms"]) == {"1"}
+    # The test split, run whole on each rank with synced metrics, gives one process's figures.
+    from conftest import compose_config
+    from modules.bert_classifier import BertClassifier
+    from pipelines.common import build
+    from pipelines.text import evaluate_test_split
+
+    cfg = compose_config("model=bert", "pruner=top", "logger=csv", "data.limit_per_split=32", output_dir=tmp_path / "one")
+    datamodule = build(cfg.data)
+    datamodule.setup("fit")
+    served = BertClassifier.load_from_checkpoint(tmp_path / results["pruned"]["checkpoint"], map_location="cpu").served_model()
+    one = evaluate_test_split(cfg, served, datamodule)
+    for key in ("accuracy", "f1", "sparsity"):
+        assert one[key] == pytest.approx(results["pruned"]["metrics"][key])
+    assert one["macs_per_sample"] == pytest.approx(results["pruned"]["macs_per_sample"])
 
 
 @pytest.mark.slow
