@@ -29,6 +29,7 @@ from modules.errors import ConfigError, UserError
 from pipelines.common import format_table, write_results
 from pipelines.sweep import log_headline_to_wandb, multirun_job
 from pipelines.threads import apply_threads
+from pipelines.distributed import is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,10 @@ def train(cfg: DictConfig) -> dict:
     results = run(cfg, out_dir)
     results["threads"] = threads
     results.setdefault("wall_clock_s", math.floor(time.time() - started))
-    path = write_results(out_dir, results)
-    log_headline_to_wandb(cfg, results)
-    print(f"\n{format_table(results)}\nresults: {path}")
+    if is_global_zero():  # under DDP every rank runs train(); rank 0 alone writes and prints
+        path = write_results(out_dir, results)
+        log_headline_to_wandb(cfg, results)
+        print(f"\n{format_table(results)}\nresults: {path}")
     return results
 
 

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
+from modules.distributed import gather_rows, global_rank, world_size
 from modules.errors import ConfigError
 from modules.objective import log_objective_metrics, objectives_of
 
@@ -424,6 +425,22 @@ def window_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     return {"auc": auc, "log_loss": log_loss, "ne": ne, "rows": n, "ctr": p}
 
 
+def rank_share(idx: torch.Tensor, ranks: int, rank: int) -> tuple[torch.Tensor, float]:
+    """This rank's rows of a minibatch ``idx`` ``(M,)`` and the weight of its loss.
+
+    Rank ``r`` takes rows ``r, r + ranks, ...``; its (mean) loss is weighted by
+    ``ranks * rows taken / M``, so the average over the ranks (DDP's gradient) is the whole
+    minibatch's mean. A rank left without rows takes the first row at weight 0 (it must still
+    run backward for DDP's gradient sync). One rank: ``(idx, 1.0)``.
+    """
+    if ranks == 1:
+        return idx, 1.0
+    own = idx[rank::ranks]
+    if own.numel() == 0:
+        return idx[:1], 0.0
+    return own, ranks * own.numel() / idx.numel()
+
+
 # ----------------------------------------------------------------------------- LightningModule
 class DLRMModule(L.LightningModule):
     """Prequential training of a :class:`DLRM` on a stream of time windows.
@@ -506,15 +523,41 @@ class DLRMModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         n = batch["label"].shape[0]
-        out = torch.cat([self(*self._rows(batch, slice(i, i + chunk))) for i in range(0, n, chunk)]) if n else torch.zeros(0)
+        out = torch.cat([self(*self._rows(batch, slice(i, i + chunk))) for i in range(0, n, chunk)]) if n else torch.zeros(0, device=self.device)
         self.model.train(was_training)
         return out
 
+    def score_window(self, batch: dict) -> torch.Tensor:
+        """Logits ``(N,)`` of the whole window in row order. Under several ranks each rank scores a
+        contiguous share of the rows and the shares are gathered, so every rank gets every row's logit."""
+        n, ranks, rank = batch["label"].shape[0], world_size(), global_rank()
+        if ranks == 1:
+            return self.score(batch)
+        a, b = rank * n // ranks, (rank + 1) * n // ranks
+        share = {k: v[a:b] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in batch.items()}
+        return gather_rows(self.score(share).to(batch["label"].device))
+
+    def _check_window_order(self, window: int) -> None:
+        """Under several ranks, refuse a window that does not follow the last one (a sharded or shuffled stream)."""
+        if world_size() > 1 and self.window_records and window != self.window_records[-1]["window"] + 1:
+            raise RuntimeError(
+                f"window {window} arrived after window {self.window_records[-1]['window']}: the stream must be "
+                "trained on in time order, every window on every rank; keep trainer.use_distributed_sampler=false "
+                "(model=dlrm sets it) so that no distributed sampler shards or shuffles the windows."
+            )
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        """Prequential step on one window: score it (recorded in :attr:`window_records`), then train on it."""
+        """Prequential step on one window: score it (recorded in :attr:`window_records`), then train on it.
+
+        Under several ranks (DDP) every rank receives every window; the scoring is shared
+        (:meth:`score_window`) and each minibatch's rows are split across the ranks, each rank's loss
+        weighted by its share of the rows, so DDP's averaged gradient is the whole minibatch's: the
+        same steps as one process.
+        """
         window = int(batch["window"])
+        self._check_window_order(window)
         labels = batch["label"].float()
-        logits = self.score(batch)
+        logits = self.score_window(batch)
         record = {"window": window, "start": float(batch["start"]) if "start" in batch else None, **window_metrics(logits, labels)}
         self.window_records.append(record)
         if self.hparams.keep_predictions:
@@ -531,8 +574,9 @@ class DLRMModule(L.LightningModule):
         else:
             order = torch.arange(n)
         objectives = objectives_of(self.trainer)
+        ranks, rank = world_size(), global_rank()
         for i in range(0, n, mb):
-            idx = order[i : i + mb]
+            idx, weight = rank_share(order[i : i + mb], ranks, rank)
             rows = self._rows(batch, idx)
             out = self(*rows)
             loss = F.binary_cross_entropy_with_logits(out, labels[idx])
@@ -542,7 +586,7 @@ class DLRMModule(L.LightningModule):
                 if extra:
                     log_objective_metrics(self, extra, on_step=True, on_epoch=False, batch_size=len(idx))
             opt.zero_grad()
-            self.manual_backward(loss)
+            self.manual_backward(loss * weight)
             opt.step()
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(labels))
 

@@ -91,7 +91,7 @@ class HardConcreteGates(nn.Module):
         ks = torch.round(self.prob_nonzero().detach().view(groups, -1).sum(dim=1)).long()
         order = torch.argsort(log_alpha, dim=1, descending=True)
         rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(log_alpha.shape[1]).expand_as(order))
+        rank.scatter_(1, order, torch.arange(log_alpha.shape[1], device=order.device).expand_as(order))
         return (rank < ks[:, None]).view(-1)
 
     @torch.no_grad()

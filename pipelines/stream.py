@@ -38,6 +38,7 @@ from modules.stream_data import StreamDataModule
 from pipelines.common import build, check_data_kind, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
 from pipelines.threads import latency_threads
+from pipelines.distributed import distributed_summary, is_global_zero
 from pruners.base import FitPlan, Pruner
 from serving.runtime import graph_feeds
 
@@ -233,7 +234,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
         def record(module, loggers) -> None:
             results[name] = {"pruner": p.results()}
-            written = p.write_files(out_dir)
+            written = p.write_files(out_dir) if is_global_zero() else {}
             files.update(written if name == "pruned" else {f"{name}/{k}": v for k, v in written.items()})
             for logger in loggers:
                 if type(logger).__name__ == "WandbLogger":
@@ -256,6 +257,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["pruner"] = results["pruned"].pop("pruner")
         results["target_met"] = results["pruner"].get("target_met", True)
 
+    results["distributed"] = distributed_summary({name: m.model for name, m in modules.items()})
+    if not is_global_zero():  # rank 0 builds the served copies, times them and writes; the others are done
+        return results
     # served copies, equivalence check, latency
     served = {name: module.served_model() for name, module in modules.items()}
     x = latency_inputs(dm, min(4096, len(dm.stream)))

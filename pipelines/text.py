@@ -44,14 +44,20 @@ from pipelines.teacher import teacher_check
 from pipelines.teacher_cache import dense_teacher
 from pipelines.threads import latency_threads
 from serving.runtime import graph_feeds
+from pipelines.distributed import distributed_summary, is_global_zero
 from pruners.base import FitPlan, Pruner
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_test_split(cfg: DictConfig, module: L.LightningModule, datamodule) -> dict[str, float]:
-    """Test-split metrics by name (``accuracy``, ``f1``, ..., ``macs_per_sample``, ``sparsity``)."""
-    trainer = build_trainer(cfg, "test", [], [], enable_checkpointing=False, enable_progress_bar=False)
+    """Test-split metrics by name (``accuracy``, ``f1``, ..., ``macs_per_sample``, ``sparsity``).
+
+    Under several ranks every rank tests the whole split (no distributed sampler, so no padded
+    duplicates) and torchmetrics syncs the counts: the figures equal one process's.
+    """
+    trainer = build_trainer(cfg, "test", [], [], enable_checkpointing=False, enable_progress_bar=False,
+                            use_distributed_sampler=False)
     (raw,) = trainer.test(module, datamodule=datamodule, verbose=False)
     return {k.removeprefix("test/"): float(v) for k, v in raw.items()}
 
@@ -322,10 +328,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["dense"]["kept_tokens_per_layer"] = kept_tokens_per_layer(dense, datamodule)
         results["pruner"] = results["pruned"].pop("pruner")
         results["target_met"] = results["pruned"]["checkpoint_met_target"] and results["pruner"].get("target_met", True)
-        files.update(pruner.write_files(out_dir))
+        if is_global_zero():
+            files.update(pruner.write_files(out_dir))
         for name, baseline in pruner.baselines().items():
             results[name], models[name] = prune_phase(cfg, name, baseline, dense_ckpt, dense.model, datamodule, out_dir)
 
+    results["distributed"] = distributed_summary(models)
+    if not is_global_zero():  # rank 0 times, exports and writes; the others are done
+        return results
     for name, model in models.items():
         entry = results[name]
         entry["macs_per_sample"] = entry["metrics"].pop("macs_per_sample")

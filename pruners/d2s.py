@@ -46,6 +46,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from modules.distributed import mean_
 from modules.dlrm import DLRMModule, neuron_alive
 from pruners.base import Pruner, PrunerConfigError, check_choice, check_positive_int, check_range
 
@@ -76,8 +77,8 @@ def keep_top(scores: torch.Tensor, keep: int, forced: torch.Tensor | None = None
     s = scores.detach().float().clone()
     if forced is not None:
         s[forced] = math.inf
-    idx = torch.topk(s, keep, sorted=False).indices if keep else torch.zeros(0, dtype=torch.long)
-    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    idx = torch.topk(s, keep, sorted=False).indices if keep else torch.zeros(0, dtype=torch.long, device=s.device)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=s.device)
     mask[idx] = True
     return mask
 
@@ -304,10 +305,14 @@ class D2SPruner(Pruner):
         """Importance of each weight of a layer, same shape as the weight (dense shadow values).
 
         ``magnitude``: |w|. ``taylor``: |w| * EMA(|dL/dw|) (magnitude until a gradient was seen).
+        Under several ranks the importance is averaged over them before any mask is derived from it,
+        so every rank computes the same masks (DDP's averaged gradients make them equal already; this
+        does not rely on it).
         """
         w = layer.weight.detach().abs()
         if self.importance == "taylor" and name in self.grad_ema:
-            return w * self.grad_ema[name]
+            w = w * self.grad_ema[name]
+        mean_([w])
         return w
 
     def update_masks(self, sparsity: float) -> dict[str, Any]:
@@ -402,14 +407,14 @@ class D2SPruner(Pruner):
     def layer_densities(self) -> dict[str, float]:
         """Fraction of each MLP layer's weights still in the served model (after neuron removal)."""
         layers = self.model.mlp_layers()
-        alive_out = {n: torch.ones(l.out_features, dtype=torch.bool) for n, l in layers.items()}
+        alive_out = {n: torch.ones(l.out_features, dtype=torch.bool, device=l.mask.device) for n, l in layers.items()}
         for name, (producer, consumer) in self.model.hidden_neurons().items():
             cname = _consumer_name(name)
             alive_out[name] = neuron_alive(producer, layers[cname])
         out = {}
         for name, layer in layers.items():
             mlp, i = name.split(".")
-            alive_in = alive_out[f"{mlp}.{int(i) - 1}"] if int(i) > 0 else torch.ones(layer.in_features, dtype=torch.bool)
+            alive_in = alive_out[f"{mlp}.{int(i) - 1}"] if int(i) > 0 else torch.ones(layer.in_features, dtype=torch.bool, device=layer.mask.device)
             kept = layer.mask & alive_out[name][:, None] & alive_in[None, :]
             out[name] = float(kept.sum()) / kept.numel()
         return out

@@ -149,6 +149,16 @@ class TeacherPruner(Pruner):
         """Keep ``teacher`` (a :class:`~modules.bert.PrunableBertForSequenceClassification`), frozen."""
         self.teacher = freeze(teacher)
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Lend the teacher to the module's device for the fit (back on the host in :meth:`on_fit_end`)."""
+        if self.teacher is not None:
+            self.teacher.to(pl_module.device)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """Return the teacher to the host (the pipeline also serves and times it as the dense model there)."""
+        if self.teacher is not None:
+            self.teacher.to("cpu")
+
     def ensure_teacher(self) -> nn.Module:
         """The teacher, loaded from ``teacher_ckpt`` if none was set.
 

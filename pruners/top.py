@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modules.bert import layer_macs
+from modules.distributed import gather_rows, mean_
 from pruners.base import FitPlan, PrunerConfigError, check_positive_int, check_range
 from pruners.distillation import TeacherPruner, kd_loss
 from modules.gates import TokenGates, bin_of_rank
@@ -79,8 +80,8 @@ def deterministic_kept_lengths(
         per encoder layer, (S,) float tokens computed on ([CLS] included), as the
         encoder's ``EncoderOutput.kept_lengths`` at evaluation.
     """
-    m = lengths.to(torch.long) - 1
-    ranks = torch.arange(int(m.max().clamp_min(1)) if m.numel() else 1)
+    m = lengths.to(device=kept.device, dtype=torch.long) - 1
+    ranks = torch.arange(int(m.max().clamp_min(1)) if m.numel() else 1, device=kept.device)
     out = []
     for i in range(gates.num_layers):
         slot = gates._slot.get(i)
@@ -117,6 +118,7 @@ def project_to_sparsity(
         number of gates changed, opened or closed).
     """
     layer_on, kept = (t.clone() for t in gates.deterministic())
+    lengths = lengths.to(kept.device)
     dense = macs_fn([lengths.to(torch.float32)] * gates.num_layers).sum()
     token_la = gates.token.log_alpha.detach().view(len(gates.pruning_layers), gates.bin_count)
     layer_la = gates.layer.log_alpha.detach()
@@ -351,6 +353,9 @@ class ToPPruner(TeacherPruner):
         self.ensure_teacher()
         self.attach(pl_module)  # a resumed fit restores the frozen snapshot with the module's state dict
         pl_module.model.bert.embeddings.requires_grad_(False)  # ToP trains with frozen embeddings
+        # DDP leaves the gates alone (they stop receiving gradients once frozen, which DDP's reducer
+        # would refuse); :meth:`on_before_optimizer_step` averages their gradients over the ranks instead.
+        pl_module._ddp_params_and_buffers_to_ignore = [f"token_gates.{n}" for n, _ in pl_module.token_gates.named_parameters()]
         pl_module.checkpoint_sparsity_floor = self.target_sparsity - 0.01
         # With a fine-tuning window, only models under their final (frozen) pruning are kept.
         pl_module.checkpoint_requires_frozen_gates = self.finetune_fraction > 0
@@ -365,8 +370,18 @@ class ToPPruner(TeacherPruner):
         ]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Remember the total step count for the warm-up schedule."""
+        """Remember the total step count for the warm-up schedule; put the teacher and multipliers on the module's device."""
+        super().on_fit_start(trainer, pl_module)
         self._total_steps = max(1, int(trainer.estimated_stepping_batches))
+        for p in (self.lambda1, self.lambda2):
+            p.data = p.data.to(pl_module.device)  # the same Parameter objects the optimizer holds
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        """Average the gates' and multipliers' gradients over the ranks (DDP syncs only the model's other
+        parameters), so every rank takes the same step; before gradient clipping. A no-op in one process."""
+        gates = pl_module.token_gates
+        params = [*(gates.parameters() if gates is not None else []), self.lambda1, self.lambda2]
+        mean_(p.grad for p in params)
 
     # ------------------------------------------------------------- objective
     def schedule(self, step: int) -> tuple[float, float]:
@@ -413,7 +428,8 @@ class ToPPruner(TeacherPruner):
         return logits, scores
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Drop the teacher cache."""
+        """Drop the teacher cache; the teacher back to the host."""
+        super().on_fit_end(trainer, pl_module)
         self._teacher_cache.clear()
 
     def training_loss(self, pl_module, batch, outputs, task_loss):
@@ -427,7 +443,7 @@ class ToPPruner(TeacherPruner):
         sparsity = 1.0 - exp_macs.sum() / full.sum()
         target, alpha = self.schedule(pl_module.trainer.global_step)
         # Frozen gates get no gradient, so the constraint has nothing left to act on.
-        lag = torch.zeros(()) if gates.frozen else lagrangian(sparsity, target, self.lambda1, self.lambda2)
+        lag = torch.zeros((), device=sparsity.device) if gates.frozen else lagrangian(sparsity, target, self.lambda1, self.lambda2)
         kd = kd_loss(outputs.logits, teacher_logits, self.kd_temperature)
         valid = batch["attention_mask"].bool().clone()
         valid[:, 0] = False
@@ -469,13 +485,17 @@ class ToPPruner(TeacherPruner):
         gates = pl_module.token_gates
         if trainer.sanity_checking or gates is None or gates.frozen or self.finetune_fraction == 0:
             return
-        if trainer.global_step < (1.0 - self.finetune_fraction) * self._total_steps or not self._val_lengths:
+        if trainer.global_step < (1.0 - self.finetune_fraction) * self._total_steps:
+            return
+        # Every rank saw its shard of the validation split: project on all of them, so every rank freezes alike.
+        local = torch.cat(self._val_lengths) if self._val_lengths else torch.zeros(0, dtype=torch.long)
+        lengths = gather_rows(local.to(pl_module.device)).cpu()
+        if not lengths.numel():
             return
         measured = trainer.callback_metrics.get("val/sparsity")
-        layer_on, kept, sparsity, changed = project_to_sparsity(
-            gates, torch.cat(self._val_lengths), pl_module.model.macs, self.target_sparsity
-        )
+        layer_on, kept, sparsity, changed = project_to_sparsity(gates, lengths, pl_module.model.macs, self.target_sparsity)
         gates.freeze(layer_on, kept)
+        gates.requires_grad_(False)  # no gradient reaches frozen gates; the optimizer skips them
         self.freeze_info = {
             "step": int(trainer.global_step),
             "val_sparsity_before": None if measured is None else float(measured),

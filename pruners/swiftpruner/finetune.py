@@ -101,7 +101,8 @@ class MaskedDistillation(TeacherPruner):
             pl_module.model.set_structured_masks(self.head_masks, self.neuron_masks)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Apply the masks before the first step."""
+        """Put the teacher on the module's device; apply the masks before the first step."""
+        super().on_fit_start(trainer, pl_module)
         self.apply_masks(pl_module)
 
     def training_loss(self, pl_module, batch, outputs, task_loss):

@@ -61,9 +61,13 @@ def proxy_score(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> floa
 
 
 def logits_of(model: nn.Module, batches: list[dict]) -> torch.Tensor:
-    """``model``'s (B, C) logits on ``batches``, concatenated, under ``torch.inference_mode``."""
+    """``model``'s (B, C) logits on ``batches`` (host tensors, moved to the model's device), concatenated, on the host,
+    under ``torch.inference_mode``."""
+    device = next(model.parameters()).device
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
     with torch.inference_mode():
-        return torch.cat([model(b["input_ids"], b["attention_mask"], b.get("token_type_ids")).logits for b in batches])
+        return torch.cat([model(to(b["input_ids"]), to(b["attention_mask"]), to(b.get("token_type_ids"))).logits.cpu()
+                          for b in batches])
 
 
 class Proxy:

@@ -28,6 +28,7 @@ and a resumed fit does not search again.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -36,6 +37,7 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 
+from modules.distributed import broadcast, is_global_zero
 from modules.structured import UnitImportance, top_unit_masks
 from pruners.base import PrunerConfigError, check_positive_int, check_range
 from pruners.swiftpruner.evolution import EvolutionarySearch, SearchSpace
@@ -217,14 +219,34 @@ class SwiftPruner(MaskedDistillation):
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Search (unless restored from a checkpoint), log the history table, apply the chosen masks."""
+        """Search (unless restored from a checkpoint), log the history table, apply the chosen masks.
+
+        The search times candidates on the host (a CPU copy when the module is on a GPU), as the
+        pipeline times the served models. Under several ranks rank 0 searches (its latency timings are the only uncontended ones, and the
+        evolution draws its children one after the other) while the others wait; the result and the
+        evolution's state (population, policy, history) are then broadcast, so every rank holds the
+        same choice and the same masks.
+        """
+        super().on_fit_start(trainer, pl_module)  # the teacher to the module's device
         if self.result is None:
             datamodule = trainer.datamodule
             if datamodule is None or not getattr(datamodule, "datasets", None):
                 raise RuntimeError("SwiftPruner searches on the fit's datamodule; call trainer.fit(module, datamodule=...).")
-            self.run_search(pl_module.model, datamodule)
+            if is_global_zero():
+                # On the host, like every latency figure of the run (the served models are timed there too).
+                model = pl_module.model if pl_module.device.type == "cpu" else copy.deepcopy(pl_module.model).cpu()
+                self.run_search(model, datamodule)
+            self.share_search()
             self.log_history_table(trainer)
         self.apply_masks(pl_module)
+
+    def share_search(self) -> None:
+        """Every rank takes rank 0's search result, evolution state and masks (nothing to do in one process)."""
+        state = self.evolution.state_dict() if self.evolution is not None else None
+        result, state = broadcast((self.result, state))
+        if self.evolution is None:
+            self.result, self._evolution_state = result, state
+            self.head_masks, self.neuron_masks = self.masks_of(result["chosen"]["genes"])
 
     def history_table(self) -> tuple[list[str], list[list[Any]]]:
         """(columns, rows) of every evaluated candidate, for a W&B table."""

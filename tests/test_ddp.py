@@ -1,0 +1,159 @@
+"""DDP (issue 21): `trainer=ddp` on 2 CPU processes (gloo) through run.py, for every pruner's tiny config.
+
+Each run must finish with exactly one results.json (rank 0 writes), the same mask digest on both
+ranks, and, where the algorithm is deterministic given the data (D2S on a stream, the dense DLRM),
+the same decisions and figures as one process. The helpers' single-process behaviour is checked
+directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from modules.distributed import broadcast, gather_objects, gather_rows, mean_, state_digest, world_size
+from modules.dlrm import MaskedLinear, rank_share
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_BERT = ("model.module.bert_config={vocab_size:30522,hidden_size:32,num_hidden_layers:3,num_attention_heads:4,"
+             "intermediate_size:64,max_position_embeddings:128}")
+TEXT = [TINY_BERT, "data.limit_per_split=32", "trainer.val_check_interval=1.0", "trainer.num_sanity_val_steps=0",
+        "latency.batch_sizes=[1]", "latency.examples=4"]
+STREAM = ["model=dlrm", "data.limit_rows=2400", "data.window=400", "latency.batch_sizes=[1]"]
+D2S = ["pruner=d2s", "pruner.update_every=5", "pruner.target_sparsity=0.8"]
+SWIFT = ["pruner.latency.repeats=2", "pruner.latency.warmup=0", "pruner.latency.calibration_models=0",
+         "pruner.latency.verify_rounds=1", "pruner.latency.budget_fraction=0.9", "pruner.latency.seq_len=16",
+         "pruner.search.generations=1", "pruner.search.population_size=4", "pruner.search.parents=2",
+         "pruner.importance.examples=16", "pruner.proxy.examples=16"]
+
+
+def run_py(run_dir: Path, *overrides: str, ddp: bool = True) -> dict:
+    """``python run.py`` (2 gloo processes with ``ddp``) into ``run_dir``; returns its results.json."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "run.py", *(["trainer=ddp"] if ddp else []), "logger=csv", "threads=1",
+           "trainer.enable_progress_bar=false", "latency.repeats=2", "latency.warmup=1", f"hydra.run.dir={run_dir}",
+           *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("results: ") == 1, "rank 0 alone prints the table"
+    files = list(run_dir.rglob("results.json"))
+    assert files == [run_dir / "results.json"], files
+    return json.loads(files[0].read_text())
+
+
+def check_ranks_agree(results: dict, world: int = 2) -> None:
+    d = results["distributed"]
+    assert d["world_size"] == world and len(d["mask_digest_per_rank"]) == world
+    assert len(set(d["mask_digest_per_rank"])) == 1 and d["digests_agree"]
+
+
+# ----------------------------------------------------------------------------- end to end, 2 processes
+@pytest.mark.slow
+def test_d2s_on_two_ranks_equals_one_process(tmp_path):
+    """Every window on every rank, in time order; the same masks, per-window figures and history as one process."""
+    two = run_py(tmp_path / "ddp", *STREAM, *D2S)
+    one = run_py(tmp_path / "one", *STREAM, *D2S, ddp=False)
+    check_ranks_agree(two)
+    assert two["distributed"]["mask_digest_per_rank"][0] == one["distributed"]["mask_digest_per_rank"][0]
+    for name in ("dense", "pruned"):
+        assert two[name]["per_window"]["window"] == list(range(6))  # prequential order kept, whole stream
+        assert two[name]["per_window"]["rows"] == one[name]["per_window"]["rows"]
+        for key in ("auc", "ne", "log_loss"):
+            assert two[name]["per_window"][key] == pytest.approx(one[name]["per_window"][key], abs=1e-5)
+    assert [h["step"] for h in two["pruner"]["history"]] == [h["step"] for h in one["pruner"]["history"]]
+    assert two["pruner"]["masked"] == pytest.approx(one["pruner"]["masked"])
+    assert (tmp_path / "ddp" / "sparsity_history.png").is_file() and (tmp_path / "ddp" / "stream_auc.png").is_file()
+
+
+@pytest.mark.slow
+def test_dense_stream_model_on_two_ranks(tmp_path):
+    """``pruner=none``: the dense DLRM alone; digests agree, one results.json."""
+    results = run_py(tmp_path, *STREAM, "pruner=none", "data.limit_rows=1200")
+    check_ranks_agree(results)
+    assert results["dense"]["per_window"]["window"] == list(range(3))
+    assert set(results["dense"]["latency_ms"]) == {"1"}
+
+
+@pytest.mark.slow
+def test_top_on_two_ranks_freezes_alike_and_survives_the_freeze(tmp_path):
+    """ToP trains on, after its gates freeze (no unused-parameters error), and both ranks freeze the same gates."""
+    results = run_py(tmp_path, "model=bert", "pruner=top", *TEXT, "pruner.pruning_epochs=2")
+    check_ranks_agree(results)
+    assert results["pruner"]["gates_frozen_at_step"] is not None
+    assert results["pruner"]["last_train_step"]["lagrangian"] == 0.0  # a step ran with frozen gates
+    assert set(results["pruned"]["latency_ms"]) == {"1"}
+    # The test split, run whole on each rank with synced metrics, gives one process's figures.
+    from conftest import compose_config
+    from modules.bert_classifier import BertClassifier
+    from pipelines.common import build
+    from pipelines.text import evaluate_test_split
+
+    cfg = compose_config("model=bert", "pruner=top", "logger=csv", "data.limit_per_split=32", output_dir=tmp_path / "one")
+    datamodule = build(cfg.data)
+    datamodule.setup("fit")
+    served = BertClassifier.load_from_checkpoint(tmp_path / results["pruned"]["checkpoint"], map_location="cpu").served_model()
+    one = evaluate_test_split(cfg, served, datamodule)
+    for key in ("accuracy", "f1", "sparsity"):
+        assert one[key] == pytest.approx(results["pruned"]["metrics"][key])
+    assert one["macs_per_sample"] == pytest.approx(results["pruned"]["macs_per_sample"])
+
+
+@pytest.mark.slow
+def test_swiftpruner_on_two_ranks_shares_one_search(tmp_path):
+    """Rank 0 searches and broadcasts: both ranks fine-tune the same choice and the same uniform baseline."""
+    results = run_py(tmp_path, "model=bert", "pruner=swiftpruner", *TEXT, *SWIFT)
+    check_ranks_agree(results)
+    assert results["pruner"]["chosen"]["heads"] and "uniform" in results
+    assert (tmp_path / "search_history.json").is_file() and (tmp_path / "search_pareto.png").is_file()
+
+
+# ----------------------------------------------------------------------------- helpers, one process
+def test_helpers_are_the_identity_in_one_process():
+    t = torch.arange(6.0).view(3, 2)
+    assert world_size() == 1 and torch.equal(gather_rows(t), t)
+    mean_([t, None])
+    assert torch.equal(t, torch.arange(6.0).view(3, 2))
+    assert broadcast({"a": 1}) == {"a": 1} and gather_objects(3) == [3]
+
+
+def test_rank_shares_cover_the_minibatch_and_weights_give_its_mean():
+    idx = torch.arange(7)
+    shares = [rank_share(idx, 3, r) for r in range(3)]
+    assert sorted(torch.cat([s for s, _ in shares]).tolist()) == list(range(7))
+    losses = torch.rand(7)
+    # DDP averages the ranks' weighted (mean) losses' gradients: that is the minibatch mean
+    assert sum(w * float(losses[s].mean()) for s, w in shares) / 3 == pytest.approx(float(losses.mean()))
+    assert rank_share(torch.arange(1), 2, 1)[1] == 0.0  # a rank without rows still steps, at weight 0
+    assert rank_share(idx, 1, 0) == (idx, 1.0)
+
+
+def test_digest_changes_with_a_mask_or_a_shape_and_not_with_weights():
+    layer = MaskedLinear(4, 3)
+    before = state_digest(layer)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    assert state_digest(layer) == before  # weights are not decisions
+    layer.mask[0, 0] = False
+    assert state_digest(layer) != before
+    assert state_digest(MaskedLinear(4, 2)) != state_digest(MaskedLinear(4, 3))
+
+
+def test_collectives_on_two_gloo_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    from ddp_worker import collectives_worker  # a light module: the spawned processes import only it and torch
+
+    mp.spawn(collectives_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got["rows"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]  # rank order, padding trimmed
+        assert got["mean"] == 1.5 and got["b"] == "from 0" and got["all"] == [0, 1] and got["world"] == 2
