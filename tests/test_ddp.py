@@ -31,7 +31,8 @@ D2S = ["pruner=d2s", "pruner.update_every=5", "pruner.target_sparsity=0.8"]
 SWIFT = ["pruner.latency.repeats=2", "pruner.latency.warmup=0", "pruner.latency.calibration_models=0",
          "pruner.latency.verify_rounds=1", "pruner.latency.budget_fraction=0.9", "pruner.latency.seq_len=16",
          "pruner.search.generations=1", "pruner.search.population_size=4", "pruner.search.parents=2",
-         "pruner.importance.examples=16", "pruner.proxy.examples=16"]
+         "pruner.importance.examples=16", "pruner.proxy.examples=16",
+         "pruner.latency.runtime=torch"]  # DDP sharing is the point here; ORT timing has its own test
 
 
 def run_py(run_dir: Path, *overrides: str, ddp: bool = True) -> dict:

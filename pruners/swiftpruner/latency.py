@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 #: where whole models are timed (``pruner.latency.runtime``)
 RUNTIMES = ("torch", "onnxruntime")
+#: untimed calls of an ONNX Runtime session before its timing, at least (its first calls allocate)
+ORT_MIN_WARMUP = 3
 
 
 class DenseReference:
@@ -178,7 +180,9 @@ class LatencyMeter:
         session = self._session(model)
         inputs = synthetic_inputs(self.batch_size, self.seq_len, model.config.vocab_size)
         feeds = graph_feeds(session, {k: v.numpy() for k, v in inputs.items()})
-        return measure_latency_ms({"model": lambda: session.run(None, feeds)}, warmup=self.warmup, repeats=self.repeats)["model"]
+        # a new session's first calls allocate and plan: never time them
+        warmup = max(self.warmup, ORT_MIN_WARMUP)
+        return measure_latency_ms({"model": lambda: session.run(None, feeds)}, warmup=warmup, repeats=self.repeats)["model"]
 
     def _session(self, model: nn.Module):
         """An ONNX Runtime session of ``model`` exported as served; the last few are kept (the dense model is timed often)."""
@@ -245,7 +249,9 @@ class LatencyMeter:
 
         With ``table`` set, the loaded table (both). Else the table is measured on ``model``
         and refitted to ``calibration_models`` configurations drawn uniformly from ``space``
-        (a generator seeded by ``seed + 1``), each timed by ``time_genes`` (ms).
+        (a generator seeded by ``seed + 1``), each timed by ``time_genes`` (ms); when
+        :attr:`runtime` is not ``torch``, also to the smallest and the largest configuration
+        timed that way (the table's own timings are PyTorch's).
 
         Raises:
             FileNotFoundError, PrunerConfigError: see :meth:`load_table`.
@@ -259,11 +265,16 @@ class LatencyMeter:
             model, list(space.head_choices), list(space.neuron_choices), batch_size=self.batch_size,
             seq_len=self.seq_len, warmup=self.warmup, repeats=self.repeats, layers=self.lut_layers,
         )
-        if not self.calibration_models:
-            return anchors, anchors
-        g = torch.Generator().manual_seed(seed + 1)
         sizes = [len(space.head_choices)] * space.num_layers + [len(space.neuron_choices)] * space.num_layers
         samples = []
+        if self.runtime != "torch":
+            # The table's blocks and anchors are timed in PyTorch: its scale and fixed part are refitted to
+            # whole models timed in the runtime, the two anchors (every layer smallest / largest) first.
+            for genes in ((0,) * len(sizes), tuple(n - 1 for n in sizes)):
+                samples.append((*space.decode(genes), time_genes(genes)))
+        if not self.calibration_models and not samples:
+            return anchors, anchors
+        g = torch.Generator().manual_seed(seed + 1)
         for _ in range(self.calibration_models):
             genes = tuple(int(torch.randint(n, (1,), generator=g)) for n in sizes)
             samples.append((*space.decode(genes), time_genes(genes)))
