@@ -7,10 +7,14 @@ one line, ``error: <message>``, and exits with status 2; ``HYDRA_FULL_ERROR=1`` 
 ``debug=true`` shows its traceback. A config Hydra cannot compose (a misspelled key, a
 wrong type, an unknown group option) also exits with status 2, after Hydra's message.
 Any other exception is a bug and keeps its traceback.
+
+``python run.py resume=DIR`` continues the killed run in DIR with the config saved there
+(see ``pipelines.resume``); on resume only settings that cannot change the result may be overridden.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -23,6 +27,7 @@ from omegaconf import DictConfig
 
 import pipelines.configs  # noqa: F401  (registers the config schemas and the resolvers before Hydra composes)
 from modules.errors import ConfigError, UserError
+from pipelines import resume
 from pipelines.common import format_table, write_results
 
 log = logging.getLogger(__name__)
@@ -67,6 +72,9 @@ def train(cfg: DictConfig) -> dict:
     """
     check_run_settings(cfg)
     out_dir = Path(cfg.paths.output_dir)
+    if resume.is_finished(out_dir):  # resume= of a finished run: report, change nothing
+        print(f"The run in {out_dir} is finished (every phase complete); results: {out_dir / 'results.json'}")
+        return json.loads((out_dir / "results.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("threads"):
@@ -76,6 +84,7 @@ def train(cfg: DictConfig) -> dict:
     else:
         from pipelines.stream import run
     results = run(cfg, out_dir)
+    results["resumed"] = resume.resumed_events(out_dir)
     path = write_results(out_dir, results)
     print(f"\n{format_table(results)}\nresults: {path}")
     return results
@@ -113,6 +122,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv, _ = resume.resume_argv(sys.argv)  # resume=DIR: the config saved in DIR, written into DIR
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
     try:
         main()
     except SystemExit as exc:

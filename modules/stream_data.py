@@ -37,9 +37,10 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from modules.packages import package_file
+from modules.resumable import ResumableLoader, loop_progress
 from modules.text_data import DataError
 
 MISSING = "<missing>"
@@ -309,9 +310,11 @@ class StreamDataModule(L.LightningDataModule):
         s = self.stream
         return {"num_dense": len(s.dense_names), "num_embeddings": s.num_embeddings, "multi_num_embeddings": s.multi_num_embeddings}
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         self.setup()
-        return DataLoader(WindowDataset(self.stream, self.batch_size), batch_size=None, shuffle=False, num_workers=0)
+        # a resumed fit continues at the window after the last one it trained on
+        return ResumableLoader(WindowDataset(self.stream, self.batch_size), batch_size=None, shuffle=False, num_workers=0,
+                               processed=loop_progress(self))
 
     def num_optimizer_steps(self) -> int:
         """Minibatch (optimizer) steps of one pass over the stream."""

@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines import resume
 from pruners.base import FitPlan
 
 RESULTS_FILE = "results.json"
@@ -149,22 +150,43 @@ def fit_phase(
         after_fit: ``after_fit(module, loggers)`` runs before the phase's loggers are
             finished (to log plots into the phase's run).
 
+    A finished phase (its completion record says done) is not fitted again: the module and
+    the callbacks' state come from its kept checkpoint; a phase in progress continues from
+    its newest checkpoint (:mod:`pipelines.resume`).
+
     Raises:
         RuntimeError: the phase wrote no checkpoint.
+        pipelines.resume.NonFiniteLossError: a loss became NaN or infinite.
+        pipelines.resume.DiskError: the run dir is not writable or too full.
     """
     loggers = build_loggers(cfg, phase)
     callbacks = build_callbacks(cfg, phase, monitor=plan.monitor, mode=plan.mode, has_logger=bool(loggers))
+    callbacks += resume.phase_callbacks(phase, stream=cfg.model.get("pipeline") == "stream")
     model_trainer = cfg.model.get("trainer")
     overrides = OmegaConf.to_container(model_trainer, resolve=True) if model_trainer else {}
     if plan.max_epochs is not None:
         overrides["max_epochs"] = plan.max_epochs
+    overrides.setdefault("plugins", [resume.AtomicCheckpointIO()])
     trainer = build_trainer(cfg, phase, callbacks + list(extra_callbacks), loggers, **overrides)
     try:
-        trainer.fit(module, datamodule=datamodule)
+        path, score, _ = resume.fit_or_restore(
+            Path(cfg.paths.output_dir), phase, trainer, module, datamodule, list(extra_callbacks),
+            choose=lambda t: chosen_checkpoint(t, phase, plan),
+        )
         if after_fit is not None:
             after_fit(module, loggers)
     finally:
         finish_loggers(loggers)
+    return path, score
+
+
+def chosen_checkpoint(trainer: L.Trainer, phase: str, plan: FitPlan) -> tuple[str, float | None]:
+    """(path, score) of the checkpoint a fitted phase keeps: the best by ``plan.monitor`` when one met
+    the criterion (score >= 0), else the last.
+
+    Raises:
+        RuntimeError: the phase wrote no checkpoint.
+    """
     ckpt = checkpoint_callback(trainer)
     score = None if ckpt.best_model_score is None else float(ckpt.best_model_score)
     path = ckpt.best_model_path
