@@ -329,4 +329,4 @@ class EveryBatchCheckpoint(L.Callback):
         if ckpt is None or ckpt.dirpath is None or trainer.sanity_checking:
             return
         path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
-        trainer.save_checkpoint(str(path))
+        trainer.save_checkpoint(str(path), weights_only=False)
