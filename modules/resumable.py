@@ -43,8 +43,8 @@ class ResumableLoader(DataLoader):
     """A ``DataLoader`` whose first iterator after a checkpoint restore skips the batches already trained on.
 
     Args:
-        processed: a callable returning how many batches of the current epoch the (restored)
-            training loop has processed; read only after :meth:`load_state_dict`.
+        processed: a callable returning (epoch, batches of that epoch the restored training loop
+            has processed); read only after :meth:`load_state_dict`.
         *args, **kwargs: ``torch.utils.data.DataLoader``'s. A ``generator`` is set when none is
             given, so creating an iterator never draws from the global RNG (which a resume restores).
     """
@@ -65,23 +65,28 @@ class ResumableLoader(DataLoader):
         self._skip_pending = True
 
     def __iter__(self):
+        if not (self._skip_pending and self._processed is not None):
+            return super().__iter__()
+        self._skip_pending = False
+        epoch, done = self._processed()
+        for sampler in (self.sampler, getattr(self.batch_sampler, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):  # Lightning sets it only after this first iterator exists
+                sampler.set_epoch(epoch)
         it = super().__iter__()
-        if self._skip_pending and self._processed is not None:
-            self._skip_pending = False
-            done = int(self._processed())
-            if 0 < done < len(self):
-                for _ in range(done):
-                    next(it)
+        if 0 < done < len(self):
+            for _ in range(done):
+                next(it)
         return it
 
 
-def loop_progress(datamodule) -> Callable[[], int]:
-    """A callable giving the batches the training epoch loop of ``datamodule.trainer`` has processed."""
+def loop_progress(datamodule) -> Callable[[], tuple[int, int]]:
+    """A callable giving (epoch, batches processed in it) of the training loop of ``datamodule.trainer``."""
 
-    def processed() -> int:
+    def processed() -> tuple[int, int]:
         trainer = getattr(datamodule, "trainer", None)
         if trainer is None:
-            return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+            return 0, 0
+        loop = trainer.fit_loop
+        return int(loop.epoch_progress.current.processed), int(loop.epoch_loop.batch_progress.current.processed)
 
     return processed

@@ -101,6 +101,7 @@ def build_callbacks(
                     monitor=monitor,
                     mode=mode,
                     save_top_k=1 if monitor else 0,
+                    save_last=False,  # the resumable last.ckpt is written by pipelines.resume.LastCheckpoint
                 )
             )
         else:
@@ -191,11 +192,12 @@ def chosen_checkpoint(trainer: L.Trainer, phase: str, plan: FitPlan) -> tuple[st
     score = None if ckpt.best_model_score is None else float(ckpt.best_model_score)
     path = ckpt.best_model_path
     if not path or score is None or score < 0:
-        if not ckpt.last_model_path:
-            raise RuntimeError(f"The {phase} phase wrote no checkpoint; keep callbacks.model_checkpoint.save_last=true.")
+        last = resume.LastCheckpoint.path(trainer)
+        if last is None or not last.is_file():
+            raise RuntimeError(f"The {phase} phase wrote no checkpoint.")
         if plan.monitor is not None:
             log.warning("%s: no checkpoint met the monitored criterion %s; using the last checkpoint.", phase, plan.monitor)
-        path = ckpt.last_model_path
+        path = str(last)
     return path, score
 
 

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from modules.errors import ConfigError, UserError
@@ -181,6 +182,20 @@ class RunState(L.Callback):
             "random": [int(version), list(internal), gauss],
         }
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Hand a restored fit's data position to its loaders when Lightning could not.
+
+        Lightning loads the loaders' state when it sets up the training data, but a module
+        whose ``configure_optimizers`` asks ``trainer.estimated_stepping_batches`` (BERT's
+        warm-up schedule) sets the data up before the checkpoint is restored; then the states
+        are still pending here, and the training iterator is rebuilt after loading them.
+        """
+        loop = trainer.fit_loop
+        if loop.restarting and loop._combined_loader_states_to_load and loop._combined_loader is not None:
+            loop._combined_loader._load_state_dicts(loop._combined_loader_states_to_load)
+            loop._combined_loader_states_to_load = []
+            iter(loop._data_fetcher)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the RNG states."""
         torch.set_rng_state(state_dict["torch"])
@@ -314,19 +329,45 @@ def fit_or_restore(
 
 
 def phase_callbacks(phase: str, stream: bool) -> list[L.Callback]:
-    """Callbacks every phase gets: RNG state, the NaN guard, and for a stream a checkpoint after every window."""
-    out: list[L.Callback] = [RunState(), NonFiniteLossGuard(phase)]
-    if stream:
-        out.append(EveryBatchCheckpoint())
-    return out
+    """Callbacks every phase gets: RNG state, the NaN guard, and the resumable ``last.ckpt``
+    (after every validation and epoch; for a stream also after every window)."""
+    return [RunState(), NonFiniteLossGuard(phase), LastCheckpoint(every_batch=stream)]
 
 
-class EveryBatchCheckpoint(L.Callback):
-    """Rewrite the ModelCheckpoint's ``last.ckpt`` after every training batch (a stream's window)."""
+class LastCheckpoint(Checkpoint):
+    """Rewrite ``<ModelCheckpoint dirpath>/last.ckpt`` (full state: resumable) after every validation and
+    epoch, and with ``every_batch`` after every training batch (a stream's window).
+
+    Lightning's ModelCheckpoint rewrites ``last`` only when a top-k checkpoint was saved at the
+    same step, so a phase whose monitored score never improves would otherwise resume from its
+    first validation. Being a ``Checkpoint``, this runs after the ModelCheckpoint in every hook.
+    """
+
+    def __init__(self, every_batch: bool = False):
+        self.every_batch = every_batch
+        self._saved_step = -1
+
+    @staticmethod
+    def path(trainer: L.Trainer) -> Path | None:
+        """Where the last checkpoint of this trainer's phase goes (None: no ModelCheckpoint)."""
+        ckpt = trainer.checkpoint_callback
+        if ckpt is None or ckpt.dirpath is None:
+            return None
+        return Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+
+    def _save(self, trainer: L.Trainer) -> None:
+        path = self.path(trainer)
+        if path is None or trainer.sanity_checking or self._saved_step == trainer.global_step:
+            return
+        self._saved_step = trainer.global_step
+        trainer.save_checkpoint(str(path), weights_only=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        ckpt = trainer.checkpoint_callback
-        if ckpt is None or ckpt.dirpath is None or trainer.sanity_checking:
-            return
-        path = Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
-        trainer.save_checkpoint(str(path), weights_only=False)
+        if self.every_batch:
+            self._save(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)

@@ -60,13 +60,16 @@ def kill_when(proc: subprocess.Popen, path: Path, timeout: float = 240) -> bool:
     raise AssertionError(f"{path} never appeared")
 
 
-def run_killed(tmp_path: Path, name: str, args: list[str], kill_at: str) -> tuple[dict, Path]:
-    """Run, kill at the first appearance of ``<run dir>/<kill_at>``, resume; return (results, run dir)."""
-    run_dir = tmp_path / name
-    killed = kill_when(launch([*args, f"hydra.run.dir={run_dir}"]), run_dir / kill_at)
-    assert killed, f"the run ended before {kill_at} appeared"
-    assert not (run_dir / "results.json").exists()
-    finish(launch([f"resume={run_dir}", "trainer.enable_progress_bar=false"]))
+def run_killed_twice(tmp_path: Path, args: list[str], kill_at: list[str]) -> tuple[dict, Path]:
+    """Run, SIGKILL at the first appearance of ``<run dir>/<kill_at[0]>``, resume, SIGKILL that resumed run at
+    ``kill_at[1]``, resume again to the end; return (results, run dir)."""
+    run_dir = tmp_path / "killed"
+    proc = launch([*args, f"hydra.run.dir={run_dir}"])
+    for point in kill_at:
+        assert kill_when(proc, run_dir / point), f"the run ended before {point} appeared"
+        assert not (run_dir / "results.json").exists()
+        proc = launch([f"resume={run_dir}", "trainer.enable_progress_bar=false"])
+    finish(proc)
     return json.loads((run_dir / "results.json").read_text()), run_dir
 
 
@@ -112,28 +115,19 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, pruner):
     args = [*COMMON, *args]
     whole, whole_dir = run_whole(tmp_path, args)
     assert whole["resumed"] == []
-    for i, point in enumerate(kill_points):
-        resumed, run_dir = run_killed(tmp_path, f"killed{i}", args, point)
-        assert_same_run(whole, resumed, whole_dir, run_dir, models)
-        phase = point.split("/")[1]
-        if point.endswith("last.ckpt"):
-            assert [e["phase"] for e in resumed["resumed"]] == [phase]
-        if "pruner" in whole:
-            for key in ("overall", "masked", "gates_frozen_at_step"):
-                assert resumed["pruner"].get(key) == whole["pruner"].get(key), key
-        for phase_dir in (run_dir / "checkpoints").iterdir():
-            if phase_dir.is_dir():  # a finished phase keeps one checkpoint
-                assert sorted(p.name for p in phase_dir.glob("*.ckpt")) == ["final.ckpt"]
-
-
-@pytest.mark.slow
-def test_resume_of_a_finished_run_changes_nothing_and_result_changing_overrides_are_refused(tmp_path):
-    args = [*COMMON, *STREAM, "pruner=none"]
-    _, run_dir = run_whole(tmp_path, args)
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
-    out = finish(launch([f"resume={run_dir}"]))
-    assert "is finished" in out
-    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
-    proc = launch([f"resume={run_dir}", "seed=3"])
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "error:" in out and "seed" in out
+    resumed, run_dir = run_killed_twice(tmp_path, args, kill_points)
+    assert_same_run(whole, resumed, whole_dir, run_dir, models)
+    assert [e["phase"] for e in resumed["resumed"]] == [p.split("/")[1] for p in kill_points if p.endswith("last.ckpt")]
+    if "pruner" in whole:
+        for key in ("overall", "masked", "gates_frozen_at_step", "chosen"):
+            assert resumed["pruner"].get(key) == whole["pruner"].get(key), key
+    for phase_dir in (run_dir / "checkpoints").iterdir():
+        if phase_dir.is_dir():  # a finished phase keeps one checkpoint
+            assert sorted(p.name for p in phase_dir.glob("*.ckpt")) == ["final.ckpt"]
+    if pruner == "d2s":  # resuming a finished run changes nothing; an override changing the result is refused
+        before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+        assert "is finished" in finish(launch([f"resume={run_dir}"]))
+        assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+        proc = launch([f"resume={run_dir}", "pruner.target_sparsity=0.5"])
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and out.startswith("error:") and "pruner.target_sparsity" in out
