@@ -105,6 +105,15 @@ CASES = {
             ["checkpoints/dense/last.ckpt", "checkpoints/pruned/last.ckpt"]),
     "top": (TEXT + ["pruner=top", "pruner.teacher_epochs=1", "pruner.pruning_epochs=2", "pruner.bin_count=4"],
             ["dense", "pruned"], ["checkpoints/dense/last.ckpt", "checkpoints/pruned/last.ckpt"]),
+    # a fixed latency table and a budget every candidate meets: the search is deterministic (timings only break
+    # ties of equal proxy quality); the second kill lands mid-search (after a generation's search checkpoint)
+    "swiftpruner": (TEXT[:-1] + ["trainer.max_epochs=1", "pruner=swiftpruner", "pruner.head_choices=[0,2,4]",
+                                 "pruner.ffn_fractions=[0,0.5,1]", "pruner.search.generations=4",
+                                 "pruner.search.population_size=4", "pruner.search.parents=2", "pruner.proxy.examples=16",
+                                 "pruner.proxy.metric=auroc", "pruner.importance.examples=16",
+                                 "pruner.latency.repeats=2", "pruner.latency.seq_len=16", "pruner.latency.budget_ms=1000",
+                                 "pruner.latency.verify_rounds=0", "pruner.latency.calibration_models=2"],
+                    ["dense", "pruned", "uniform"], ["checkpoints/dense/last.ckpt", "checkpoints/pruned/search_state.pt"]),
 }
 
 
@@ -115,12 +124,17 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, pruner):
     args = [*COMMON, *args]
     whole, whole_dir = run_whole(tmp_path, args)
     assert whole["resumed"] == []
+    if pruner == "swiftpruner":  # the killed run predicts latency with the table the uninterrupted run measured
+        args = [*args, f"pruner.latency.table={whole_dir / 'latency_table.json'}"]
     resumed, run_dir = run_killed_twice(tmp_path, args, kill_points)
     assert_same_run(whole, resumed, whole_dir, run_dir, models)
     assert [e["phase"] for e in resumed["resumed"]] == [p.split("/")[1] for p in kill_points if p.endswith("last.ckpt")]
     if "pruner" in whole:
-        for key in ("overall", "masked", "gates_frozen_at_step", "chosen"):
+        for key in ("overall", "masked", "gates_frozen_at_step"):
             assert resumed["pruner"].get(key) == whole["pruner"].get(key), key
+        if pruner == "swiftpruner":  # the same candidates, in the same order, and the same choice
+            assert [c["genes"] for c in resumed["pruner"]["candidates"]] == [c["genes"] for c in whole["pruner"]["candidates"]]
+            assert resumed["pruner"]["chosen"]["genes"] == whole["pruner"]["chosen"]["genes"]
     for phase_dir in (run_dir / "checkpoints").iterdir():
         if phase_dir.is_dir():  # a finished phase keeps one checkpoint
             assert sorted(p.name for p in phase_dir.glob("*.ckpt")) == ["final.ckpt"]
@@ -131,3 +145,68 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, pruner):
         proc = launch([f"resume={run_dir}", "pruner.target_sparsity=0.5"])
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 2 and out.startswith("error:") and "pruner.target_sparsity" in out
+
+
+# ------------------------------------------------------------------ fast checks of the pieces
+def test_resume_argv_uses_the_saved_config_and_refuses_result_changing_overrides(tmp_path):
+    from modules.errors import ConfigError
+    from pipelines.resume import resume_argv
+
+    assert resume_argv(["run.py", "seed=1"]) == (["run.py", "seed=1"], None)
+    with pytest.raises(ConfigError, match="no saved config"):
+        resume_argv(["run.py", f"resume={tmp_path}"])
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    argv, run_dir = resume_argv(["run.py", f"resume={tmp_path}", "trainer.enable_progress_bar=false", "logger.csv.name=x"])
+    assert run_dir == tmp_path.resolve()
+    assert argv[1:5] == ["--config-path", str(tmp_path.resolve() / ".hydra"), "--config-name", "config"]
+    assert f"hydra.run.dir={tmp_path.resolve()}" in argv and "trainer.enable_progress_bar=false" in argv
+    for bad in ("pruner.target_sparsity=0.5", "seed=3", "trainer.max_epochs=9", "+model.extra=1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].lstrip("+")):
+            resume_argv(["run.py", f"resume={tmp_path}", bad])
+
+
+def test_nan_guard_names_phase_and_step():
+    from types import SimpleNamespace
+
+    from pipelines.resume import NonFiniteLossError, NonFiniteLossGuard
+
+    guard = NonFiniteLossGuard("pruned")
+    trainer = SimpleNamespace(global_step=17, _results=None)
+    guard.on_before_backward(trainer, None, torch.tensor(0.5))  # finite: nothing happens
+    with pytest.raises(NonFiniteLossError, match=r"phase pruned: the training loss is nan at global step 17"):
+        guard.on_before_backward(trainer, None, torch.tensor(float("nan")))
+
+
+def test_disk_checks_fail_before_training(tmp_path, monkeypatch):
+    import shutil
+
+    from pipelines import resume
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(resume.DiskError, match="not writable"):
+        resume.check_disk(blocker / "run", torch.nn.Linear(4, 4))
+    resume.check_disk(tmp_path / "run", torch.nn.Linear(4, 4))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: SimpleUsage(free=10))
+    with pytest.raises(resume.DiskError, match="MB free"):
+        resume.check_disk(tmp_path / "run", torch.nn.Linear(400, 400))
+
+
+class SimpleUsage:
+    """A stand-in for ``shutil.disk_usage``'s result."""
+
+    def __init__(self, free: int):
+        self.free = free
+
+
+def test_checkpoint_io_is_atomic_and_rng_state_round_trips(tmp_path):
+    from pipelines.resume import AtomicCheckpointIO, RunState
+
+    state = RunState().state_dict()
+    AtomicCheckpointIO().save_checkpoint({"callbacks": {"RunState": state}}, tmp_path / "a" / "last.ckpt")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["last.ckpt"]
+    loaded = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["callbacks"]["RunState"]
+    expected = torch.rand(3)
+    RunState().load_state_dict(loaded)
+    assert torch.equal(torch.rand(3), expected)
