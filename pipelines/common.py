@@ -5,7 +5,9 @@ Each fit is a *phase* (:func:`fit_phase`) with its own checkpoint folder
 (``checkpoints/<phase>``) and its own logger run (W&B run or CSV version named after the
 phase), finished at the end of the phase so multirun jobs never merge into one W&B run.
 Which checkpoint a phase keeps comes from Lightning's ``ModelCheckpoint`` state (best by
-the phase's monitored metric, else the last).
+the phase's monitored metric, else the last); a finished phase keeps only that one, as
+``final.ckpt`` with a completion record, and a killed run resumes its open phase
+(:mod:`pipelines.resume`).
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def fit_phase(
     """
     loggers = build_loggers(cfg, phase)
     callbacks = build_callbacks(cfg, phase, monitor=plan.monitor, mode=plan.mode, has_logger=bool(loggers))
-    callbacks += resume.phase_callbacks(phase, stream=cfg.model.get("pipeline") == "stream")
+    callbacks += resume.phase_callbacks(phase, stream=cfg.model.get("pipeline") == "stream", seed=cfg.seed)
     model_trainer = cfg.model.get("trainer")
     overrides = OmegaConf.to_container(model_trainer, resolve=True) if model_trainer else {}
     if plan.max_epochs is not None:

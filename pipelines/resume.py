@@ -168,9 +168,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # ----------------------------------------------------------------------------- callbacks
 class RunState(L.Callback):
     """Saves the global RNG states (torch, numpy, random) in each checkpoint and restores them on resume,
-    so dropout and sampled gates after a resume draw what the uninterrupted run drew."""
+    so dropout and sampled gates after a resume draw what the uninterrupted run drew.
+
+    A phase that starts afresh is seeded with ``seed`` when its training starts (after any
+    search in ``on_fit_start``), so its draws do not depend on what the process did before
+    (earlier phases fitted here or restored from their records).
+    """
 
     state_key = "RunState"
+
+    def __init__(self, seed: int = 0):
+        self.seed = int(seed)
 
     def state_dict(self) -> dict[str, Any]:
         """RNG states as tensors and plain values (``weights_only`` loadable)."""
@@ -183,7 +191,7 @@ class RunState(L.Callback):
         }
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Hand a restored fit's data position to its loaders when Lightning could not.
+        """Seed a fresh fit; hand a restored fit's data position to its loaders when Lightning could not.
 
         Lightning loads the loaders' state when it sets up the training data, but a module
         whose ``configure_optimizers`` asks ``trainer.estimated_stepping_batches`` (BERT's
@@ -191,6 +199,8 @@ class RunState(L.Callback):
         are still pending here, and the training iterator is rebuilt after loading them.
         """
         loop = trainer.fit_loop
+        if not loop.restarting:
+            L.seed_everything(self.seed, workers=True, verbose=False)
         if loop.restarting and loop._combined_loader_states_to_load and loop._combined_loader is not None:
             loop._combined_loader._load_state_dicts(loop._combined_loader_states_to_load)
             loop._combined_loader_states_to_load = []
@@ -219,9 +229,15 @@ class NonFiniteLossGuard(L.Callback):
         if bool(torch.isfinite(loss.detach()).all()):
             return
         bad = []
-        results = getattr(trainer, "_results", None)  # this step's logged values (Lightning's ResultCollection)
-        for key, metric in (results.items() if results is not None else []):
-            value = getattr(metric, "value", None)
+        try:  # this step's logged values (Lightning's ResultCollection)
+            items = list(trainer._results.items())
+        except AttributeError:
+            items = []
+        for key, metric in items:
+            try:
+                value = metric.value
+            except AttributeError:
+                continue
             if isinstance(value, torch.Tensor) and value.numel() == 1 and not bool(torch.isfinite(value)):
                 bad.append(key.split(".", 1)[-1])
         terms = f"non-finite terms logged this step: {sorted(set(bad))}" if bad else "the task loss itself (no logged term is non-finite)"
@@ -269,7 +285,7 @@ def finish_phase(out_dir: Path, phase: str, trainer: L.Trainer, chosen: str, sco
 
     ``final.ckpt`` holds the chosen checkpoint's weights and module extras, without optimizer
     and loop state, and the callbacks' (pruner's) state as it stands at the end of the fit.
-    Every other checkpoint of the phase is deleted, then the record is written (last).
+    Then the completion record is written, then every other checkpoint of the phase is deleted.
     """
     phase_dir = Path(out_dir) / "checkpoints" / phase
     ckpt = torch.load(chosen, map_location="cpu", weights_only=True)
@@ -278,18 +294,24 @@ def finish_phase(out_dir: Path, phase: str, trainer: L.Trainer, chosen: str, sco
     ckpt["callbacks"] = _states([cb for cb in trainer.callbacks if not isinstance(cb, RunState)])
     final = phase_dir / FINAL_CKPT
     AtomicCheckpointIO().save_checkpoint(ckpt, final)
-    for p in phase_dir.glob("*.ckpt"):
-        if p.name != FINAL_CKPT:
-            p.unlink()
     record = {"done": True, "phase": phase, "checkpoint": FINAL_CKPT, "score": score,
               "global_step": int(trainer.global_step)}
     fsync_write(phase_dir / RECORD_FILE, (json.dumps(record, indent=1) + "\n").encode())
+    remove_resumable(phase_dir)
     return str(final)
+
+
+def remove_resumable(phase_dir: Path) -> None:
+    """Delete a finished phase's other checkpoints (after its record: a kill before that resumes from them)."""
+    for p in Path(phase_dir).glob("*.ckpt*"):
+        if p.name != FINAL_CKPT:
+            p.unlink(missing_ok=True)
 
 
 def restore_finished(phase_dir: Path, module: L.LightningModule, trainer: L.Trainer, callbacks: list[L.Callback]) -> tuple[str, float | None]:
     """Load a finished phase's module and callback state from its kept checkpoint; return (path, score)."""
     record = read_record(phase_dir)
+    remove_resumable(phase_dir)  # left over by a kill between the record and the clean-up
     path = Path(phase_dir) / record["checkpoint"]
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     module.on_load_checkpoint(ckpt)
@@ -321,6 +343,8 @@ def fit_or_restore(
     if ckpt_path is not None:
         step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
         _record_resume(Path(out_dir), phase, step)
+    elif phase_dir.is_dir() and any(phase_dir.iterdir()):  # killed before its first checkpoint (e.g. mid-search)
+        _record_resume(Path(out_dir), phase, 0)
     else:
         check_disk(Path(out_dir), module)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
@@ -328,10 +352,10 @@ def fit_or_restore(
     return finish_phase(Path(out_dir), phase, trainer, path, score), score, True
 
 
-def phase_callbacks(phase: str, stream: bool) -> list[L.Callback]:
-    """Callbacks every phase gets: RNG state, the NaN guard, and the resumable ``last.ckpt``
-    (after every validation and epoch; for a stream also after every window)."""
-    return [RunState(), NonFiniteLossGuard(phase), LastCheckpoint(every_batch=stream)]
+def phase_callbacks(phase: str, stream: bool, seed: int) -> list[L.Callback]:
+    """Callbacks every phase gets: RNG state (seeded with ``seed`` when the phase starts), the NaN guard,
+    and the resumable ``last.ckpt`` (after every validation and epoch; for a stream also after every window)."""
+    return [RunState(seed), NonFiniteLossGuard(phase), LastCheckpoint(every_batch=stream)]
 
 
 class LastCheckpoint(Checkpoint):
