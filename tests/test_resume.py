@@ -136,7 +136,11 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, pruner):
             if a["genes"] != b["genes"]:
                 models = [m for m in models if m != name]
     assert_same_run(whole, resumed, whole_dir, run_dir, models)
-    assert [e["phase"] for e in resumed["resumed"]] == [p.split("/")[1] for p in kill_points]
+    # every kill inside a phase's training is resumed from a checkpoint; a kill as final.ckpt appears may land
+    # before or after the completion record (then the phase is finished and nothing is resumed)
+    required = [p.split("/")[1] for p in kill_points if not p.endswith("final.ckpt")]
+    phases = [e["phase"] for e in resumed["resumed"]]
+    assert phases[: len(required)] == required and set(phases) <= {p.split("/")[1] for p in kill_points}
     if "pruner" in whole:
         for key in ("overall", "masked", "gates_frozen_at_step"):
             assert resumed["pruner"].get(key) == whole["pruner"].get(key), key
