@@ -5,7 +5,8 @@
 
 Every variant is one ``run.py`` run (``model=dlrm pruner=d2s``, composed from the real
 configs), which trains a dense reference and the pruned model on the same stream with the
-same seed, and measures both served copies' CPU latency interleaved. Variants:
+same seed, and measures both served copies' CPU latency interleaved, in PyTorch eager and
+in ONNX Runtime (the exported ``served/<name>/model.onnx``). Variants:
 
 * ``d2s_unstructured_90``: adaptive D2S, 90% unstructured MLP sparsity;
 * ``static_unstructured_90``: prune once at the start, then train sparse (same sparsity);
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "per_layer": r["pruner"]["per_layer"],
                 "latency_ms": {"dense": r["dense"]["latency_ms"], "pruned": r["pruned"]["latency_ms"]},
                 "speedup": r["speedup"],
+                "latency_ms_onnxruntime": {k: r[k].get("latency_ms_onnxruntime") for k in ("dense", "pruned")},
+                "speedup_onnxruntime": r.get("speedup_onnxruntime"),
+                "speedup_vs_dense_torch": r.get("speedup_vs_dense_torch"),
                 "params": {"dense": r["dense"]["params"], "pruned": r["pruned"]["params"]},
                 "mlp_params": {"dense": r["dense"]["mlp_params"], "pruned": r["pruned"]["mlp_params"]},
             }
@@ -111,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
             "neurons_removed": avg(v, "neurons_removed"),
             "speedup": {b: mean([runs[v][s]["speedup"][b] for s in args.seeds]) for b in ("1", "4096")},
         }
+        if all(runs[v][s]["speedup_onnxruntime"] for s in args.seeds):
+            for key in ("speedup_onnxruntime", "speedup_vs_dense_torch"):
+                summary["variants"][v][key] = {b: mean([runs[v][s][key][b] for s in args.seeds]) for b in ("1", "4096")}
     figures = {}
     if "d2s_unstructured_90" in runs:
         d = summary["variants"]["d2s_unstructured_90"]
@@ -129,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
         figures["neuron50_speedup_bs4096"] = n["speedup"]["4096"]
         figures["neuron50_speedup_bs1"] = n["speedup"]["1"]
         figures["neuron50_auc_cost"] = -n["auc_delta"]
+        if "speedup_onnxruntime" in n:
+            figures["neuron50_speedup_onnxruntime_bs4096"] = n["speedup_onnxruntime"]["4096"]
+            figures["neuron50_speedup_onnxruntime_bs1"] = n["speedup_onnxruntime"]["1"]
     summary["figures"] = figures
     summary["per_seed"] = runs
     summary["command"] = "python benchmarks/d2s_stream.py " + " ".join(argv if argv is not None else sys.argv[1:])

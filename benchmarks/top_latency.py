@@ -3,8 +3,9 @@
     python benchmarks/top_latency.py RUN_DIR [--batch-sizes 1 8 32 64] [--repeats 30] [--threads 2]
 
 Reads RUN_DIR/results.json for the dense and pruned checkpoints, rebuilds the run's
-test split, times both models interleaved in this process (pruned tokens physically
-removed) and writes RUN_DIR/benchmark_top_latency.json, printing a table. It is a
+test split, exports both served models to ONNX (RUN_DIR/served/, as export.py does), times
+them in PyTorch eager and in ONNX Runtime interleaved in this process (pruned tokens
+physically removed in both) and writes RUN_DIR/benchmark_top_latency.json, printing a table. It is a
 benchmark, not a test: it asserts nothing and only reports what it measured.
 """
 
@@ -18,12 +19,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 import pipelines.configs  # noqa: E402,F401  (registers the resolvers the run's config uses)
 from modules.bert_classifier import BertClassifier  # noqa: E402
 from pipelines.common import build  # noqa: E402
-from pipelines.text import time_models  # noqa: E402
+from pipelines.reexport import load_run  # noqa: E402
+from pipelines.text import export_text_models, time_models  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -49,29 +50,37 @@ def main(argv: list[str] | None = None) -> dict:
     results = json.loads(results_path.read_text())
     if "pruned" not in results:
         raise ValueError(f"{results_path} has no pruned model; benchmark a run with a pruner (e.g. pruner=top).")
-    cfg = OmegaConf.load(config_path)
+    cfg, _ = load_run(args.run_dir.resolve())
+    cfg.threads = args.threads
     datamodule = build(cfg.data)
     datamodule.setup("test")
     models = {  # checkpoints are recorded relative to the run dir
         name: BertClassifier.load_from_checkpoint(args.run_dir / results[name]["checkpoint"], map_location="cpu").served_model()
         for name in ("dense", "pruned")
     }
+    served, sessions = export_text_models(cfg, args.run_dir.resolve(), models, datamodule, results)
     torch.manual_seed(0)
     latency, proto = time_models(
-        models, datamodule, args.batch_sizes, args.warmup, args.repeats, args.threads, args.examples
+        models, datamodule, args.batch_sizes, args.warmup, args.repeats, args.threads, args.examples, sessions=sessions
     )
+    ort = {name: latency[f"{name}@onnxruntime"] for name in models}
     out = {
         "command": "python benchmarks/top_latency.py RUN_DIR " + " ".join((argv if argv is not None else sys.argv[1:])[1:]),
         "latency_ms": latency,
         "speedup": {bs: latency["dense"][bs] / latency["pruned"][bs] for bs in latency["dense"]},
+        "speedup_onnxruntime": {bs: ort["dense"][bs] / ort["pruned"][bs] for bs in ort["dense"]},
+        "speedup_vs_dense_torch": {bs: latency["dense"][bs] / ort["pruned"][bs] for bs in ort["dense"]},
+        "max_abs_diff": {name: e["max_abs_diff"] for name, e in served.items()},
         "macs_reduction": results.get("macs_reduction"),
         "accuracy": {name: results[name]["metrics"]["accuracy"] for name in ("dense", "pruned")},
         "protocol": proto,
     }
     (args.run_dir / "benchmark_top_latency.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"{'batch':>6} {'dense ms':>10} {'pruned ms':>10} {'speedup':>8}")
+    print(f"{'batch':>6} {'dense ms':>9} {'pruned ms':>9} {'speedup':>8} {'dense ort':>9} {'pruned ort':>10} {'ort x':>6} {'vs eager':>8}")
     for bs in latency["dense"]:
-        print(f"{bs:>6} {latency['dense'][bs]:>10.2f} {latency['pruned'][bs]:>10.2f} {out['speedup'][bs]:>7.2f}x")
+        print(f"{bs:>6} {latency['dense'][bs]:>9.2f} {latency['pruned'][bs]:>9.2f} {out['speedup'][bs]:>7.2f}x "
+              f"{ort['dense'][bs]:>9.2f} {ort['pruned'][bs]:>10.2f} {out['speedup_onnxruntime'][bs]:>5.2f}x "
+              f"{out['speedup_vs_dense_torch'][bs]:>7.2f}x")
     print(f"written: {args.run_dir / 'benchmark_top_latency.json'}")
     return out
 

@@ -80,7 +80,7 @@ class BertClassifier(L.LightningModule):
     ):
         super().__init__()
         if lr <= 0 or not 0 <= warmup_fraction < 1:
-            raise ConfigError(f"model.lr={lr} must be > 0 and model.warmup_fraction={warmup_fraction} in [0, 1).")
+            raise ConfigError(f"model.module.lr={lr} must be > 0 and model.module.warmup_fraction={warmup_fraction} in [0, 1).")
         if bert_config is not None:
             self.model = PrunableBertForSequenceClassification(BertConfig(**{**bert_config, "num_labels": num_labels}))
         elif pretrained is not None:
@@ -226,6 +226,14 @@ class BertClassifier(L.LightningModule):
         served = copy.deepcopy(self)
         served.model = shrink_structured(self.model)
         return served.eval()
+
+    def exportable(self) -> "ExportableBert":
+        """The served model as one plain tensor function for ONNX export
+        (:class:`modules.served_bert.ExportableBert`: token selection inside the graph)."""
+        from modules.served_bert import ExportableBert
+
+        served = self.served_model()
+        return ExportableBert(served.model, served.token_gates)
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

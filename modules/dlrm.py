@@ -551,6 +551,12 @@ class DLRMModule(L.LightningModule):
         neurons physically removed, eval mode, no gradients. The module is unchanged."""
         return export_served(self.model, remove_neurons=True)
 
+    def exportable(self) -> "ExportableDLRM":
+        """The served model for ONNX export (:class:`modules.served_dlrm.ExportableDLRM`)."""
+        from modules.served_dlrm import ExportableDLRM
+
+        return ExportableDLRM(self.served_model())
+
     def configure_optimizers(self):
         """Adam over all parameters; weight decay only on MLP weights."""
         decay = [l.weight for l in self.model.mlp_layers().values()]

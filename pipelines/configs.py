@@ -27,7 +27,7 @@ from typing import Any, Optional
 import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra_zen import BuildsFn
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import OmegaConf
 
@@ -75,12 +75,31 @@ class LatencyConfig:
         warmup: untimed calls per model before timing.
         repeats: timed rounds (interleaved across models); the figure is the median, ms.
         examples: text: inputs are the first ``max(examples, batch size)`` test examples.
+        threads: torch intra-op threads while timing (None: the training count, ``threads``).
     """
 
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     warmup: int = 3
     repeats: int = 15
     examples: int = 32
+    threads: Optional[int] = None
+
+
+@dataclass
+class ExportConfig:
+    """How a run exports its final models for serving (see ``pipelines.export``).
+
+    Attributes:
+        enabled: export every final model to ``served/<name>/`` (ONNX) and time it in ONNX Runtime.
+        opset: ONNX opset of the exported graphs (>= 17).
+        parity_examples: ONNX Runtime's logits are compared with PyTorch's on this many first test inputs.
+        max_abs_diff: the largest logit difference that counts as parity (a larger one is flagged).
+    """
+
+    enabled: bool = True
+    opset: int = 18
+    parity_examples: int = 256
+    max_abs_diff: float = 1e-4
 
 
 @dataclass
@@ -119,17 +138,24 @@ class RunConfig:
         task_name: names the run dir and the W&B runs (``<model>-<pruner>``).
         seed: seeds Lightning, the data order and the pruners' own generators.
         debug: a user error shows its traceback instead of one line.
-        threads: torch intra-op threads for training and latency (None: torch's choice).
-        optimized_metric: dotted path into results.json that ``main`` returns to sweepers.
+        threads: torch intra-op threads for training (None: the cores the process may use,
+            capped by torch's default; ``pipelines.threads``). Latency has its own, ``latency.threads``.
+        optimized_metric: dotted path into results.json that ``main`` returns to sweepers, or a
+            list of them for a multi-objective search (``hparams_search=top_optuna``).
+        teacher_cache: reuse dense teachers across runs (``pipelines.teacher_cache``): None
+            (default) in multirun jobs only, True always, False never.
         latency: how final models are timed.
+        export: how final models are exported and served (ONNX, ONNX Runtime).
     """
 
     task_name: str = "???"
     seed: int = 42
     debug: bool = False
     threads: Optional[int] = None
-    optimized_metric: Optional[str] = None
+    optimized_metric: Any = None
+    teacher_cache: Optional[bool] = None
     latency: LatencyConfig = field(default_factory=LatencyConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     model: Any = None
     data: Any = None
     pruner: Any = None
@@ -163,6 +189,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="base_trainer", node=schema(L.Trainer, zen_exclude=("callbacks", "logger")))
     cs.store(group="callbacks", name="base_model_checkpoint", node=schema(ModelCheckpoint))
     cs.store(group="callbacks", name="base_lr_monitor", node=schema(LearningRateMonitor))
+    cs.store(group="callbacks", name="base_early_stopping", node=schema(EarlyStopping))
     cs.store(group="logger", name="base_wandb", node=schema(WandbLogger, group=None, job_type=None))
     cs.store(group="logger", name="base_csv", node=schema(CSVLogger))
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from modules.dlrm import count_nonzero_params
 from modules.latency import measure_latency_ms, protocol
-from pipelines.common import build, fit_phase, run_relative
+from modules.stream_data import StreamDataModule
+from pipelines.common import build, check_data_kind, fit_phase, run_relative
+from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
+from pipelines.threads import latency_threads
 from pruners.base import FitPlan, Pruner
+from serving.runtime import graph_feeds
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +68,21 @@ def build_module(cfg: DictConfig, dm) -> L.LightningModule:
     return build(cfg.model.module, **dm.model_sizes(), _convert_="all")
 
 
-def stream_phase(cfg: DictConfig, dm, phase: str, pruner: Pruner | None = None, after_fit=None) -> L.LightningModule:
-    """Seed, build, and train one phase over the whole stream (one pass, prequential); return the module.
+def stream_phase(
+    cfg: DictConfig, dm, phase: str, pruner: Pruner | None = None, after_fit=None
+) -> tuple[L.LightningModule, str]:
+    """Seed, build, and train one phase over the whole stream (one pass, prequential).
+
+    Returns:
+        (the trained module, the phase's checkpoint path).
 
     ``after_fit(module, loggers)`` runs before the phase's loggers are finished (to log plots).
     """
     L.seed_everything(cfg.seed, workers=True)
     module = build_module(cfg, dm)
     plan = pruner.fit_plan() if pruner is not None else FitPlan()
-    fit_phase(cfg, phase, module, dm, plan, extra_callbacks=[pruner] if pruner is not None else [], after_fit=after_fit)
-    return module
+    path, _ = fit_phase(cfg, phase, module, dm, plan, extra_callbacks=[pruner] if pruner is not None else [], after_fit=after_fit)
+    return module, path
 
 
 def latency_inputs(dm, batch_size: int) -> tuple[torch.Tensor, ...]:
@@ -84,11 +94,89 @@ def latency_inputs(dm, batch_size: int) -> tuple[torch.Tensor, ...]:
     return s.dense[idx], s.sparse[idx], multi
 
 
+def export_stream_models(
+    cfg: DictConfig, out_dir: Path, modules: dict[str, L.LightningModule], served: dict[str, torch.nn.Module], dm
+) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Export each served DLRM to ``served/<name>/`` and check ONNX Runtime against PyTorch.
+
+    Parity inputs: the last ``export.parity_examples`` rows of the stream (its newest rows).
+
+    Returns:
+        (name -> results ``served`` entry, name -> ONNX Runtime session); see :mod:`pipelines.export`.
+    """
+    x = latency_inputs(dm, min(int(cfg.export.parity_examples), len(dm.stream)))
+    folders, parity = {}, {}
+    for name, module in modules.items():
+        exportable = module.exportable()
+        meta = {"kind": "recommender", **exportable.io_meta(), "pruning": exportable.summary()}
+        folders[name] = partial(
+            write_served_folder, out_dir, name, exportable, exportable.feeds(*latency_inputs(dm, 8)),
+            exportable.dynamic_axes(), meta, dm.write_serving_files, int(cfg.export.opset),
+        )
+        with torch.no_grad():
+            reference = [served[name](*x)]
+        feeds = [{k: v.numpy() for k, v in exportable.feeds(*x).items()}]
+        parity[name] = partial(max_abs_diff, feeds=feeds, reference=reference)
+    return export_models(cfg, out_dir, folders, parity)
+
+
 def served_macs(model) -> int:
     """Multiply-accumulates per sample of a served DLRM's MLPs and dot interaction (embedding lookups excluded)."""
     mlp = sum(l.weight.shape[0] * l.weight.shape[1] for m in model.mlps().values() for l in m.layers)
     f = model.sparse_arch.num_features + 1
     return int(mlp + f * f * model.sparse_arch.embedding_dim)
+
+
+def serve_and_time(
+    cfg: DictConfig, out_dir: Path, results: dict[str, Any], modules: dict[str, L.LightningModule],
+    served: dict[str, torch.nn.Module], dm,
+) -> None:
+    """Export the served models (when ``export.enabled``), time them in PyTorch and ONNX Runtime, record it all.
+
+    Fills, per model, ``served``, ``latency_ms`` and ``latency_ms_onnxruntime`` (by batch
+    size), ``speedup`` (dense / model, PyTorch), ``speedup_onnxruntime`` and
+    ``speedup_vs_dense_torch``, and the top-level ``latency_aa_ratio``, ``latency_protocol``
+    and ``speedup``. Used by a run and by ``export.py`` on a finished run.
+    """
+    sessions = {}
+    if cfg.export.enabled:
+        exported, sessions = export_stream_models(cfg, out_dir, modules, served, dm)
+        for name, entry in exported.items():
+            results[name]["served"] = entry
+    lat = cfg.latency
+    threads = latency_threads(cfg)
+    for b in lat.batch_sizes:
+        x = latency_inputs(dm, int(b))
+        calls = {k: (lambda m=m: m(*x)) for k, m in served.items()}
+        calls["dense_again"] = lambda: served["dense"](*x)  # A/A control: the same model timed twice
+        for k, session in sessions.items():
+            feeds = graph_feeds(session, {n: v.numpy() for n, v in modules[k].exportable().feeds(*x).items()})
+            calls[f"{k}@onnxruntime"] = lambda s=session, f=feeds: s.run(None, f)
+        ms = measure_latency_ms(calls, warmup=int(lat.warmup), repeats=int(lat.repeats), threads=threads)
+        for k in served:
+            results[k].setdefault("latency_ms", {})[str(b)] = ms[k]
+            if k in sessions:
+                results[k].setdefault("latency_ms_onnxruntime", {})[str(b)] = ms[f"{k}@onnxruntime"]
+        results.setdefault("latency_aa_ratio", {})[str(b)] = ms["dense"] / ms["dense_again"]
+    results["latency_protocol"] = protocol(
+        threads, int(lat.warmup), int(lat.repeats),
+        "served copies (modules.dlrm.export_served: masks folded into nn.Linear/nn.EmbeddingBag, hidden "
+        "neurons whose weights are all masked physically removed, so only neuron-level pruning shrinks the "
+        "MLPs; unstructured zeros stay in dense kernels)",
+    )
+    if sessions:
+        results["latency_protocol"]["onnxruntime"] = (
+            "ONNX Runtime CPU session of served/<name>/model.onnx (graph optimisations ORT_ENABLE_ALL, sequential, "
+            f"intra-op threads = threads, no spinning), onnxruntime {onnxruntime_version()}; timed in the same "
+            "interleaved rounds on the same rows"
+        )
+    for name in served:
+        if name != "dense":
+            d, p = results["dense"], results[name]
+            p["speedup"] = {b: d["latency_ms"][b] / p["latency_ms"][b] for b in d["latency_ms"]}
+    if "pruned" in results:
+        results["speedup"] = results["pruned"]["speedup"]
+    add_runtime_speedups(results, list(served))
 
 
 def plot_stream(results: dict[str, Any], names: list[str], path: Path) -> Path:
@@ -124,6 +212,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         pruners.base.PrunerConfigError: bad pruner settings, or a pruner that cannot prune this
             model (raised before any training).
     """
+    check_data_kind(cfg, StreamDataModule, "a stream (data=movielens, data=stream_csv or data=criteo)")
     pruner: Pruner | None = build(cfg.pruner, _convert_="all") if cfg.pruner.get("_target_") else None
     dm = build(cfg.data, _convert_="all")
     dm.setup("fit")
@@ -137,7 +226,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "metrics are means over the second half of the windows",
         "model": OmegaConf.to_container(cfg.model.module, resolve=True),
     }
-    modules = {"dense": stream_phase(cfg, dm, "dense")}
+    modules, checkpoints = {}, {}
+    modules["dense"], checkpoints["dense"] = stream_phase(cfg, dm, "dense")
     files: dict[str, str] = {}
 
     def after_fit(name: str, p: Pruner):
@@ -156,12 +246,14 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         return record
 
     if pruner is not None:
-        modules["pruned"] = stream_phase(cfg, dm, "pruned", pruner, after_fit("pruned", pruner))
+        modules["pruned"], checkpoints["pruned"] = stream_phase(cfg, dm, "pruned", pruner, after_fit("pruned", pruner))
         for name, baseline in pruner.baselines().items():
-            modules[name] = stream_phase(cfg, dm, name, baseline, after_fit(name, baseline))
+            modules[name], checkpoints[name] = stream_phase(cfg, dm, name, baseline, after_fit(name, baseline))
     for name, module in modules.items():
         records = module.window_records
-        results.setdefault(name, {}).update({"metrics": second_half_means(records), "per_window": per_window(records)})
+        results.setdefault(name, {}).update(
+            {"checkpoint": run_relative(checkpoints[name], out_dir), "metrics": second_half_means(records), "per_window": per_window(records)}
+        )
     if "pruned" in results:
         results["pruner"] = results["pruned"].pop("pruner")
         results["target_met"] = results["pruner"].get("target_met", True)
@@ -181,29 +273,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results[key]["mlp_params"] = int(sum(int((l.weight != 0).sum()) for m in model.mlps().values() for l in m.layers))
         results[key]["macs_per_sample"] = served_macs(model)
         results[key]["mlp_shapes"] = {f"{m}.{i}": list(l.weight.shape) for m, mlp in model.mlps().items() for i, l in enumerate(mlp.layers)}
-    lat = cfg.latency
-    threads = int(cfg.get("threads") or torch.get_num_threads())
-    for b in lat.batch_sizes:
-        x = latency_inputs(dm, int(b))
-        calls = {k: (lambda m=m: m(*x)) for k, m in served.items()}
-        calls["dense_again"] = lambda: served["dense"](*x)  # A/A control: the same model timed twice
-        ms = measure_latency_ms(calls, warmup=int(lat.warmup), repeats=int(lat.repeats), threads=threads)
-        for k in served:
-            results[k].setdefault("latency_ms", {})[str(b)] = ms[k]
-        results.setdefault("latency_aa_ratio", {})[str(b)] = ms["dense"] / ms["dense_again"]
-    results["latency_protocol"] = protocol(
-        threads, int(lat.warmup), int(lat.repeats),
-        "served copies (modules.dlrm.export_served: masks folded into nn.Linear/nn.EmbeddingBag, hidden "
-        "neurons whose weights are all masked physically removed, so only neuron-level pruning shrinks the "
-        "MLPs; unstructured zeros stay in dense kernels)",
-    )
+    serve_and_time(cfg, out_dir, results, modules, served, dm)
     for name in served:
         if name != "dense":
-            d, p = results["dense"], results[name]
-            p["speedup"] = {b: d["latency_ms"][b] / p["latency_ms"][b] for b in d["latency_ms"]}
-            p["auc_delta"] = p["metrics"]["auc"] - d["metrics"]["auc"]
+            results[name]["auc_delta"] = results[name]["metrics"]["auc"] - results["dense"]["metrics"]["auc"]
     if "pruned" in results:
-        results["speedup"] = results["pruned"]["speedup"]
         results["auc_delta"] = results["pruned"]["auc_delta"]
     plot_path = Path(out_dir) / PLOT_FILE
     plot_stream(results, list(modules), plot_path)

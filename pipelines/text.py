@@ -3,9 +3,12 @@
 Phases (each a Lightning fit with its own checkpoints under ``checkpoints/<phase>`` and
 its own logger run, :func:`pipelines.common.fit_phase`):
 
-1. ``dense``: fine-tune the dense model for the pruner's teacher epochs
+1. ``dense``: fine-tune the dense model until its validation metric converges
+   (``callbacks.early_stopping``), for at most the pruner's teacher epochs
    (:meth:`~pruners.base.Pruner.teacher_plan`), or ``trainer.max_epochs`` without a
-   pruner; skipped when the plan names a checkpoint (``pruner.teacher_ckpt``).
+   pruner; skipped when the plan names a checkpoint (``pruner.teacher_ckpt``). Its
+   validation accuracy is compared with the majority-class rate
+   (:func:`pipelines.teacher.teacher_check`; ``dense.beats_majority_class``).
 2. ``pruned``: a copy of the dense checkpoint, the pruner attached as a callback, fitted
    as the pruner's :meth:`~pruners.base.Pruner.fit_plan` says.
 3. one phase per baseline the pruner names (:meth:`~pruners.base.Pruner.baselines`, e.g.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,15 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from modules.latency import measure_latency_ms, protocol
-from pipelines.common import build, build_trainer, fit_phase, run_relative
+from modules.served_bert import ExportableBert
+from modules.text_data import TextClassificationDataModule
+from pipelines.common import build, build_trainer, check_data_kind, fit_phase, run_relative
+from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
+from pipelines.sweep import multirun_job
+from pipelines.teacher import teacher_check
+from pipelines.teacher_cache import dense_teacher
+from pipelines.threads import latency_threads
+from serving.runtime import graph_feeds
 from pruners.base import FitPlan, Pruner
 
 log = logging.getLogger(__name__)
@@ -59,6 +71,7 @@ def time_models(
     repeats: int,
     threads: int | None,
     examples: int = 32,
+    sessions: dict[str, Any] | None = None,
 ) -> tuple[dict, dict]:
     """Median latency (ms per batch) of each model per batch size, measured interleaved on the same inputs.
 
@@ -68,11 +81,14 @@ def time_models(
         batch_sizes: batch sizes to time.
         warmup, repeats, threads: see :func:`modules.latency.measure_latency_ms`.
         examples: inputs are the first ``max(examples, batch size)`` test examples.
+        sessions: name -> ONNX Runtime session of the exported model, timed in the same
+            rounds on the same inputs under the key ``<name>@onnxruntime``.
 
     Returns:
         (name -> {batch size as str -> ms per batch}, the protocol dict).
     """
-    lat: dict[str, dict[str, float]] = {name: {} for name in models}
+    sessions = sessions or {}
+    lat: dict[str, dict[str, float]] = {name: {} for name in [*models, *(f"{n}@onnxruntime" for n in sessions)]}
     for m in models.values():
         m.eval()
     for bs in batch_sizes:
@@ -88,7 +104,21 @@ def time_models(
 
             return call
 
-        ms = measure_latency_ms({name: make(m) for name, m in models.items()}, warmup, repeats, threads)
+        def make_ort(session, feeds: list[dict]):
+            """A zero-argument call running the ONNX Runtime session on every latency batch."""
+
+            def call():
+                """Run every latency batch once."""
+                for f in feeds:
+                    session.run(None, f)
+
+            return call
+
+        calls = {name: make(m) for name, m in models.items()}
+        for name, session in sessions.items():
+            feeds = [graph_feeds(session, {k: v.numpy() for k, v in ExportableBert.feeds(b).items()}) for b in batches]
+            calls[f"{name}@onnxruntime"] = make_ort(session, feeds)
+        ms = measure_latency_ms(calls, warmup, repeats, threads)
         for name, v in ms.items():
             lat[name][str(bs)] = v / len(batches)
     proto = protocol(
@@ -117,6 +147,87 @@ def kept_tokens_per_layer(module: L.LightningModule, datamodule) -> list[float]:
         sums = per if sums is None else [a + b for a, b in zip(sums, per)]
         count += batch["input_ids"].shape[0]
     return [s / count for s in (sums or [])]
+
+
+def export_text_models(
+    cfg: DictConfig, out_dir: Path, models: dict[str, L.LightningModule], datamodule, results: dict[str, Any] | None = None
+) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Export each served model to ``served/<name>/`` and check ONNX Runtime against PyTorch.
+
+    Parity inputs: the first ``export.parity_examples`` test examples in batches of 32,
+    padded per batch as the test loader pads.
+
+    ``results`` (the run's, when given) adds each model's measured ``kept_tokens_per_layer``
+    and MACs ``sparsity`` on the test split to the pruning summary in litprune.json.
+
+    Returns:
+        (name -> results ``served`` entry, name -> ONNX Runtime session); see :mod:`pipelines.export`.
+    """
+    batches = latency_batches(datamodule, 32, int(cfg.export.parity_examples))
+    folders, parity = {}, {}
+    for name, module in models.items():
+        exportable = module.exportable()
+        pruning = exportable.summary()
+        measured = (results or {}).get(name, {})
+        if "kept_tokens_per_layer" in measured:
+            pruning["kept_tokens_per_layer_test_mean"] = measured["kept_tokens_per_layer"]
+        if "sparsity" in measured.get("metrics", {}):
+            pruning["macs_sparsity_test"] = measured["metrics"]["sparsity"]
+        meta = {"kind": "text", **exportable.io_meta(), "pruning": pruning}
+        folders[name] = partial(
+            write_served_folder, out_dir, name, exportable, exportable.feeds(batches[0]), exportable.dynamic_axes(),
+            meta, datamodule.write_serving_files, int(cfg.export.opset),
+        )
+        with torch.no_grad():
+            reference = [module(b).logits for b in batches]
+        feeds = [{k: v.numpy() for k, v in exportable.feeds(b).items()} for b in batches]
+        parity[name] = partial(max_abs_diff, feeds=feeds, reference=reference)
+    return export_models(cfg, out_dir, folders, parity)
+
+
+def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], models: dict[str, L.LightningModule], datamodule) -> None:
+    """Export the served models (when ``export.enabled``), time them in PyTorch and ONNX Runtime, record it all.
+
+    Fills, per model, ``served`` (:func:`export_text_models`), ``latency_ms`` and
+    ``latency_ms_onnxruntime`` (by batch size), ``speedup`` (dense / model, PyTorch),
+    ``speedup_onnxruntime`` and ``speedup_vs_dense_torch``
+    (:func:`pipelines.export.add_runtime_speedups`), and the top-level ``latency_protocol``,
+    ``speedup`` (of ``pruned``). Used by a run and by ``export.py`` on a finished run.
+    """
+    sessions = {}
+    if cfg.export.enabled:
+        served, sessions = export_text_models(cfg, out_dir, models, datamodule, results)
+        for name, entry in served.items():
+            results[name]["served"] = entry
+    latency, proto = time_models(
+        models,
+        datamodule,
+        list(cfg.latency.batch_sizes),
+        warmup=int(cfg.latency.warmup),
+        repeats=int(cfg.latency.repeats),
+        threads=latency_threads(cfg),
+        examples=int(cfg.latency.examples),
+        sessions=sessions,
+    )
+    for name in models:
+        entry = results[name]
+        entry["latency_ms"] = latency[name]
+        if name in sessions:
+            entry["latency_ms_onnxruntime"] = latency[f"{name}@onnxruntime"]
+    if sessions:
+        proto["onnxruntime"] = (
+            "ONNX Runtime CPU session of served/<name>/model.onnx (graph optimisations ORT_ENABLE_ALL, "
+            f"sequential, intra-op threads = threads, no spinning), onnxruntime {onnxruntime_version()}; "
+            "timed in the same interleaved rounds on the same batches"
+        )
+    results["latency_protocol"] = proto
+    d = results["dense"]
+    for name in models:
+        if name != "dense":
+            results[name]["speedup"] = {bs: d["latency_ms"][bs] / results[name]["latency_ms"][bs] for bs in d["latency_ms"]}
+    if "pruned" in results:
+        results["speedup"] = results["pruned"]["speedup"]
+    add_runtime_speedups(results, list(models))
 
 
 def prune_phase(
@@ -165,6 +276,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         modules.text_data.DataError: unusable data.
     """
     started = time.time()
+    check_data_kind(cfg, TextClassificationDataModule, "text data (data=rotten_tomatoes, data=text_csv or data=glue)")
     pruner: Pruner | None = build(cfg.pruner) if cfg.pruner.get("_target_") else None  # validates settings first
     datamodule = build(cfg.data)
     datamodule.setup("fit")
@@ -175,12 +287,22 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         pruner.check(dense_module, datamodule)
 
     teacher_plan = pruner.teacher_plan() if pruner is not None else None
+    dense_score = None  # the dense phase's best monitored value (None: a given or cached teacher)
+    cached = None  # the teacher cache's record (pipelines.teacher_cache), when it is used
     if teacher_plan is not None and teacher_plan.checkpoint is not None:
         dense_ckpt = teacher_plan.checkpoint
     else:
         epochs = teacher_plan.epochs if teacher_plan is not None else None
         plan = FitPlan(max_epochs=epochs, monitor=cfg.model.monitor)
-        dense_ckpt, _ = fit_phase(cfg, "dense", dense_module, datamodule, plan)
+        fitted: dict[str, float | None] = {}
+
+        def fit() -> str:
+            """Fit the dense phase; remember its best monitored score."""
+            path, fitted["score"] = fit_phase(cfg, "dense", dense_module, datamodule, plan)
+            return path
+
+        dense_ckpt, cached = dense_teacher(cfg, out_dir, epochs, cfg.model.monitor, fit, multirun_job() is not None)
+        dense_score = fitted.get("score")
     del dense_module
     dense = module_cls.load_from_checkpoint(dense_ckpt, map_location="cpu").served_model()
     results: dict[str, Any] = {
@@ -189,6 +311,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "splits": {s: len(d) for s, d in datamodule.datasets.items()},
         "dense": {"checkpoint": run_relative(dense_ckpt, out_dir), "metrics": evaluate_test_split(cfg, dense, datamodule)},
     }
+    results["dense"].update(teacher_check(cfg, dense, datamodule, dense_score, cfg.model.monitor))
+    if cached is not None:
+        results["teacher_cache"] = cached
     models = {"dense": dense}
     files: dict[str, str] = {}
 
@@ -201,22 +326,11 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         for name, baseline in pruner.baselines().items():
             results[name], models[name] = prune_phase(cfg, name, baseline, dense_ckpt, dense.model, datamodule, out_dir)
 
-    latency, proto = time_models(
-        models,
-        datamodule,
-        list(cfg.latency.batch_sizes),
-        warmup=int(cfg.latency.warmup),
-        repeats=int(cfg.latency.repeats),
-        threads=int(cfg.threads) if cfg.get("threads") else None,
-        examples=int(cfg.latency.examples),
-    )
     for name, model in models.items():
         entry = results[name]
-        entry["latency_ms"] = latency[name]
         entry["macs_per_sample"] = entry["metrics"].pop("macs_per_sample")
         entry["metrics"].pop("dense_macs_per_sample", None)
         entry["params"] = sum(p.numel() for p in model.model.parameters())
-    results["latency_protocol"] = proto
     results["macs_protocol"] = (
         "analytic encoder MACs per test sample on its real (unpadded) length, counting the tokens each layer "
         "actually computed on and the heads and FFN neurons present: 4NHW + 2N^2W + 2NHI per layer "
@@ -224,19 +338,16 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     )
     d = results["dense"]
     for name in models:
-        if name == "dense":
-            continue
-        entry = results[name]
-        entry["speedup"] = {bs: d["latency_ms"][bs] / entry["latency_ms"][bs] for bs in d["latency_ms"]}
-        entry["macs_reduction"] = d["macs_per_sample"] / entry["macs_per_sample"]
+        if name != "dense":
+            results[name]["macs_reduction"] = d["macs_per_sample"] / results[name]["macs_per_sample"]
     if "pruned" in results:
         p = results["pruned"]
-        results["speedup"] = p["speedup"]
         results["macs_reduction"] = p["macs_reduction"]
         results["accuracy_drop_points"] = 100.0 * (d["metrics"]["accuracy"] - p["metrics"]["accuracy"])
         for name in models:
             if name not in ("dense", "pruned"):
                 results[f"pruned_minus_{name}_points"] = 100.0 * (p["metrics"]["accuracy"] - results[name]["metrics"]["accuracy"])
+    serve_and_time(cfg, out_dir, results, models, datamodule)
     if files:
         results["files"] = files
     results["wall_clock_s"] = math.floor(time.time() - started)

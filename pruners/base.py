@@ -85,7 +85,8 @@ class TeacherPlan:
     Attributes:
         checkpoint: a checkpoint of a finished dense model (a ``pruner=none`` run) to load;
             None: the pipeline fits the dense model first.
-        epochs: epochs of that dense fit (when ``checkpoint`` is None).
+        epochs: most epochs of that dense fit (when ``checkpoint`` is None); the pipeline stops it
+            earlier once the validation metric has converged (``callbacks.early_stopping``).
     """
 
     checkpoint: str | None

@@ -76,7 +76,10 @@ def check_teacher_matches(path: str | Path, pl_module: BertClassifier) -> None:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  (any unreadable file is the same user error)
-        raise PrunerConfigError(f"pruner.teacher_ckpt={path} is not a readable checkpoint: {err}") from None
+        raise PrunerConfigError(
+            f"pruner.teacher_ckpt={path} is not a readable checkpoint (torch.load: {type(err).__name__}); give the "
+            ".ckpt file of a pruner=none run (checkpoints/dense/ of a run dir)."
+        ) from None
     hparams = ckpt.get("hyper_parameters") or {}
     theirs, ours = hparams.get("bert_config"), pl_module.hparams.get("bert_config") or {}
     if not isinstance(theirs, dict) or "state_dict" not in ckpt:
@@ -114,7 +117,7 @@ class TeacherPruner(Pruner):
 
     teacher: nn.Module | None = None
     teacher_ckpt: str | None = None
-    teacher_epochs: int = 1
+    teacher_epochs: int = 3
 
     def check(self, pl_module, datamodule) -> None:
         """The model must be a :class:`~modules.bert_classifier.BertClassifier`, and ``teacher_ckpt``, if set,

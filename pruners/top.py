@@ -210,7 +210,8 @@ class ToPPruner(TeacherPruner):
         target_sparsity: final MACs sparsity ``1 - MACs_pruned / MACs_dense``, in [0, 1).
         teacher_ckpt: checkpoint of a fine-tuned dense ``BertClassifier`` (a
             ``pruner=none`` run); None lets the pipeline fine-tune one first.
-        teacher_epochs: epochs of that in-run dense fine-tuning.
+        teacher_epochs: most epochs of that in-run dense fine-tuning; it stops earlier once the
+            validation metric has converged (``callbacks.early_stopping``).
         pruning_layers: layers before which tokens are pruned; None = 2..L-1 (ToP's
             default, layers 2-11 of 12: the first two layers always run on every token;
             1..L-1 for a model of two layers); why not earlier: benchmarks/top.md.
@@ -249,7 +250,7 @@ class ToPPruner(TeacherPruner):
         self,
         target_sparsity: float = 0.51,
         teacher_ckpt: str | None = None,
-        teacher_epochs: int = 1,
+        teacher_epochs: int = 3,
         pruning_layers: list[int] | None = None,
         distill_layers: list[int] | None = None,
         bin_count: int = 25,

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"run": 0, "export": 0, "predict": 0, "pipelines": 1, "pruners": 2, "modules": 3}
-SOURCE_DIRS = ("pipelines", "pruners", "modules")
+LAYERS = {"run": 0, "export": 0, "predict": 0, "pipelines": 1, "pruners": 2, "serving": 2, "modules": 3}
+SOURCE_DIRS = ("pipelines", "pruners", "serving", "modules")
+#: what predict.py runs must import nothing of the training stack (requirements-serve.txt)
+TRAINING_STACK = {"torch", "lightning", "transformers", "torchmetrics", "hydra_zen"}
 
 
 def source_files() -> list[Path]:
@@ -50,6 +52,22 @@ def test_dependencies_point_one_way():
         for line, target in project_imports(path):
             if LAYERS[target] < layer_of(path):
                 wrong.append(f"{path.relative_to(ROOT)}:{line} imports {target} (a layer above)")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_serving_imports_nothing_of_the_training_stack():
+    files = [ROOT / "predict.py", *sorted((ROOT / "serving").glob("*.py")), ROOT / "modules" / "features.py",
+             ROOT / "modules" / "errors.py"]
+    wrong = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            for n in names:
+                if n.split(".")[0] in TRAINING_STACK:
+                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {n}")
+                if n.split(".")[0] == "modules" and n not in ("modules.features", "modules.errors"):
+                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {n} (serving may use modules.features/errors only)")
     assert not wrong, "\n".join(wrong)
 
 

@@ -52,6 +52,27 @@ def test_top_main_job_on_a_slice_writes_results_and_reloads(tmp_path):
     assert "threads" in on_disk["latency_protocol"]
     assert (tmp_path / "csv" / "dense").is_dir() and (tmp_path / "csv" / "pruned").is_dir()
 
+    # Both models were exported, match PyTorch in ONNX Runtime, and were timed there too.
+    for name in ("dense", "pruned"):
+        served = on_disk[name]["served"]
+        assert served["parity_ok"] and served["max_abs_diff"] <= 1e-4
+        assert {"model.onnx", "litprune.json", "tokenizer.json"} <= {p.name for p in (tmp_path / served["folder"]).iterdir()}
+        assert set(on_disk[name]["latency_ms_onnxruntime"]) == {"1", "4"}
+    assert set(on_disk["speedup_onnxruntime"]) == set(on_disk["speedup_vs_dense_torch"]) == {"1", "4"}
+    meta = json.loads((tmp_path / "served" / "pruned" / "litprune.json").read_text())
+    assert meta["labels"] == ["rotten", "fresh"] and meta["pruning"]["token_pruning"] is not None
+    assert len(meta["pruning"]["kept_tokens_per_layer_test_mean"]) == 6 and 0 < meta["pruning"]["macs_sparsity_test"] < 1
+
+    # export.py's work on the finished run: the same export and checks, results.json updated
+    from omegaconf import OmegaConf
+
+    from pipelines.reexport import reexport
+
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # what Hydra saves for run.py
+    again = reexport(tmp_path, names=["pruned"])
+    assert again["pruned"]["served"]["parity_ok"] and again["pruned"]["metrics"] == on_disk["pruned"]["metrics"]
+
     # The final checkpoint reloads (default torch loading) as the pruned model and reproduces its test accuracy.
     reloaded = BertClassifier.load_from_checkpoint(tmp_path / on_disk["pruned"]["checkpoint"])  # relative to the run dir
     assert reloaded.token_gates is not None

@@ -238,7 +238,7 @@ def test_criteo_errors_name_file_and_line(tmp_path):
         CriteoStream(path=str(label), window=10).setup()
     ints = tmp_path / "ints.tsv"
     ints.write_text(good + "\n" + criteo_line(0, ["x", *range(12)], ["aa"] * 26) + "\n")
-    with pytest.raises(DataError, match=r"ints.tsv line 2: numeric column 'I1'"):
+    with pytest.raises(DataError, match=r"ints.tsv line 2: integer column 'I1'"):
         CriteoStream(path=str(ints), window=10).setup()
     with pytest.raises(DataError, match="not found"):
         CriteoStream(path=str(tmp_path / "missing"), window=10).setup()

@@ -50,6 +50,11 @@ def test_dlrm_d2s_run_writes_results_plot_logs_and_checkpoints(tmp_path):
     assert saved["pruned"]["served_max_abs_logit_diff"] < 1e-4  # the shrunk copy computes the same logits
     assert saved["pruned"]["mlp_shapes"]["top.1"][1] < saved["dense"]["mlp_shapes"]["top.1"][1]  # physically smaller
     assert set(saved["speedup"]) == {"1", "4096"}
+    for key in ("dense", "pruned"):  # exported, equal to PyTorch in ONNX Runtime, timed there too
+        assert saved[key]["served"]["parity_ok"] and set(saved[key]["latency_ms_onnxruntime"]) == {"1", "4096"}
+    meta = json.loads((tmp_path / "served" / "pruned" / "litprune.json").read_text())
+    assert meta["kind"] == "recommender" and meta["features"]["hash_buckets"] > 1
+    assert meta["pruning"]["mlp_layers"]["top.1"]["shape"] == saved["pruned"]["mlp_shapes"]["top.1"]
     assert saved["auc_delta"] == pytest.approx(results["pruned"]["metrics"]["auc"] - results["dense"]["metrics"]["auc"])
     assert saved["files"] == {"sparsity_history": "sparsity_history.png", "auc_per_window": "stream_auc.png"}
     for name in saved["files"].values():

@@ -41,7 +41,8 @@ NON_BINDING_BUDGET_MS = 1e6
 
 def _pruner(teacher_ckpt, latency=None, search=None, **kw) -> SwiftPruner:
     """A small search on the tiny model: components built by hand with the given overrides."""
-    latency = {"budget_ms": NON_BINDING_BUDGET_MS, "seq_len": 16, "warmup": 3, "repeats": 10, **(latency or {})}
+    # PyTorch timing keeps these searches fast; the ONNX Runtime default has its own test below.
+    latency = {"budget_ms": NON_BINDING_BUDGET_MS, "seq_len": 16, "warmup": 3, "repeats": 10, "runtime": "torch", **(latency or {})}
     search = {"population_size": 6, "parents": 2, "generations": 2, **(search or {})}
     settings = dict(proxy=Proxy(examples=8, batch_size=4), importance=Importance(examples=8, batch_size=4),
                     head_choices=[0, 2, 4], ffn_fractions=[0.0, 0.5, 1.0], teacher_ckpt=str(teacher_ckpt))
@@ -131,7 +132,7 @@ def test_no_constructor_takes_more_than_20_arguments():
 def test_protocol_before_the_search(tiny_setup):
     dm, teacher_ckpt, _ = tiny_setup
     pruner = _pruner(teacher_ckpt, finetune_epochs=3, model_lr=1e-4)
-    assert pruner.teacher_plan() == TeacherPlan(str(teacher_ckpt), 1)
+    assert pruner.teacher_plan() == TeacherPlan(str(teacher_ckpt), 3)  # at most 3 epochs (early stopping)
     assert pruner.fit_plan() == FitPlan(max_epochs=3, monitor="val/accuracy", mode="max", model_lr=1e-4)
     assert pruner.baselines() == {} and pruner.write_files("unused") == {}
     assert pruner.results()["method"] == "swiftpruner"
@@ -165,7 +166,7 @@ def test_search_at_fit_start_applies_a_within_budget_candidate_and_state_round_t
     result = pruner.result
     chosen = result["chosen"]
     assert chosen["verified_ms"] <= result["search_budget_ms"] == pytest.approx(NON_BINDING_BUDGET_MS * 0.97)
-    assert result["budget_source"] == "pruner.latency.budget_ms"
+    assert result["budget_source"] == "pruner.latency.budget_ms, timed in torch"
     assert result["evaluations"] == len(result["candidates"]) >= 6
     # The module trains under the chosen candidate's masks: per layer, exactly the chosen unit counts.
     heads, neurons = student.model.structured_masks()
@@ -372,7 +373,7 @@ def test_dense_timing_reference_cancels_a_change_of_machine_speed(tiny_bert_conf
     machine = {"slowdown": 1.0}
     size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     monkeypatch.setattr(latency_module, "measure_model_ms", lambda m, *a, **k: size(m) / 1e4 * machine["slowdown"])
-    meter = LatencyMeter()
+    meter = LatencyMeter(runtime="torch")  # the patched PyTorch timer
     reference = meter.reference(model)
     assert reference.dense_ms == pytest.approx(size(model) / 1e4)
     space = SearchSpace(3, (0, 2, 4), (0, 32, 64))
@@ -521,3 +522,22 @@ def test_swiftpruner_job_on_a_slice_writes_search_uniform_and_reloads(tmp_path):
     reloaded = BertClassifier.load_from_checkpoint(tmp_path / results["pruned"]["checkpoint"])
     served = reloaded.served_model().model.layer_structure()
     assert served == list(zip(search["chosen"]["heads"], search["chosen"]["ffn_neurons"]))
+
+
+def test_latency_in_onnx_runtime_times_the_exported_model_and_the_search_runs(tiny_setup, tmp_path):
+    """pruner.latency.runtime=onnxruntime: whole models are exported and timed in ONNX Runtime (the served runtime)."""
+    dm, teacher_ckpt, _ = tiny_setup
+    meter = LatencyMeter(seq_len=16, warmup=1, repeats=3, runtime="onnxruntime")
+    dense = _dense(teacher_ckpt)
+    assert meter.time(dense) > 0 and len(meter._sessions) == 1
+    meter.time(dense)
+    assert len(meter._sessions) == 1  # the dense model's session is reused
+    with pytest.raises(PrunerConfigError, match="pruner.latency.runtime"):
+        LatencyMeter(runtime="tensorrt")
+
+    pruner = _pruner(teacher_ckpt, latency={"runtime": "onnxruntime", "calibration_models": 2, "verify_rounds": 1},
+                     search={"generations": 1})
+    student = BertClassifier.load_from_checkpoint(teacher_ckpt)
+    _trainer(tmp_path, pruner).fit(student, datamodule=dm)
+    assert pruner.result["budget_source"] == "pruner.latency.budget_ms, timed in onnxruntime"
+    assert pruner.result["chosen"]["verified_ms"] <= pruner.result["search_budget_ms"]

@@ -31,7 +31,8 @@ class MaskedDistillation(TeacherPruner):
         neuron_masks: (L, I) float 0/1 per layer and FFN neuron; None keeps them.
         teacher_ckpt: checkpoint of the fine-tuned dense ``BertClassifier``; None lets the
             pipeline fine-tune one first (``teacher_epochs``).
-        teacher_epochs: epochs of that in-run dense fine-tuning.
+        teacher_epochs: most epochs of that in-run dense fine-tuning (it stops earlier once the
+            validation metric has converged: ``callbacks.early_stopping``).
         finetune_epochs: epochs of fine-tuning under the masks.
         kd_weight, task_weight: loss weights (>= 0).
         kd_temperature: distillation temperature (> 0).
@@ -53,7 +54,7 @@ class MaskedDistillation(TeacherPruner):
         head_masks: torch.Tensor | None = None,
         neuron_masks: torch.Tensor | None = None,
         teacher_ckpt: str | None = None,
-        teacher_epochs: int = 1,
+        teacher_epochs: int = 3,
         finetune_epochs: int = 1,
         kd_weight: float = 1.0,
         task_weight: float = 1.0,

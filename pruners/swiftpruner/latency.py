@@ -23,21 +23,32 @@ Every timing is a median over ``repeats`` forwards after ``warmup`` untimed ones
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from modules.errors import MissingFileError
+from modules.latency import measure_latency_ms
+from modules.onnx_export import export_onnx
+from modules.served_bert import ExportableBert
+
 from pruners.base import PrunerConfigError, check_choice, check_positive_int, check_range
 from pruners.swiftpruner.evolution import SearchSpace
-from pruners.swiftpruner.latency_table import LAYER_MODES, LatencyTable, measure_model_ms
+from pruners.swiftpruner.latency_table import LAYER_MODES, LatencyTable, measure_model_ms, synthetic_inputs
+from serving.runtime import graph_feeds, make_session
 
 log = logging.getLogger(__name__)
+
+#: where whole models are timed (``pruner.latency.runtime``)
+RUNTIMES = ("torch", "onnxruntime")
 
 
 class DenseReference:
@@ -89,6 +100,12 @@ class LatencyMeter:
             the same shapes) or ``each``.
         table: path of a ``latency_table.json`` written by an earlier run on this machine (same
             choices and shape) to use instead of measuring; None measures.
+        runtime: where whole models are timed: ``torch`` (eager PyTorch) or ``onnxruntime``
+            (the model exported to ONNX as a run exports it, :class:`modules.served_bert.ExportableBert`,
+            in an ONNX Runtime session with the run's thread count), so the budget holds in the
+            runtime the model is served with. The dense reference, the lookup table's calibration
+            models, every candidate's direct timing and the verification all use it; the table's
+            isolated block timings stay in PyTorch and are refitted to those whole-model timings.
 
     Raises:
         PrunerConfigError: a setting out of range (the message names it as ``pruner.latency.<key>``).
@@ -107,6 +124,7 @@ class LatencyMeter:
         calibration_models: int = 16,
         lut_layers: str = "shared",
         table: str | None = None,
+        runtime: str = "onnxruntime",
     ):
         self.budget_ms = None if budget_ms is None else check_range("pruner.latency.budget_ms", budget_ms, 0.0, math.inf, low_open=True)
         self.budget_fraction = check_range("pruner.latency.budget_fraction", budget_fraction, 0.0, 1.0, low_open=True, high_open=False)
@@ -119,6 +137,8 @@ class LatencyMeter:
         self.calibration_models = check_positive_int("pruner.latency.calibration_models", calibration_models, minimum=0)
         self.lut_layers = check_choice("pruner.latency.lut_layers", lut_layers, LAYER_MODES)
         self.table = None if table is None else str(table)
+        self.runtime = check_choice("pruner.latency.runtime", runtime, RUNTIMES)
+        self._sessions: dict[int, tuple[nn.Module, object]] = {}  # id -> (model, ORT session), a small cache
 
     def check(self, model: nn.Module) -> None:
         """Raise :class:`PrunerConfigError` if ``seq_len`` exceeds what ``model`` (a prunable BERT) takes."""
@@ -126,10 +146,61 @@ class LatencyMeter:
         if self.seq_len > max_len:
             raise PrunerConfigError(f"pruner.latency.seq_len={self.seq_len} is out of range; the model takes at most {max_len} tokens.")
 
+    def check_budget(self, model: nn.Module, space: SearchSpace) -> None:
+        """Refuse, before any training, a ``budget_ms`` below the smallest candidate's latency measured now.
+
+        The smallest candidate keeps the fewest heads and FFN neurons of ``space`` in every layer;
+        its latency does not depend on the weights, so the untrained ``model`` (a full-size
+        prunable BERT, not modified) shows it. The search checks again on its lookup table
+        (:meth:`budgets`). A ``budget_fraction`` (a fraction of the dense latency) is checked there only.
+
+        Raises:
+            PrunerConfigError: the budget less its margin is below that latency (the message gives the budget to set).
+        """
+        if self.budget_ms is None:
+            return
+        from modules.structured import shrink_structured
+
+        heads, neurons = model.layer_structure()[0]
+        head_mask, neuron_mask = torch.zeros(space.num_layers, heads), torch.zeros(space.num_layers, neurons)
+        head_mask[:, : space.head_choices[0]] = 1.0
+        neuron_mask[:, : space.neuron_choices[0]] = 1.0
+        work = copy.deepcopy(model).eval()
+        work.set_structured_masks(head_mask, neuron_mask)
+        smallest = self.time(shrink_structured(work))
+        if self.budget_ms * (1.0 - self.margin) < smallest:
+            raise PrunerConfigError(
+                f"The latency budget {self.budget_ms} ms (pruner.latency.budget_ms) less its margin pruner.latency.margin="
+                f"{self.margin} is below the latency of the smallest candidate ({space.head_choices[0]} heads and "
+                f"{space.neuron_choices[0]} FFN neurons in every layer), {smallest:.3f} ms at batch {self.batch_size} x "
+                f"{self.seq_len} tokens on this machine. Set pruner.latency.budget_ms to at least "
+                f"{smallest / (1.0 - self.margin):.3f}, or use pruner.latency.budget_fraction."
+            )
+
     # ------------------------------------------------------------------ timing
     def time(self, model: nn.Module) -> float:
-        """Median ms of one forward of ``model`` at the budget's shape (absolute, no reference)."""
-        return measure_model_ms(model, self.batch_size, self.seq_len, warmup=self.warmup, repeats=self.repeats)
+        """Median ms of one forward of ``model`` at the budget's shape (absolute, no reference), in :attr:`runtime`."""
+        if self.runtime == "torch":
+            return measure_model_ms(model, self.batch_size, self.seq_len, warmup=self.warmup, repeats=self.repeats)
+        session = self._session(model)
+        inputs = synthetic_inputs(self.batch_size, self.seq_len, model.config.vocab_size)
+        feeds = graph_feeds(session, {k: v.numpy() for k, v in inputs.items()})
+        return measure_latency_ms({"model": lambda: session.run(None, feeds)}, warmup=self.warmup, repeats=self.repeats)["model"]
+
+    def _session(self, model: nn.Module):
+        """An ONNX Runtime session of ``model`` exported as served; the last few are kept (the dense model is timed often)."""
+        hit = self._sessions.get(id(model))
+        if hit is not None and hit[0] is model:
+            return hit[1]
+        exportable = ExportableBert(copy.deepcopy(model).cpu().eval())
+        example = synthetic_inputs(2, self.seq_len, model.config.vocab_size)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(exportable, exportable.feeds(example), Path(tmp) / "model.onnx", exportable.dynamic_axes(), ["logits"])
+            session = make_session(path, torch.get_num_threads())
+        if len(self._sessions) >= 3:
+            self._sessions.pop(next(iter(self._sessions)))
+        self._sessions[id(model)] = (model, session)
+        return session
 
     def reference(self, dense: nn.Module) -> DenseReference:
         """A :class:`DenseReference` timer against ``dense`` (timed once now)."""
@@ -144,8 +215,9 @@ class LatencyMeter:
 
     # ------------------------------------------------------------------ budget
     def budget_source(self) -> str:
-        """Where the budget comes from, for the results (``pruner.latency.budget_ms`` or ``<fraction> x dense``)."""
-        return "pruner.latency.budget_ms" if self.budget_ms is not None else f"{self.budget_fraction} x dense"
+        """Where the budget comes from, for the results (``pruner.latency.budget_ms`` or ``<fraction> x dense``, and the runtime)."""
+        source = "pruner.latency.budget_ms" if self.budget_ms is not None else f"{self.budget_fraction} x dense"
+        return f"{source}, timed in {self.runtime}"
 
     def budgets(self, dense_ms: float, smallest_ms: float, space: SearchSpace) -> tuple[float, float]:
         """(the budget, the search budget ``budget x (1 - margin)``), ms.
@@ -216,7 +288,7 @@ class LatencyMeter:
         """
         path = Path(self.table)
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"pruner.latency.table={path} does not exist; give the latency_table.json of an earlier SwiftPruner "
                 "run, or null to measure the table."
             )

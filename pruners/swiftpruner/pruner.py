@@ -96,7 +96,7 @@ class SwiftPruner(MaskedDistillation):
         head_choices: list[int] | None = None,
         ffn_fractions: list[float] = FFN_FRACTIONS,  # type: ignore[assignment]  (a tuple: immutable default)
         teacher_ckpt: str | None = None,
-        teacher_epochs: int = 1,
+        teacher_epochs: int = 3,
         finetune_epochs: int = 1,
         kd_weight: float = 1.0,
         task_weight: float = 1.0,
@@ -190,8 +190,11 @@ class SwiftPruner(MaskedDistillation):
                 model, fewer than 2 validation examples or an empty importance split.
         """
         super().check(pl_module, datamodule)
-        self.space(pl_module.model)
+        space = self.space(pl_module.model)
         self.latency.check(pl_module.model)
+        self.latency.check_budget(pl_module.model, space)
+        if self.latency.table is not None:  # a given lookup table must exist and fit this search
+            self.latency.load_table(space)
         self.proxy.check(datamodule)
         self.importance.check(datamodule)
 

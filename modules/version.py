@@ -1,0 +1,3 @@
+"""The project's version, recorded in every exported model's ``litprune.json``."""
+
+VERSION = "0.5.0"
