@@ -8,10 +8,14 @@ one line, ``error: <message>``, and exits with status 2; ``HYDRA_FULL_ERROR=1`` 
 wrong type, an unknown group option) also exits with status 2, with Hydra's message as one
 line ``error: <message>`` (:func:`compact_hydra_message`; all of it with ``HYDRA_FULL_ERROR=1``).
 Any other exception is a bug and keeps its traceback.
+
+``python run.py resume=DIR`` continues the killed run in DIR with the config saved there
+(see ``pipelines.resume``); on resume only settings that cannot change the result may be overridden.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,6 +30,7 @@ from omegaconf import DictConfig
 
 import pipelines.configs  # noqa: F401  (registers the config schemas and the resolvers before Hydra composes)
 from modules.errors import ConfigError, UserError
+from pipelines import resume
 from pipelines.common import format_table, write_results
 from pipelines.sweep import log_headline_to_wandb, multirun_job
 from pipelines.threads import apply_threads
@@ -78,6 +83,9 @@ def train(cfg: DictConfig) -> dict:
     """
     check_run_settings(cfg)
     out_dir = Path(cfg.paths.output_dir)
+    if resume.is_finished(out_dir):  # resume= of a finished run: report, change nothing
+        print(f"The run in {out_dir} is finished (every phase complete); results: {out_dir / 'results.json'}")
+        return json.loads((out_dir / "results.json").read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the saved config; stderr stays for errors
     threads = apply_threads(cfg)
@@ -87,6 +95,7 @@ def train(cfg: DictConfig) -> dict:
     else:
         from pipelines.stream import run
     results = run(cfg, out_dir)
+    results["resumed"] = resume.resumed_events(out_dir)
     results["threads"] = threads
     results.setdefault("wall_clock_s", math.floor(time.time() - started))
     if is_global_zero():  # under DDP every rank runs train(); rank 0 alone writes and prints
@@ -176,6 +185,11 @@ class _HeldStderr:
 
 
 if __name__ == "__main__":
+    try:
+        sys.argv, _ = resume.resume_argv(sys.argv)  # resume=DIR: the config saved in DIR, written into DIR
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
     held = None if os.environ.get("HYDRA_FULL_ERROR") == "1" else _HeldStderr(sys.stderr)
     if held is not None:
         sys.stderr = held

@@ -37,11 +37,12 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from modules.data_checks import check_field_counts, delimiter_hint, integer_values, parser_message, utf8_error
 from modules.features import MISSING, hash_bucket, hash_multi, signed_log1p  # noqa: F401  (re-exported)
 from modules.packages import package_file
+from modules.resumable import ResumableLoader, loop_progress
 from modules.stream_readers import count_lines, criteo_chunks, keep_earliest, log_chunks, log_columns
 from modules.text_data import DataError
 
@@ -284,9 +285,11 @@ class StreamDataModule(L.LightningDataModule):
         s = self.stream
         return {"num_dense": len(s.dense_names), "num_embeddings": s.num_embeddings, "multi_num_embeddings": s.multi_num_embeddings}
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         self.setup()
-        return DataLoader(WindowDataset(self.stream, self.batch_size), batch_size=None, shuffle=False, num_workers=0)
+        # a resumed fit continues at the window after the last one it trained on
+        return ResumableLoader(WindowDataset(self.stream, self.batch_size), batch_size=None, shuffle=False, num_workers=0,
+                               processed=loop_progress(self))
 
     def num_optimizer_steps(self) -> int:
         """Minibatch (optimizer) steps of one pass over the stream."""

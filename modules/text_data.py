@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from modules.data_checks import delimiter_hint, parser_message, utf8_error
 from modules.errors import UserError
 from modules.packages import package_file
+from modules.resumable import EpochSeededSampler, ResumableLoader, loop_progress
 
 SPLITS = ("train", "validation", "test")
 
@@ -165,6 +166,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=self.collate,
+            generator=torch.Generator().manual_seed(0),  # iterators never draw from the global RNG
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -175,8 +177,11 @@ class TextClassificationDataModule(L.LightningDataModule):
 
         ds = self.datasets["train"]
         sampler = LengthGroupedSampler(self.batch_size, lengths=[len(x) for x in ds.encodings["input_ids"]])
-        return DataLoader(
-            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate
+        # The order of each epoch comes from (seed, epoch), and a resumed fit skips what it trained on.
+        sampler = EpochSeededSampler(sampler, seed=torch.initial_seed())
+        return ResumableLoader(
+            ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, collate_fn=self.collate,
+            processed=loop_progress(self),
         )
 
     def val_dataloader(self) -> DataLoader:

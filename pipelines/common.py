@@ -5,7 +5,9 @@ Each fit is a *phase* (:func:`fit_phase`) with its own checkpoint folder
 (``checkpoints/<phase>``) and its own logger run (W&B run or CSV version named after the
 phase), finished at the end of the phase so multirun jobs never merge into one W&B run.
 Which checkpoint a phase keeps comes from Lightning's ``ModelCheckpoint`` state (best by
-the phase's monitored metric, else the last).
+the phase's monitored metric, else the last); a finished phase keeps only that one, as
+``final.ckpt`` with a completion record, and a killed run resumes its open phase
+(:mod:`pipelines.resume`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines import resume
 from pipelines.sweep import multirun_job
 from pruners.base import FitPlan
 
@@ -125,6 +128,7 @@ def build_callbacks(
                     monitor=monitor,
                     mode=mode,
                     save_top_k=1 if monitor else 0,
+                    save_last=False,  # the resumable last.ckpt is written by pipelines.resume.LastCheckpoint
                 )
             )
         else:
@@ -174,31 +178,53 @@ def fit_phase(
         after_fit: ``after_fit(module, loggers)`` runs before the phase's loggers are
             finished (to log plots into the phase's run).
 
+    A finished phase (its completion record says done) is not fitted again: the module and
+    the callbacks' state come from its kept checkpoint; a phase in progress continues from
+    its newest checkpoint (:mod:`pipelines.resume`).
+
     Raises:
         RuntimeError: the phase wrote no checkpoint.
+        pipelines.resume.NonFiniteLossError: a loss became NaN or infinite.
+        pipelines.resume.DiskError: the run dir is not writable or too full.
     """
     loggers = build_loggers(cfg, phase)
     callbacks = build_callbacks(cfg, phase, monitor=plan.monitor, mode=plan.mode, has_logger=bool(loggers))
+    callbacks += resume.phase_callbacks(phase, stream=cfg.model.get("pipeline") == "stream", seed=cfg.seed)
     model_trainer = cfg.model.get("trainer")
     overrides = OmegaConf.to_container(model_trainer, resolve=True) if model_trainer else {}
     if plan.max_epochs is not None:
         overrides["max_epochs"] = plan.max_epochs
+    overrides.setdefault("plugins", [resume.AtomicCheckpointIO()])
     trainer = build_trainer(cfg, phase, callbacks + list(extra_callbacks), loggers, **overrides)
     try:
-        trainer.fit(module, datamodule=datamodule)
+        path, score, _ = resume.fit_or_restore(
+            Path(cfg.paths.output_dir), phase, trainer, module, datamodule, list(extra_callbacks),
+            choose=lambda t: chosen_checkpoint(t, phase, plan),
+        )
         if after_fit is not None:
             after_fit(module, loggers)
     finally:
         finish_loggers(loggers)
+    return path, score
+
+
+def chosen_checkpoint(trainer: L.Trainer, phase: str, plan: FitPlan) -> tuple[str, float | None]:
+    """(path, score) of the checkpoint a fitted phase keeps: the best by ``plan.monitor`` when one met
+    the criterion (score >= 0), else the last.
+
+    Raises:
+        RuntimeError: the phase wrote no checkpoint.
+    """
     ckpt = checkpoint_callback(trainer)
     score = None if ckpt.best_model_score is None else float(ckpt.best_model_score)
     path = ckpt.best_model_path
     if not path or score is None or score < 0:
-        if not ckpt.last_model_path:
-            raise RuntimeError(f"The {phase} phase wrote no checkpoint; keep callbacks.model_checkpoint.save_last=true.")
+        last = resume.LastCheckpoint.path(trainer)
+        if last is None or not last.is_file():
+            raise RuntimeError(f"The {phase} phase wrote no checkpoint.")
         if plan.monitor is not None:
             log.warning("%s: no checkpoint met the monitored criterion %s; using the last checkpoint.", phase, plan.monitor)
-        path = ckpt.last_model_path
+        path = str(last)
     return path, score
 
 

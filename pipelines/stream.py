@@ -198,7 +198,9 @@ def plot_stream(results: dict[str, Any], names: list[str], path: Path) -> Path:
     ax.set_title("AUC per window (headline metrics: second half, right of the dotted line)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    tmp.replace(path)  # atomic: an earlier plot is never left half-written
     plt.close(fig)
     return path
 

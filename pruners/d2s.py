@@ -498,7 +498,9 @@ class D2SPruner(Pruner):
         ax.legend(fontsize=7)
         fig.tight_layout()
         name = "sparsity_history.png"
-        fig.savefig(Path(out_dir) / name, dpi=100)
+        tmp = Path(out_dir) / f"{name}.tmp"
+        fig.savefig(tmp, dpi=100, format="png")
+        tmp.replace(Path(out_dir) / name)  # atomic replace
         plt.close(fig)
         return {"sparsity_history": name}
 

@@ -518,13 +518,20 @@ class ToPPruner(TeacherPruner):
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Multipliers, teacher checkpoint path and distilled layers (plain values and tensors)."""
+        """Multipliers, teacher checkpoint path, distilled layers, freeze snapshot, schedule length,
+        last step's figures and the teacher cache (plain values, bytes and tensors). The gates
+        themselves (and their frozen snapshot) are module state."""
+        keys = list(self._teacher_cache)
         return {
             "lambda1": self.lambda1.detach().clone(),
             "lambda2": self.lambda2.detach().clone(),
             "teacher_ckpt": self.teacher_ckpt,
             "distill_layers": self.distill_layers,
             "freeze_info": self.freeze_info,
+            "total_steps": self._total_steps,
+            "last": dict(self._last),
+            "teacher_cache": {"keys": keys, "logits": [self._teacher_cache[k][0].cpu() for k in keys],
+                              "scores": [self._teacher_cache[k][1].cpu() for k in keys]},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -535,6 +542,10 @@ class ToPPruner(TeacherPruner):
         self.teacher_ckpt = state_dict.get("teacher_ckpt", self.teacher_ckpt)
         self.distill_layers = state_dict.get("distill_layers", self.distill_layers)
         self.freeze_info = state_dict.get("freeze_info")
+        self._total_steps = int(state_dict.get("total_steps", self._total_steps))
+        self._last = dict(state_dict.get("last", {}))
+        cache = state_dict.get("teacher_cache") or {"keys": [], "logits": [], "scores": []}
+        self._teacher_cache = {k: (l, s) for k, l, s in zip(cache["keys"], cache["logits"], cache["scores"])}
 
     def fit_plan(self) -> FitPlan:
         """``pruning_epochs`` at ``model_lr``; the checkpoint is the best ``val/accuracy_at_target``

@@ -59,6 +59,7 @@ def test_dlrm_d2s_run_writes_results_plot_logs_and_checkpoints(tmp_path):
     assert saved["files"] == {"sparsity_history": "sparsity_history.png", "auc_per_window": "stream_auc.png"}
     for name in saved["files"].values():
         assert (tmp_path / name).stat().st_size > 0
-    assert (tmp_path / "checkpoints" / "pruned" / "last.ckpt").is_file()
+    # a finished phase keeps one checkpoint (no optimizer state) and its completion record
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "pruned").iterdir()) == ["complete.json", "final.ckpt"]
     logged = pd.concat(pd.read_csv(p) for p in (tmp_path / "csv").rglob("metrics.csv"))
     assert {"stream/auc", "pruner/sparsity", "pruner/sparsity/top.0"} <= set(logged.columns)

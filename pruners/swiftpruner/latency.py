@@ -66,6 +66,13 @@ class DenseReference:
         #: the dense model's ms at the start
         self.dense_ms = meter.time(dense)
 
+    @classmethod
+    def restored(cls, meter: "LatencyMeter", dense: nn.Module, dense_ms: float) -> "DenseReference":
+        """A reference whose first timing (``dense_ms``, ms) comes from a saved search (nothing is timed now)."""
+        ref = cls.__new__(cls)
+        ref.meter, ref.dense, ref.dense_ms = meter, dense, float(dense_ms)
+        return ref
+
     def __call__(self, model: nn.Module) -> float:
         """``model ms / dense ms now * dense ms at the start`` (ms); pass a physically shrunk model."""
         dense_now = self.meter.time(self.dense)

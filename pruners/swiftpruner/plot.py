@@ -79,6 +79,8 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_title("SwiftPruner search: quality vs latency")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    tmp.replace(path)  # atomic replace
     plt.close(fig)
     return path

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 #: default kept fractions of a layer's FFN neurons
 FFN_FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 #: file role -> name of the files :meth:`SwiftPruner.write_files` writes
+#: the search state, saved after every generation in the fit's checkpoint folder
+SEARCH_STATE_FILE = "search_state.pt"
 FILES = {"history": "search_history.json", "latency_table": "latency_table.json", "pareto_plot": "search_pareto.png"}
 #: result keys left out of :meth:`SwiftPruner.results` (the per-candidate records and tensors go to the files)
 DETAIL_KEYS = ("importance", "lut", "candidates", "uniform_candidates")
@@ -139,10 +142,32 @@ class SwiftPruner(MaskedDistillation):
         neuron_choices = sorted({round(f * neurons) for f in self.ffn_fractions})
         return SearchSpace(len(model.layer_structure()), tuple(head_choices), tuple(neuron_choices))
 
-    def run_search(self, model, datamodule) -> dict[str, Any]:
-        """Search on the dense fine-tuned ``model`` (not modified) and keep the chosen masks (:func:`.search.run_search`)."""
+    def run_search(self, model, datamodule, state_file: Path | None = None) -> dict[str, Any]:
+        """Search on the dense fine-tuned ``model`` (not modified) and keep the chosen masks (:func:`.search.run_search`).
+
+        With ``state_file``, the search saves its state there after every generation (atomically:
+        temp file, fsync, rename) and, when the file exists, continues from it (a killed search resumes).
+        """
+        state, save = None, None
+        if state_file is not None:
+            state_file = Path(state_file)
+            if state_file.is_file():
+                state = torch.load(state_file, map_location="cpu", weights_only=True)
+                log.info("SwiftPruner: continuing the search from %s (generation %d)", state_file,
+                         state["evolution"]["completed_generations"])
+
+            def save(search_state: dict[str, Any]) -> None:
+                """Write the search state atomically next to the phase's checkpoints."""
+                state_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = state_file.with_name(state_file.name + ".tmp")
+                with open(tmp, "wb") as f:
+                    torch.save(search_state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, state_file)
+
         self.result, self.evolution = run_search(model, datamodule, self.space(model), self.importance, self.proxy,
-                                                 self.latency, self.search)
+                                                 self.latency, self.search, state=state, save=save)
         self.head_masks, self.neuron_masks = self.masks_of(self.result["chosen"]["genes"])
         return self.result
 
@@ -225,7 +250,8 @@ class SwiftPruner(MaskedDistillation):
         pipeline times the served models. Under several ranks rank 0 searches (its latency timings are the only uncontended ones, and the
         evolution draws its children one after the other) while the others wait; the result and the
         evolution's state (population, policy, history) are then broadcast, so every rank holds the
-        same choice and the same masks.
+        same choice and the same masks. The search checkpoints itself after every generation into the
+        fit's checkpoint folder (``search_state.pt``) and continues from that file when it exists (a resumed run).
         """
         super().on_fit_start(trainer, pl_module)  # the teacher to the module's device
         if self.result is None:
@@ -235,7 +261,9 @@ class SwiftPruner(MaskedDistillation):
             if is_global_zero():
                 # On the host, like every latency figure of the run (the served models are timed there too).
                 model = pl_module.model if pl_module.device.type == "cpu" else copy.deepcopy(pl_module.model).cpu()
-                self.run_search(model, datamodule)
+                ckpt = trainer.checkpoint_callback
+                folder = getattr(ckpt, "dirpath", None)
+                self.run_search(model, datamodule, Path(folder) / SEARCH_STATE_FILE if folder else None)
             self.share_search()
             self.log_history_table(trainer)
         self.apply_masks(pl_module)

@@ -195,13 +195,25 @@ class Search:
 
     def evolve(self, space: SearchSpace, objective: Callable[[tuple[int, ...]], tuple[float, float]], budget_ms: float,
                table: LatencyTable | None = None, importance: UnitImportance | None = None,
-               progress: Callable[[dict], None] | None = None) -> EvolutionarySearch:
-        """Run the evolution on ``objective`` (``genes -> (quality, ms)``) under ``budget_ms``; returns the finished search."""
-        return EvolutionarySearch(
+               progress: Callable[[dict], None] | None = None, state: dict | None = None,
+               on_generation: Callable[[EvolutionarySearch], None] | None = None) -> EvolutionarySearch:
+        """Run the evolution on ``objective`` (``genes -> (quality, ms)``) under ``budget_ms``; returns the finished search.
+
+        ``state`` (an :meth:`EvolutionarySearch.state_dict`) continues a search mid-way;
+        ``on_generation(evolution)`` runs after every generation (to checkpoint it).
+        """
+        evolution = EvolutionarySearch(
             space, objective, budget_ms, self.build_mutator(space, table, importance, budget_ms),
             population_size=self.population_size, parents=self.parents, generations=self.generations,
             alpha=self.reward_alpha, beta=self.reward_beta, seed=self.seed, progress=progress,
-        ).run()
+        )
+        if state is not None:
+            evolution.load_state_dict(state)
+        while not evolution.done:
+            evolution.step()
+            if on_generation is not None:
+                on_generation(evolution)
+        return evolution
 
 
 def subsets(datamodule, importance: Importance, proxy: Proxy, seed: int) -> tuple[list[dict], list[dict]]:
@@ -232,12 +244,14 @@ class SearchInputs(NamedTuple):
     proxy_examples: int
 
 
-def prepare(model: nn.Module, datamodule, space: SearchSpace, importance: Importance, proxy: Proxy, seed: int) -> SearchInputs:
-    """The unit importance of ``model`` and its proxy scorer, on the seeded :func:`subsets`."""
+def prepare(model: nn.Module, datamodule, space: SearchSpace, importance: Importance, proxy: Proxy, seed: int,
+            scores: UnitImportance | None = None) -> SearchInputs:
+    """The unit importance of ``model`` (``scores`` when restored) and its proxy scorer, on the seeded :func:`subsets`."""
     imp_batches, proxy_batches = subsets(datamodule, importance, proxy, seed)
     n_imp = sum(len(b["labels"]) for b in imp_batches)
-    log.info("SwiftPruner: Taylor importance on %d %s examples", n_imp, importance.split)
-    scores = importance.estimate(model, imp_batches)
+    if scores is None:
+        log.info("SwiftPruner: Taylor importance on %d %s examples", n_imp, importance.split)
+        scores = importance.estimate(model, imp_batches)
     return SearchInputs(scores, proxy.scorer(model, scores, space, proxy_batches), n_imp, sum(len(b["labels"]) for b in proxy_batches))
 
 
@@ -294,7 +308,8 @@ def pick(candidates: list[dict], timer: Callable[[Sequence[int]], float], budget
 
 
 def run_search(model: nn.Module, datamodule, space: SearchSpace, importance: Importance, proxy: Proxy, latency: LatencyMeter,
-               search: Search) -> tuple[dict[str, Any], EvolutionarySearch]:
+               search: Search, state: dict[str, Any] | None = None,
+               save: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], EvolutionarySearch]:
     """The whole search on the dense fine-tuned ``model`` (see the module docstring).
 
     Args:
@@ -302,6 +317,10 @@ def run_search(model: nn.Module, datamodule, space: SearchSpace, importance: Imp
             (unmasked, full size); it is not modified (copies are masked).
         datamodule: a set-up text data module.
         space, importance, proxy, latency, search: the search space and the components.
+        state: a state ``save`` received earlier (the search continues from it: the same
+            importance, dense timing, latency tables, and the evolution after its last generation).
+        save: called after every generation with the search state (plain values and tensors):
+            ``importance`` (heads, neurons), ``dense_ms``, ``lut``, ``anchors``, ``evolution``.
 
     Returns:
         (the result: budget, dense latency, lookup table, every evaluated candidate (genes,
@@ -314,10 +333,14 @@ def run_search(model: nn.Module, datamodule, space: SearchSpace, importance: Imp
             none stays within it when re-timed.
     """
     started = time.time()
-    inputs = prepare(model, datamodule, space, importance, proxy, search.seed)
-    reference = latency.reference(model)
+    restored = None if state is None else UnitImportance(state["importance"]["heads"], state["importance"]["neurons"])
+    inputs = prepare(model, datamodule, space, importance, proxy, search.seed, scores=restored)
+    reference = latency.reference(model) if state is None else DenseReference.restored(latency, model, state["dense_ms"])
     timer = CandidateTimer(model, inputs.importance, space, reference)
-    table, anchors = latency.lookup_table(model, space, timer, search.seed)
+    if state is None:
+        table, anchors = latency.lookup_table(model, space, timer, search.seed)
+    else:
+        table, anchors = LatencyTable.from_state_dict(state["lut"]), LatencyTable.from_state_dict(state["anchors"])
     requested, budget = latency.budgets(reference.dense_ms, table.min_ms(), space)
     scores: dict[tuple[int, ...], float] = {}
 
@@ -331,8 +354,15 @@ def run_search(model: nn.Module, datamodule, space: SearchSpace, importance: Imp
                  "%s within budget %.4f", search.mutator, summary["generation"], search.generations, summary["evaluations"],
                  summary["best_reward"], proxy.metric, summary["best_feasible_quality"] or float("nan"))
 
+    def checkpoint(evo: EvolutionarySearch) -> None:
+        if save is not None:
+            save({"importance": {"heads": inputs.importance.heads, "neurons": inputs.importance.neurons},
+                  "dense_ms": reference.dense_ms, "lut": table.state_dict(), "anchors": anchors.state_dict(),
+                  "evolution": evo.state_dict()})
+
     evolution = search.evolve(space, lambda g: (quality(g), table.predict_ms(*space.decode(g))), budget, table,
-                              inputs.importance, progress)
+                              inputs.importance, progress, state=None if state is None else state["evolution"],
+                              on_generation=checkpoint)
     search_s = time.time() - started
 
     records = []
