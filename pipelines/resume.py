@@ -109,7 +109,7 @@ def is_finished(out_dir: str | Path) -> bool:
 def fsync_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, rename, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks never share a temp file
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -157,7 +157,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         """``torch.save`` into ``<path>.tmp``, fsync, rename onto ``path``."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
@@ -288,16 +288,18 @@ def finish_phase(out_dir: Path, phase: str, trainer: L.Trainer, chosen: str, sco
     Then the completion record is written, then every other checkpoint of the phase is deleted.
     """
     phase_dir = Path(out_dir) / "checkpoints" / phase
-    ckpt = torch.load(chosen, map_location="cpu", weights_only=True)
-    for key in ("optimizer_states", "lr_schedulers", "loops"):
-        ckpt.pop(key, None)
-    ckpt["callbacks"] = _states([cb for cb in trainer.callbacks if not isinstance(cb, RunState)])
     final = phase_dir / FINAL_CKPT
-    AtomicCheckpointIO().save_checkpoint(ckpt, final)
-    record = {"done": True, "phase": phase, "checkpoint": FINAL_CKPT, "score": score,
-              "global_step": int(trainer.global_step)}
-    fsync_write(phase_dir / RECORD_FILE, (json.dumps(record, indent=1) + "\n").encode())
-    remove_resumable(phase_dir)
+    if trainer.is_global_zero:  # under DDP rank 0 writes (every rank holds the same state); the others wait
+        ckpt = torch.load(chosen, map_location="cpu", weights_only=True)
+        for key in ("optimizer_states", "lr_schedulers", "loops"):
+            ckpt.pop(key, None)
+        ckpt["callbacks"] = _states([cb for cb in trainer.callbacks if not isinstance(cb, RunState)])
+        AtomicCheckpointIO().save_checkpoint(ckpt, final)
+        record = {"done": True, "phase": phase, "checkpoint": FINAL_CKPT, "score": score,
+                  "global_step": int(trainer.global_step)}
+        fsync_write(phase_dir / RECORD_FILE, (json.dumps(record, indent=1) + "\n").encode())
+        remove_resumable(phase_dir)
+    trainer.strategy.barrier("litprune_finish_phase")
     return str(final)
 
 
