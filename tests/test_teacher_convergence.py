@@ -68,5 +68,5 @@ def test_an_uninformative_dense_model_stops_early_and_results_say_it_is_at_the_m
     dense = results["dense"]
     assert dense["val_accuracy"] <= dense["majority_class_rate"] + dense["majority_margin"]
     assert dense["beats_majority_class"] is False
-    epochs = torch.load(out / "checkpoints" / "dense" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"]
+    epochs = torch.load(out / "checkpoints" / "dense" / "final.ckpt", map_location="cpu", weights_only=True)["epoch"]
     assert epochs < 7  # stopped by early stopping before trainer.max_epochs=8
