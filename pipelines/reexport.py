@@ -114,5 +114,5 @@ def reexport(run_dir: str | Path, names: list[str] | None = None, threads: int |
 
         dm = build(cfg.data, _convert_="all")
         dm.setup("fit")
-        serve_and_time(cfg, run_dir, results, modules, {k: m.served_model() for k, m in modules.items()}, dm)
+        serve_and_time(cfg, run_dir, results, {k: m.served_model() for k, m in modules.items()}, dm)
     return results

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from modules.dlrm import count_nonzero_params
 from modules.latency import measure_latency_ms, protocol
+from modules.served_dlrm import ExportableDLRM
 from modules.stream_data import StreamDataModule
 from pipelines.common import build, check_data_kind, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
@@ -96,7 +97,7 @@ def latency_inputs(dm, batch_size: int) -> tuple[torch.Tensor, ...]:
 
 
 def export_stream_models(
-    cfg: DictConfig, out_dir: Path, modules: dict[str, L.LightningModule], served: dict[str, torch.nn.Module], dm
+    cfg: DictConfig, out_dir: Path, served: dict[str, torch.nn.Module], dm
 ) -> tuple[dict[str, dict], dict[str, Any]]:
     """Export each served DLRM to ``served/<name>/`` and check ONNX Runtime against PyTorch.
 
@@ -107,8 +108,8 @@ def export_stream_models(
     """
     x = latency_inputs(dm, min(int(cfg.export.parity_examples), len(dm.stream)))
     folders, parity = {}, {}
-    for name, module in modules.items():
-        exportable = module.exportable()
+    for name in served:
+        exportable = ExportableDLRM(served[name])  # the served copy the run already built (module.exportable() would rebuild it)
         meta = {"kind": "recommender", **exportable.io_meta(), "pruning": exportable.summary()}
         folders[name] = partial(
             write_served_folder, out_dir, name, exportable, exportable.feeds(*latency_inputs(dm, 8)),
@@ -128,10 +129,7 @@ def served_macs(model) -> int:
     return int(mlp + f * f * model.sparse_arch.embedding_dim)
 
 
-def serve_and_time(
-    cfg: DictConfig, out_dir: Path, results: dict[str, Any], modules: dict[str, L.LightningModule],
-    served: dict[str, torch.nn.Module], dm,
-) -> None:
+def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], served: dict[str, torch.nn.Module], dm) -> None:
     """Export the served models (when ``export.enabled``), time them in PyTorch and ONNX Runtime, record it all.
 
     Fills, per model, ``served``, ``latency_ms`` and ``latency_ms_onnxruntime`` (by batch
@@ -141,17 +139,18 @@ def serve_and_time(
     """
     sessions = {}
     if cfg.export.enabled:
-        exported, sessions = export_stream_models(cfg, out_dir, modules, served, dm)
+        exported, sessions = export_stream_models(cfg, out_dir, served, dm)
         for name, entry in exported.items():
             results[name]["served"] = entry
     lat = cfg.latency
     threads = latency_threads(cfg)
+    exportables = {k: ExportableDLRM(served[k]) for k in sessions}  # the served copies' input naming, no new copy
     for b in lat.batch_sizes:
         x = latency_inputs(dm, int(b))
         calls = {k: (lambda m=m: m(*x)) for k, m in served.items()}
         calls["dense_again"] = lambda: served["dense"](*x)  # A/A control: the same model timed twice
         for k, session in sessions.items():
-            feeds = graph_feeds(session, {n: v.numpy() for n, v in modules[k].exportable().feeds(*x).items()})
+            feeds = graph_feeds(session, {n: v.numpy() for n, v in exportables[k].feeds(*x).items()})
             calls[f"{k}@onnxruntime"] = lambda s=session, f=feeds: s.run(None, f)
         ms = measure_latency_ms(calls, warmup=int(lat.warmup), repeats=int(lat.repeats), threads=threads)
         for k in served:
@@ -277,7 +276,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results[key]["mlp_params"] = int(sum(int((l.weight != 0).sum()) for m in model.mlps().values() for l in m.layers))
         results[key]["macs_per_sample"] = served_macs(model)
         results[key]["mlp_shapes"] = {f"{m}.{i}": list(l.weight.shape) for m, mlp in model.mlps().items() for i, l in enumerate(mlp.layers)}
-    serve_and_time(cfg, out_dir, results, modules, served, dm)
+    serve_and_time(cfg, out_dir, results, served, dm)
     for name in served:
         if name != "dense":
             results[name]["auc_delta"] = results[name]["metrics"]["auc"] - results["dense"]["metrics"]["auc"]
