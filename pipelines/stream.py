@@ -4,7 +4,9 @@
 
 1. loads the stream (``cfg.data``) once;
 2. phase ``dense``: seeds, builds the DLRM (``cfg.model.module``) and trains it
-   prequentially over the windows (score each window, then train on it);
+   prequentially over the windows (score each window, then train on it); in a sweep the
+   dense reference comes from the teacher cache (``pipelines.teacher_cache``) after the
+   first job that trains it;
 3. phase ``pruned`` (when ``cfg.pruner`` has a ``_target_``): the same seed, the same
    stream, with the pruner callback (and one phase per baseline it names); the pruner's
    own figures (:meth:`~pruners.base.Pruner.results`) and files
@@ -38,6 +40,8 @@ from modules.served_dlrm import ExportableDLRM
 from modules.stream_data import StreamDataModule
 from pipelines.common import build, check_data_kind, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
+from pipelines.sweep import multirun_job
+from pipelines.teacher_cache import dense_teacher
 from pipelines.threads import latency_threads
 from pipelines.distributed import distributed_summary, is_global_zero
 from pruners.base import FitPlan, Pruner
@@ -227,7 +231,20 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "model": OmegaConf.to_container(cfg.model.module, resolve=True),
     }
     modules, checkpoints = {}, {}
-    modules["dense"], checkpoints["dense"] = stream_phase(cfg, dm, "dense")
+    fitted: dict[str, L.LightningModule] = {}
+
+    def fit_dense() -> str:
+        """Train the dense reference over the stream; keep the module."""
+        fitted["dense"], path = stream_phase(cfg, dm, "dense")
+        return path
+
+    # a sweep over pruner settings trains each distinct dense reference once (pipelines.teacher_cache)
+    checkpoints["dense"], cached = dense_teacher(cfg, Path(out_dir), None, None, fit_dense, multirun_job() is not None)
+    if "dense" not in fitted:  # from the cache: the phase is finished in this run dir, so this restores it
+        fitted["dense"], checkpoints["dense"] = stream_phase(cfg, dm, "dense")
+    modules["dense"] = fitted["dense"]
+    if cached is not None:
+        results["teacher_cache"] = cached
     files: dict[str, str] = {}
 
     def after_fit(name: str, p: Pruner):

@@ -1,5 +1,8 @@
 """Reuse of dense teachers across runs: a sweep over pruner settings fine-tunes each distinct teacher once.
 
+The same cache holds a stream run's dense reference (``pipelines.stream``): a sweep over D2S
+settings trains it once.
+
 An entry lives in ``<paths.teacher_cache_dir>/<key>/`` (default
 ``${paths.log_dir}/teacher_cache``): ``teacher.ckpt`` and ``complete.json``, written last,
 holding the checkpoint's size and SHA-256 and what the key was made of. The key is a
@@ -16,8 +19,10 @@ file lock per key while they look up or build the entry, so the second of two jo
 the same teacher waits for the first and then loads its checkpoint; the checkpoint is
 written under a temporary name and renamed into place.
 
-On a hit, the run's ``checkpoints/dense/`` gets a hard link (a copy across file systems)
-of the cached checkpoint, so its results.json stays relative to the run dir.
+On a hit, the run's ``checkpoints/dense/`` gets ``final.ckpt``, a hard link (a copy across
+file systems) of the cached checkpoint, so its results.json stays relative to the run dir,
+and the phase's completion record (``pipelines.resume``): a resumed job restores that
+finished phase and never fits its teacher again, whatever ``teacher_cache`` says then.
 ``teacher_cache``: null (default) uses the cache in multirun jobs only, true always,
 false never.
 """
@@ -35,9 +40,12 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines.resume import FINAL_CKPT, RECORD_FILE, fsync_write, read_record
+
 log = logging.getLogger(__name__)
 
 CKPT = "teacher.ckpt"
+DENSE_PHASE = "dense"  # the run's phase (checkpoints/dense/) a cached teacher stands in for
 RECORD = "complete.json"
 #: trainer keys that change what is shown or logged, not the teacher's weights
 IGNORED_TRAINER_KEYS = ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
@@ -169,6 +177,10 @@ def dense_teacher(
     Returns:
         (checkpoint path, the results.json record ``{"key", "hit", "entry"}``, or None when the cache is off).
     """
+    phase_dir = out_dir / "checkpoints" / DENSE_PHASE
+    own = read_record(phase_dir) or {}
+    if own.get("done"):  # a resumed run whose dense phase finished: fit() restores it (fitted here or cached)
+        return fit(), own.get("teacher_cache")
     if not enabled(cfg, multirun):
         return fit(), None
     from filelock import FileLock
@@ -180,10 +192,15 @@ def dense_teacher(
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{key}.lock")):
         if valid_entry(entry):
-            dst = out_dir / "checkpoints" / "dense" / CKPT
-            _link_or_copy(entry / CKPT, dst)
+            # the run's dense phase is then finished like a fitted one: final.ckpt and its completion
+            # record, so a resume of this run restores it instead of fitting the teacher again
+            _link_or_copy(entry / CKPT, phase_dir / FINAL_CKPT)
+            cached = {"key": key, "hit": True, "entry": str(entry)}
+            record = {"done": True, "phase": DENSE_PHASE, "checkpoint": FINAL_CKPT, "score": None,
+                      "global_step": None, "teacher_cache": cached}
+            fsync_write(phase_dir / RECORD_FILE, (json.dumps(record, indent=1) + "\n").encode())
             log.info("dense teacher from the cache: %s", entry)
-            return str(dst), {"key": key, "hit": True, "entry": str(entry)}
+            return str(phase_dir / FINAL_CKPT), cached
         if entry.exists():
             log.warning("teacher cache entry %s is incomplete or corrupt; rebuilding it", entry)
             shutil.rmtree(entry)

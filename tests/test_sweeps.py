@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 import pipelines.configs  # noqa: F401  (registers the schemas)
 from conftest import ROOT, compose_config
 from pipelines.sweep import headline_figures, pareto_front, write_summary
+from pipelines.resume import read_record
 from pipelines.teacher_cache import cache_key, dense_teacher, key_material, store, valid_entry
 from pipelines.threads import apply_threads, latency_threads, training_threads
 
@@ -105,22 +106,46 @@ def test_teacher_cache_detects_a_corrupt_entry_and_rebuilds_it(tmp_path):
         fits.append(path)
         return str(path)
 
-    first, rec = dense_teacher(cfg, tmp_path / "run", 1, None, fit, multirun=False)
+    first, rec = dense_teacher(cfg, tmp_path / "run1", 1, None, fit, multirun=False)
     assert not rec["hit"] and len(fits) == 1 and valid_entry(Path(rec["entry"]))
-    second, rec = dense_teacher(cfg, tmp_path / "run", 1, None, fit, multirun=False)
+    second, rec = dense_teacher(cfg, tmp_path / "run2", 1, None, fit, multirun=False)
     assert rec["hit"] and len(fits) == 1 and Path(second).read_bytes() == Path(first).read_bytes()
     entry = Path(rec["entry"])
     (entry / "teacher.ckpt").unlink()
     (entry / "teacher.ckpt").write_bytes(b"weightz" * 100)  # same size, other bytes
     assert not valid_entry(entry)
-    _, rec = dense_teacher(cfg, tmp_path / "run", 1, None, fit, multirun=False)
+    _, rec = dense_teacher(cfg, tmp_path / "run3", 1, None, fit, multirun=False)
     assert not rec["hit"] and len(fits) == 2 and valid_entry(entry)
     (entry / "complete.json").unlink()  # a fit that died before its record
     assert not valid_entry(entry)
-    off = compose_config("model=dlrm", f"paths.log_dir={tmp_path}", output_dir=tmp_path / "run")
-    assert dense_teacher(off, tmp_path / "run", 1, None, fit, multirun=False)[1] is None  # default: multirun only
+    off = compose_config("model=dlrm", f"paths.log_dir={tmp_path}", output_dir=tmp_path / "run4")
+    assert dense_teacher(off, tmp_path / "run4", 1, None, fit, multirun=False)[1] is None  # default: multirun only
     store(entry, Path(first), material)
     assert valid_entry(entry)
+
+
+def test_a_cached_teacher_finishes_the_jobs_dense_phase_so_a_resume_never_fits_it(tmp_path):
+    """A cache hit leaves the job's dense phase finished (final.ckpt and its completion record): resuming
+    that job, where the cache is off (not a multirun process), restores the phase instead of fitting."""
+    cfg = compose_config("model=dlrm", f"paths.log_dir={tmp_path}", "teacher_cache=true", output_dir=tmp_path / "job")
+    fits = []
+
+    def fit() -> str:
+        fits.append(1)
+        path = tmp_path / "fitted.ckpt"
+        path.write_bytes(b"weights" * 100)
+        return str(path)
+
+    dense_teacher(cfg, tmp_path / "first", 1, None, fit, multirun=False)
+    path, rec = dense_teacher(cfg, tmp_path / "job", 1, None, fit, multirun=False)
+    assert rec["hit"] and Path(path) == tmp_path / "job" / "checkpoints" / "dense" / "final.ckpt" and len(fits) == 1
+    record = read_record(tmp_path / "job" / "checkpoints" / "dense")
+    assert record["done"] and record["checkpoint"] == "final.ckpt" and record["teacher_cache"] == rec
+
+    restored = []
+    off = compose_config("model=dlrm", f"paths.log_dir={tmp_path}", output_dir=tmp_path / "job")
+    path, again = dense_teacher(off, tmp_path / "job", 1, None, lambda: restored.append(1) or path, multirun=False)
+    assert again == rec and restored == [1] and len(fits) == 1  # fit() restores the finished phase (fit_phase)
 
 
 def test_a_sweep_over_a_config_group_has_one_dir_and_a_summary_with_its_failed_job(tmp_path):
@@ -135,6 +160,19 @@ def test_a_sweep_over_a_config_group_has_one_dir_and_a_summary_with_its_failed_j
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(failed) == 2 and all("limit_rows=0" in r["overrides"] and "DataError" in r["error"] for r in failed)
     assert (sweep / "summary.md").is_file() and (sweep / "multirun.yaml").is_file()
+
+
+def test_a_d2s_sweep_trains_the_dense_reference_once(tmp_path):
+    """Two D2S targets in one sweep: the first job trains the stream's dense reference, the second restores it
+    from the teacher cache (same per-window figures), and each job still prunes to its own target."""
+    proc, sweep = multirun(tmp_path, *TINY_STREAM, "pruner=d2s", "data.limit_rows=3000", "pruner.update_every=5",
+                           "pruner.target_sparsity=0.5,0.8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((sweep / job / "results.json").read_text()) for job in ("0", "1")]
+    assert [r["teacher_cache"]["hit"] for r in results] == [False, True]
+    assert results[1]["dense"]["per_window"] == results[0]["dense"]["per_window"]
+    assert (sweep / "1" / "checkpoints" / "dense" / "complete.json").is_file()
+    assert [round(r["pruner"]["overall"], 1) for r in results] == [0.5, 0.8]
 
 
 @pytest.mark.slow
