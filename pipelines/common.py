@@ -129,6 +129,9 @@ def build_callbacks(
                     mode=mode,
                     save_top_k=1 if monitor else 0,
                     save_last=False,  # the resumable last.ckpt is written by pipelines.resume.LastCheckpoint
+                    # the best is kept for its weights only: a phase in progress has one resumable
+                    # checkpoint (last.ckpt, with optimizer and loop state), and the best costs a third
+                    save_weights_only=True,
                 )
             )
         else:

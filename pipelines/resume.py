@@ -5,8 +5,8 @@ A run dir holds, per phase (``dense``, ``pruned``, each baseline), a folder
 
 * while the phase runs: ``last.ckpt``, the one resumable checkpoint (model, optimizer,
   loops, callback and pruner state, RNG state; rewritten at every validation, or every
-  window for a stream), plus the best checkpoint by the phase's monitored metric when it
-  has one;
+  window for a stream), plus, when the phase monitors a metric, its best checkpoint by
+  that metric, weights only (a third of a resumable one with Adam's state);
 * when the phase is done: ``final.ckpt``, one checkpoint without optimizer or loop state
   (the chosen weights and the pruner's state at the end of the fit), and
   ``complete.json``, the completion record naming it, written last and atomically
@@ -45,6 +45,7 @@ from modules.errors import ConfigError, UserError
 
 RECORD_FILE = "complete.json"
 FINAL_CKPT = "final.ckpt"
+LAST_CKPT = "last.ckpt"  # the one resumable checkpoint of a phase in progress (LastCheckpoint)
 RESUMED_FILE = "resumed.json"
 #: settings a resume may override (exact keys or prefixes ending in "."): they change how a
 #: run reports, never what it computes
@@ -134,9 +135,13 @@ def read_record(phase_dir: Path) -> dict[str, Any] | None:
 
 
 def newest_checkpoint(phase_dir: Path) -> Path | None:
-    """The most recently written resumable checkpoint of a phase in progress (None: none yet)."""
-    ckpts = [p for p in Path(phase_dir).glob("*.ckpt") if p.name != FINAL_CKPT]
-    return max(ckpts, key=lambda p: p.stat().st_mtime_ns) if ckpts else None
+    """The resumable checkpoint of a phase in progress, ``last.ckpt`` (None: none yet).
+
+    The phase's best checkpoint holds weights only (``pipelines.common.build_callbacks``), so it
+    is never resumed from, even when a kill fell between its write and last.ckpt's.
+    """
+    last = Path(phase_dir) / LAST_CKPT
+    return last if last.is_file() else None
 
 
 def resumed_events(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -379,7 +384,7 @@ class LastCheckpoint(Checkpoint):
         ckpt = trainer.checkpoint_callback
         if ckpt is None or ckpt.dirpath is None:
             return None
-        return Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+        return Path(ckpt.dirpath) / LAST_CKPT
 
     def _save(self, trainer: L.Trainer) -> None:
         path = self.path(trainer)

@@ -68,6 +68,10 @@ def run_killed_twice(tmp_path: Path, args: list[str], kill_at: list[str]) -> tup
     for point in kill_at:
         assert kill_when(proc, run_dir / point), f"the run ended before {point} appeared"
         assert not (run_dir / "results.json").exists()
+        if point.endswith("last.ckpt"):  # a phase in progress keeps one resumable checkpoint; the best is weights only
+            ckpts = [torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+                     for p in (run_dir / point).parent.glob("*.ckpt")]
+            assert sum("optimizer_states" in c for c in ckpts) == 1, [sorted(c) for c in ckpts]
         proc = launch([f"resume={run_dir}", "trainer.enable_progress_bar=false"])
     finish(proc)
     return json.loads((run_dir / "results.json").read_text()), run_dir
