@@ -152,3 +152,28 @@ def test_seed_figures_and_their_summary_known_values():
     assert out["mean_evaluations_to_random_best"] == {"reinforced": 3, "random": 2.5}
     assert out["mean_speedup_batch1"] == pytest.approx({"searched": 2.0, "uniform": 1.9})
     json.dumps(out)
+
+
+def test_sweep_teacher_reuse_adds_the_dense_fit_back_for_each_cached_job(tmp_path):
+    """Known values: two jobs of 700 s and 300 s, the first fitted the teacher in 400 s (config written at t=1000,
+    dense record at t=1400), the second took it from the cache: separate runs would take 700 + 300 + 400 s."""
+    import os
+
+    sweep_bench = load_benchmark("sweep_teacher_reuse")
+    for job, hit, wall in (("0", False, 700), ("1", True, 300)):
+        d = tmp_path / job
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "config.yaml").write_text("seed: 42\n")
+        (d / ".hydra" / "overrides.yaml").write_text(f"- pruner.target_sparsity=0.{job}\n")
+        (d / "checkpoints" / "dense").mkdir(parents=True)
+        (d / "checkpoints" / "dense" / "complete.json").write_text("{}")
+        os.utime(d / ".hydra" / "config.yaml", (1000, 1000))
+        os.utime(d / "checkpoints" / "dense" / "complete.json", (1400, 1400))
+        results = {"teacher_cache": {"hit": hit}, "wall_clock_s": wall, "dense": {"metrics": {"accuracy": 0.8}},
+                   "pruned": {"metrics": {"accuracy": 0.79}, "speedup_onnxruntime": {"1": 1.3}}}
+        (d / "results.json").write_text(json.dumps(results))
+    out = sweep_bench.summarise(tmp_path, 1010.0, ["pruner.target_sparsity=0.0,0.1"])
+    assert out["dense_fit_s"] == 400 and out["teacher_fits"] == 1
+    assert out["separate_runs_estimate_s"] == 1400 and out["saving_fraction"] == pytest.approx(1 - 1010 / 1400, abs=1e-3)
+    assert [j["overrides"] for j in out["jobs"]] == [["pruner.target_sparsity=0.0"], ["pruner.target_sparsity=0.1"]]
+    assert out["jobs"][0]["drop_points"] == pytest.approx(1.0)
