@@ -132,6 +132,9 @@ def build_callbacks(
                     # the best is kept for its weights only: a phase in progress has one resumable
                     # checkpoint (last.ckpt, with optimizer and loop state), and the best costs a third
                     save_weights_only=True,
+                    # decide at each validation's end, before LastCheckpoint writes last.ckpt, never at the
+                    # epoch's end: a kill between the two would lose that decision from the resumed run
+                    save_on_train_epoch_end=False,
                 )
             )
         else:
