@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--sweep-dir", type=Path, default=None, help="summarise this finished sweep instead of running one")
     ap.add_argument("--wall-clock-s", type=float, default=None, help="with --sweep-dir: the sweep's measured wall clock")
     ap.add_argument("--log-dir", type=Path, default=ROOT / "outputs")
+    ap.add_argument("--note", default=None, help="what else ran on the machine meanwhile (recorded in the summary)")
     a = ap.parse_args()
     if a.sweep_dir is not None:
         if a.wall_clock_s is None:
@@ -90,6 +91,8 @@ def main() -> None:
     else:
         sweep, wall = run_sweep(a.overrides, a.log_dir)
     summary = summarise(sweep, wall, a.overrides)
+    if a.note:
+        summary["note"] = a.note
     OUT.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))
 
