@@ -134,6 +134,12 @@ def read_record(phase_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def write_record(phase_dir: Path, phase: str, score: float | None, global_step: int | None, **extra: Any) -> None:
+    """Write the phase's completion record (``final.ckpt`` is its checkpoint) atomically; ``extra`` adds keys."""
+    record = {"done": True, "phase": phase, "checkpoint": FINAL_CKPT, "score": score, "global_step": global_step, **extra}
+    fsync_write(Path(phase_dir) / RECORD_FILE, (json.dumps(record, indent=1) + "\n").encode())
+
+
 def newest_checkpoint(phase_dir: Path) -> Path | None:
     """The resumable checkpoint of a phase in progress, ``last.ckpt`` (None: none yet).
 
@@ -300,9 +306,7 @@ def finish_phase(out_dir: Path, phase: str, trainer: L.Trainer, chosen: str, sco
             ckpt.pop(key, None)
         ckpt["callbacks"] = _states([cb for cb in trainer.callbacks if not isinstance(cb, RunState)])
         AtomicCheckpointIO().save_checkpoint(ckpt, final)
-        record = {"done": True, "phase": phase, "checkpoint": FINAL_CKPT, "score": score,
-                  "global_step": int(trainer.global_step)}
-        fsync_write(phase_dir / RECORD_FILE, (json.dumps(record, indent=1) + "\n").encode())
+        write_record(phase_dir, phase, score, int(trainer.global_step))
         remove_resumable(phase_dir)
     trainer.strategy.barrier("litprune_finish_phase")
     return str(final)

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipelines.resume import FINAL_CKPT, RECORD_FILE, fsync_write, read_record
+from pipelines.resume import FINAL_CKPT, read_record, write_record
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,7 @@ def dense_teacher(
             # record, so a resume of this run restores it instead of fitting the teacher again
             _link_or_copy(entry / CKPT, phase_dir / FINAL_CKPT)
             cached = {"key": key, "hit": True, "entry": str(entry)}
-            record = {"done": True, "phase": DENSE_PHASE, "checkpoint": FINAL_CKPT, "score": None,
-                      "global_step": None, "teacher_cache": cached}
-            fsync_write(phase_dir / RECORD_FILE, (json.dumps(record, indent=1) + "\n").encode())
+            write_record(phase_dir, DENSE_PHASE, None, None, teacher_cache=cached)
             log.info("dense teacher from the cache: %s", entry)
             return str(phase_dir / FINAL_CKPT), cached
         if entry.exists():
