@@ -40,6 +40,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipelines.resume import resumed_events  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "kill_cost.json"
 RESTORED = re.compile(r"Restored all states from the checkpoint|continuing the search from")
 GENERATION = re.compile(r"continuing the search from .* \(generation (\d+)\)")
@@ -116,15 +120,14 @@ def run_case(name: str, phase: str, watch: str, writes: int, wait: float, overri
                 seen.append(mtime / 1e9)
         time.sleep(0.2)
     time.sleep(wait)
-    mtime = watched.stat().st_mtime_ns / 1e9
-    if mtime != seen[-1]:
-        seen.append(mtime)
     os.killpg(proc.pid, signal.SIGKILL)
     killed = time.time()
     proc.wait()
     out.join()
     ckpt_step = stored_step(watched)
-    last_write = watched.stat().st_mtime_ns / 1e9
+    last_write = watched.stat().st_mtime_ns / 1e9  # after the kill: a write that landed during the wait counts
+    if last_write != seen[-1]:
+        seen.append(last_write)
     writes_before_kill = [round(t - started, 2) for t in seen]
 
     proc, out2, resumed_at = launch([f"resume={run_dir}"], log_path)
@@ -144,9 +147,7 @@ def run_case(name: str, phase: str, watch: str, writes: int, wait: float, overri
     out2.join()
     restored = out2.first(RESTORED)
     generation = next((int(m.group(1)) for _, line in out2.lines if (m := GENERATION.search(line))), None)
-    events_file = run_dir / "checkpoints" / "resumed.json"
-    events = json.loads(events_file.read_text()) if events_file.is_file() else []
-    event = next((e for e in events if e["phase"] == phase), None)
+    event = next((e for e in resumed_events(run_dir) if e["phase"] == phase), None)
     results_file = run_dir / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     gaps = [b - a for a, b in zip(seen, seen[1:])]
