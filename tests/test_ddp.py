@@ -29,7 +29,10 @@ TEXT = [TINY_BERT, "data.limit_per_split=32", "trainer.val_check_interval=1.0", 
 STREAM = ["model=dlrm", "data.limit_rows=2400", "data.window=400", "latency.batch_sizes=[1]"]
 D2S = ["pruner=d2s", "pruner.update_every=5", "pruner.target_sparsity=0.8"]
 SWIFT = ["pruner.latency.repeats=2", "pruner.latency.warmup=0", "pruner.latency.calibration_models=0",
-         "pruner.latency.verify_rounds=1", "pruner.latency.budget_fraction=0.9", "pruner.latency.seq_len=16",
+         # A 1 ms budget on a shared machine: whichever candidate fits its single timing is taken (verification
+         # and its refusal of noisy picks have their own tests); DDP sharing of the search is the point here.
+         "pruner.latency.verify_rounds=0", "pruner.latency.budget_fraction=1.0", "pruner.latency.margin=0",
+         "pruner.latency.seq_len=16",
          "pruner.search.generations=1", "pruner.search.population_size=4", "pruner.search.parents=2",
          "pruner.importance.examples=16", "pruner.proxy.examples=16",
          "pruner.latency.runtime=torch"]  # DDP sharing is the point here; ORT timing has its own test
@@ -44,7 +47,11 @@ def run_py(run_dir: Path, *overrides: str, ddp: bool = True) -> dict:
            "trainer.enable_progress_bar=false", "latency.repeats=2", "latency.warmup=1", f"hydra.run.dir={run_dir}",
            *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if proc.returncode != 0:  # every rank's traceback (the one that crashed first is not the last printed)
+        (run_dir / "stderr.txt").write_text(proc.stderr)
+        tracebacks = proc.stderr.split("Traceback (most recent call last)")[1:]
+        shown = "\n---\n".join(t[-2500:] for t in tracebacks) if tracebacks else proc.stderr[-3000:]
+        pytest.fail(f"run.py exited with {proc.returncode}; every rank's traceback:\n{shown}")
     assert proc.stdout.count("results: ") == 1, "rank 0 alone prints the table"
     files = list(run_dir.rglob("results.json"))
     assert files == [run_dir / "results.json"], files
