@@ -29,8 +29,8 @@ TEXT = [TINY_BERT, "data.limit_per_split=32", "trainer.val_check_interval=1.0", 
 STREAM = ["model=dlrm", "data.limit_rows=2400", "data.window=400", "latency.batch_sizes=[1]"]
 D2S = ["pruner=d2s", "pruner.update_every=5", "pruner.target_sparsity=0.8"]
 SWIFT = ["pruner.latency.repeats=2", "pruner.latency.warmup=0", "pruner.latency.calibration_models=0",
-         # A 1 ms budget on a shared machine: whichever candidate fits its single timing is taken (verification
-         # and its refusal of noisy picks have their own tests); DDP sharing of the search is the point here.
+         # A 1 ms budget on a shared machine: whichever candidate fits its single timing is taken
+         # (verification and its refusal of noisy picks have their own tests in test_swiftpruner.py).
          "pruner.latency.verify_rounds=0", "pruner.latency.budget_fraction=1.0", "pruner.latency.margin=0",
          "pruner.latency.seq_len=16",
          "pruner.search.generations=1", "pruner.search.population_size=4", "pruner.search.parents=2",
@@ -48,6 +48,7 @@ def run_py(run_dir: Path, *overrides: str, ddp: bool = True) -> dict:
            *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:  # every rank's traceback (the one that crashed first is not the last printed)
+        run_dir.mkdir(parents=True, exist_ok=True)  # a run that failed before Hydra made it
         (run_dir / "stderr.txt").write_text(proc.stderr)
         tracebacks = proc.stderr.split("Traceback (most recent call last)")[1:]
         shown = "\n---\n".join(t[-2500:] for t in tracebacks) if tracebacks else proc.stderr[-3000:]
