@@ -8,7 +8,7 @@ fail the test), leaving no results.json and no checkpoints behind. A few inputs 
 rather than refused (``accepted``): the case then checks what happens.
 
 Most cases call a loader, a pruner or ``run.train`` in-process; the cases with ``cli`` also
-run through a real ``python run.py ...`` subprocess, which must exit with status 2 and print
+run as ``python run.py ...`` in a process of their own (``tests/processes.py``), which must exit with status 2 and print
 one line ``error: <message>`` and no traceback.
 
 The README's troubleshooting section is generated from :data:`CASES`
@@ -18,7 +18,6 @@ checks it is current.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -30,6 +29,7 @@ from typing import Callable
 from unittest import mock
 
 import pytest
+from processes import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -670,8 +670,7 @@ def run_cli(case: Case, tmp: Path, full_error: bool = False) -> tuple[subprocess
     env.pop("HYDRA_FULL_ERROR", None)
     if full_error:
         env["HYDRA_FULL_ERROR"] = "1"
-    args = [sys.executable, "run.py", *case.cli(inputs), f"hydra.run.dir={out}"]
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300), out
+    return run_script("run.py", [*case.cli(inputs), f"hydra.run.dir={out}"], env), out
 
 
 #: the run of :func:`test_full_error_shows_the_traceback`: threads=-1 with HYDRA_FULL_ERROR=1
@@ -681,7 +680,7 @@ FULL_ERROR = Case("full-error", X, "threads=-1 with HYDRA_FULL_ERROR=1", lambda 
 
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory):
-    """Every CLI case (and the full-error run) as ``python run.py``, two at a time (the subprocesses mostly import)."""
+    """Every CLI case (and the full-error run) as ``python run.py``, two at a time."""
     tmp = tmp_path_factory.mktemp("cli")
     runs = [*CLI_CASES, FULL_ERROR]
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import run_script
 
 from modules.distributed import broadcast, gather_objects, gather_rows, mean_, state_digest, world_size
 from modules.dlrm import MaskedLinear, rank_share
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TINY_BERT = ("model.module.bert_config={vocab_size:30522,hidden_size:32,num_hidden_layers:3,num_attention_heads:4,"
              "intermediate_size:64,max_position_embeddings:128}")
@@ -43,10 +40,9 @@ def run_py(run_dir: Path, *overrides: str, ddp: bool = True) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "run.py", *(["trainer=ddp"] if ddp else []), "logger=csv", "threads=1",
-           "trainer.enable_progress_bar=false", "latency.repeats=2", "latency.warmup=1", f"hydra.run.dir={run_dir}",
-           *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    args = [*(["trainer=ddp"] if ddp else []), "logger=csv", "threads=1", "trainer.enable_progress_bar=false",
+            "latency.repeats=2", "latency.warmup=1", f"hydra.run.dir={run_dir}", *overrides]
+    proc = run_script("run.py", args, env)
     if proc.returncode != 0:  # every rank's traceback (the one that crashed first is not the last printed)
         run_dir.mkdir(parents=True, exist_ok=True)  # a run that failed before Hydra made it
         (run_dir / "stderr.txt").write_text(proc.stderr)

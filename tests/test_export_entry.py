@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,7 @@ from omegaconf import OmegaConf
 from modules.errors import ConfigError, MissingFileError
 from pipelines.reexport import RunDirError, reexport
 from tests.conftest import compose_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.processes import run_script
 
 
 def fake_run(tmp_path: Path, results: dict | str | None) -> Path:
@@ -29,7 +26,7 @@ def fake_run(tmp_path: Path, results: dict | str | None) -> Path:
 
 def test_missing_run_dir_is_one_line_status_2_and_creates_nothing(tmp_path):
     missing = tmp_path / "no_such_run"
-    proc = subprocess.run([sys.executable, "export.py", f"run_dir={missing}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = run_script("export.py", [f"run_dir={missing}"], timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "is not a folder" in lines[0]

@@ -1,6 +1,6 @@
 """A run killed with SIGKILL and continued with ``resume=DIR`` ends as the uninterrupted run of the same seed.
 
-Each case runs ``run.py`` in a subprocess on a tiny config, kills it (SIGKILL) as soon as a
+Each case runs ``run.py`` in a process of its own (``tests/processes.py``) on a tiny config, kills it (SIGKILL) as soon as a
 given checkpoint file appears (so the kill lands inside the phase that writes it), resumes
 it, and compares with an uninterrupted run: the same pruning decisions (masks, gates, the
 chosen configuration) and the same test metrics (1e-6). The phases' RNG state, data order
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from processes import ScriptProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BERT = ("model.module.bert_config={vocab_size:30522,hidden_size:32,num_hidden_layers:3,num_attention_heads:4,"
@@ -32,25 +31,24 @@ STREAM = ["model=dlrm", "data.limit_rows=6000", "data.window=1000", "model.modul
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
 
 
-def launch(args: list[str]) -> subprocess.Popen:
-    """Start ``python run.py *args`` in the repository root."""
-    return subprocess.Popen([sys.executable, "run.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def launch(args: list[str]) -> ScriptProcess:
+    """Start ``python run.py *args`` in the repository root (its own process, output and errors together)."""
+    return ScriptProcess("run.py", args, ENV, merge_stderr=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+def finish(proc: ScriptProcess, timeout: float = 240) -> str:
     """Wait for ``proc``; return its output, failing the test on a non-zero exit."""
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
 
 
-def kill_when(proc: subprocess.Popen, path: Path, timeout: float = 240) -> bool:
+def kill_when(proc: ScriptProcess, path: Path, timeout: float = 240) -> bool:
     """SIGKILL ``proc`` as soon as ``path`` exists; False if the run ended first."""
     end = time.time() + timeout
     while time.time() < end:
         if path.exists():
-            proc.send_signal(signal.SIGKILL)
+            proc.kill()  # SIGKILL
             proc.communicate()
             return True
         if proc.poll() is not None:

@@ -6,18 +6,18 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 import pipelines.configs  # noqa: F401  (registers the schemas)
-from conftest import ROOT, compose_config
+from conftest import compose_config
 from pipelines.sweep import headline_figures, pareto_front, write_summary
 from pipelines.resume import read_record
 from pipelines.teacher_cache import cache_key, dense_teacher, key_material, store, valid_entry
 from pipelines.threads import apply_threads, latency_threads, training_threads
+from processes import run_script
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
 TINY_STREAM = ["model=dlrm", "data.window=1000", "threads=1", "latency.repeats=2",
@@ -26,8 +26,7 @@ TINY_STREAM = ["model=dlrm", "data.window=1000", "threads=1", "latency.repeats=2
 
 def multirun(tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, Path]:
     """``python run.py -m <overrides>`` with its outputs under ``tmp_path``; (the process, its one sweep dir)."""
-    proc = subprocess.run([sys.executable, "run.py", "-m", f"paths.log_dir={tmp_path}", *overrides], cwd=ROOT,
-                          env=ENV, capture_output=True, text=True, timeout=600)
+    proc = run_script("run.py", ["-m", f"paths.log_dir={tmp_path}", *overrides], ENV, timeout=600)
     sweeps = list((tmp_path / "multiruns").iterdir())
     assert len(sweeps) == 1, (sweeps, proc.stderr[-2000:])
     return proc, sweeps[0]
