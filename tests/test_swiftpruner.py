@@ -532,6 +532,14 @@ def test_latency_in_onnx_runtime_times_the_exported_model_and_the_search_runs(ti
     assert meter.time(dense) > 0 and len(meter._sessions) == 1
     meter.time(dense)
     assert len(meter._sessions) == 1  # the dense model's session is reused
+    meter.time(copy.deepcopy(dense))
+    assert len(meter._sessions) == 1  # so is it for another model of the same shapes (a pick timed again)
+    work = copy.deepcopy(dense)
+    work.set_structured_masks(torch.tensor([[1.0, 1, 0, 0]] * 3), torch.ones(3, 64))
+    smaller = shrink_structured(work)
+    assert meter.time(smaller) > 0 and len(meter._sessions) == 2
+    meter.time(shrink_structured(work))
+    assert len(meter._sessions) == 2 and list(meter._sessions)[-1] == tuple(smaller.layer_structure())
     with pytest.raises(PrunerConfigError, match="pruner.latency.runtime"):
         LatencyMeter(runtime="tensorrt")
 

@@ -140,7 +140,10 @@ class LatencyMeter:
         self.lut_layers = check_choice("pruner.latency.lut_layers", lut_layers, LAYER_MODES)
         self.table = None if table is None else str(table)
         self.runtime = check_choice("pruner.latency.runtime", runtime, RUNTIMES)
-        self._sessions: dict[int, tuple[nn.Module, object]] = {}  # id -> (model, ORT session), a small cache
+        # ORT sessions of the last few shapes timed, by the model's per-layer (heads, FFN neurons): latency
+        # depends on the shapes only, so a shape timed again (the dense model before every candidate, a
+        # pick's verification rounds) is not exported again
+        self._sessions: dict[tuple[tuple[int, int], ...], object] = {}
 
     def check(self, model: nn.Module) -> None:
         """Raise :class:`PrunerConfigError` if ``seq_len`` exceeds what ``model`` (a prunable BERT) takes."""
@@ -192,10 +195,13 @@ class LatencyMeter:
         return measure_latency_ms({"model": lambda: session.run(None, feeds)}, warmup=warmup, repeats=self.repeats)["model"]
 
     def _session(self, model: nn.Module):
-        """An ONNX Runtime session of ``model`` exported as served; the last few are kept (the dense model is timed often)."""
-        hit = self._sessions.get(id(model))
-        if hit is not None and hit[0] is model:
-            return hit[1]
+        """An ONNX Runtime session of ``model`` exported as served, or of an earlier model of the same per-layer
+        shapes (the last few are kept, most recently used last)."""
+        shape = tuple(model.layer_structure())
+        session = self._sessions.pop(shape, None)
+        if session is not None:
+            self._sessions[shape] = session
+            return session
         exportable = ExportableBert(copy.deepcopy(model).cpu().eval())
         example = synthetic_inputs(2, self.seq_len, model.config.vocab_size)
         with tempfile.TemporaryDirectory() as tmp:
@@ -203,7 +209,7 @@ class LatencyMeter:
             session = make_session(path, torch.get_num_threads())
         if len(self._sessions) >= 3:
             self._sessions.pop(next(iter(self._sessions)))
-        self._sessions[id(model)] = (model, session)
+        self._sessions[shape] = session
         return session
 
     def reference(self, dense: nn.Module) -> DenseReference:
