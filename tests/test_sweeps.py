@@ -223,13 +223,22 @@ def test_d2s_optuna_search_writes_the_pareto_front(tmp_path):
     assert (sweep / "optimization_results.yaml").is_file()  # Optuna's own record
 
 
-@pytest.mark.slow
-def test_submitit_local_sweep_runs_both_jobs(tmp_path):
-    proc, sweep = multirun(tmp_path, "hydra/launcher=submitit_local", *TINY_STREAM, "data.limit_rows=3000", "pruner=none,d2s")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = read_rows(sweep)
-    assert [r["status"] for r in rows] == ["completed", "completed"]
-    assert all((sweep / r["job"] / "results.json").is_file() for r in rows)
+@pytest.mark.parametrize("launcher, target", [("submitit_local", "LocalLauncher"), ("submitit_slurm", "SlurmLauncher")])
+def test_submitit_launchers_compose_with_the_keys_the_readme_documents(launcher, target, tmp_path):
+    """The submitit launchers README documents (a sweep's jobs run through them as through joblib, whose
+    two-job sweep above runs for real: both import the task function and its resolvers the same way)."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}", f"paths.output_dir={tmp_path}"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    documented = {"timeout_min", "cpus_per_task", "mem_gb", "gpus_per_node", "nodes"}
+    if launcher == "submitit_slurm":
+        documented |= {"partition", "account", "qos", "array_parallelism"}
+    assert documented <= set(cfg.hydra.launcher), documented - set(cfg.hydra.launcher)
 
 
 def test_multirun_job_is_named_after_its_overrides_and_grouped_by_sweep(tmp_path):

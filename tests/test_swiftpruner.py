@@ -42,7 +42,8 @@ NON_BINDING_BUDGET_MS = 1e6
 def _pruner(teacher_ckpt, latency=None, search=None, **kw) -> SwiftPruner:
     """A small search on the tiny model: components built by hand with the given overrides."""
     # PyTorch timing keeps these searches fast; the ONNX Runtime default has its own test below.
-    latency = {"budget_ms": NON_BINDING_BUDGET_MS, "seq_len": 16, "warmup": 3, "repeats": 10, "runtime": "torch", **(latency or {})}
+    latency = {"budget_ms": NON_BINDING_BUDGET_MS, "seq_len": 16, "warmup": 3, "repeats": 10, "runtime": "torch",
+               "calibration_models": 4, **(latency or {})}
     search = {"population_size": 6, "parents": 2, "generations": 2, **(search or {})}
     settings = dict(proxy=Proxy(examples=8, batch_size=4), importance=Importance(examples=8, batch_size=4),
                     head_choices=[0, 2, 4], ffn_fractions=[0.0, 0.5, 1.0], teacher_ckpt=str(teacher_ckpt))
@@ -499,9 +500,10 @@ def test_swiftpruner_job_on_a_slice_writes_search_uniform_and_reloads(tmp_path):
         "model=bert", "pruner=swiftpruner", "logger=csv", "data.limit_per_split=64", "trainer.val_check_interval=1.0",
         "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "latency.batch_sizes=[1,4]",
         "latency.examples=4", "latency.repeats=2", "latency.warmup=1", "pruner.search.generations=1",
-        "pruner.search.population_size=4", "pruner.search.parents=2", "pruner.proxy.examples=16",
-        "pruner.importance.examples=16", "pruner.latency.repeats=3", "pruner.latency.seq_len=32",
-        "pruner.head_choices=[0,6,12]", "pruner.ffn_fractions=[0,0.5,1]",
+        "pruner.search.population_size=3", "pruner.search.parents=1", "pruner.proxy.examples=16",
+        "pruner.importance.examples=16", "pruner.latency.repeats=3", "pruner.latency.seq_len=16",
+        "pruner.head_choices=[0,12]", "pruner.ffn_fractions=[0,1]", "pruner.teacher_epochs=1",
+        "pruner.latency.calibration_models=2", "pruner.latency.verify_rounds=2",
         "pruner.latency.budget_fraction=0.9",  # most random candidates fit: no flaky empty choice
         output_dir=tmp_path,
     )
