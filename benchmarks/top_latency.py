@@ -1,18 +1,25 @@
 """Benchmark: dense versus ToP-pruned BERT inference latency, from a finished `pruner=top` run.
 
     python benchmarks/top_latency.py RUN_DIR [--batch-sizes 1 8 32 64] [--repeats 30] [--threads 2]
+        [--onnxruntime-only]
 
 Reads RUN_DIR/results.json for the dense and pruned checkpoints, rebuilds the run's
 test split, exports both served models to ONNX (RUN_DIR/served/, as export.py does), times
 them in PyTorch eager and in ONNX Runtime interleaved in this process (pruned tokens
-physically removed in both) and writes RUN_DIR/benchmark_top_latency.json, printing a table. It is a
-benchmark, not a test: it asserts nothing and only reports what it measured.
+physically removed in both; ``--onnxruntime-only``: the two ONNX Runtime models alone, as a
+server runs them) and writes RUN_DIR/benchmark_top_latency.json, printing a table. Every
+speedup is given twice: the ratio of the median latencies, and the mean and standard error
+of the per-round ratio over the ``--repeats`` interleaved rounds
+(:func:`modules.latency.ratio_over_rounds`), which says whether it differs from a target by
+more than the timing noise. It is a benchmark, not a test: it asserts nothing and only
+reports what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,7 +31,8 @@ import pipelines.configs  # noqa: E402,F401  (registers the resolvers the run's 
 from modules.bert_classifier import BertClassifier  # noqa: E402
 from pipelines.common import build  # noqa: E402
 from pipelines.reexport import load_run  # noqa: E402
-from pipelines.text import export_text_models, time_models  # noqa: E402
+from modules.latency import ratio_over_rounds  # noqa: E402
+from pipelines.text import export_text_models, time_models_rounds  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--onnxruntime-only", action="store_true", help="time the ONNX Runtime models alone (no PyTorch eager in the rounds)")
     args = ap.parse_args(argv)
     results_path = args.run_dir / "results.json"
     config_path = args.run_dir / ".hydra" / "config.yaml"
@@ -60,27 +69,34 @@ def main(argv: list[str] | None = None) -> dict:
     }
     served, sessions = export_text_models(cfg, args.run_dir.resolve(), models, datamodule, results)
     torch.manual_seed(0)
-    latency, proto = time_models(
-        models, datamodule, args.batch_sizes, args.warmup, args.repeats, args.threads, args.examples, sessions=sessions
+    rounds, proto = time_models_rounds(
+        {} if args.onnxruntime_only else models, datamodule, args.batch_sizes, args.warmup, args.repeats, args.threads,
+        args.examples, sessions=sessions,
     )
-    ort = {name: latency[f"{name}@onnxruntime"] for name in models}
+    latency = {name: {bs: statistics.median(v) for bs, v in per.items()} for name, per in rounds.items()}
+    pairs = {"speedup_onnxruntime": ("dense@onnxruntime", "pruned@onnxruntime")}
+    if not args.onnxruntime_only:
+        pairs = {"speedup": ("dense", "pruned"), **pairs, "speedup_vs_dense_torch": ("dense", "pruned@onnxruntime")}
     out = {
         "command": "python benchmarks/top_latency.py RUN_DIR " + " ".join((argv if argv is not None else sys.argv[1:])[1:]),
         "latency_ms": latency,
-        "speedup": {bs: latency["dense"][bs] / latency["pruned"][bs] for bs in latency["dense"]},
-        "speedup_onnxruntime": {bs: ort["dense"][bs] / ort["pruned"][bs] for bs in ort["dense"]},
-        "speedup_vs_dense_torch": {bs: latency["dense"][bs] / ort["pruned"][bs] for bs in ort["dense"]},
+        **{key: {bs: latency[a][bs] / latency[b][bs] for bs in latency[a]} for key, (a, b) in pairs.items()},
+        "speedup_rounds": {
+            key: {bs: ratio_over_rounds(rounds[a][bs], rounds[b][bs]) for bs in rounds[a]} for key, (a, b) in pairs.items()
+        },
         "max_abs_diff": {name: e["max_abs_diff"] for name, e in served.items()},
         "macs_reduction": results.get("macs_reduction"),
         "accuracy": {name: results[name]["metrics"]["accuracy"] for name in ("dense", "pruned")},
-        "protocol": proto,
+        "protocol": {**proto, "rounds": "onnxruntime models alone" if args.onnxruntime_only else "PyTorch eager and onnxruntime models"},
     }
     (args.run_dir / "benchmark_top_latency.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"{'batch':>6} {'dense ms':>9} {'pruned ms':>9} {'speedup':>8} {'dense ort':>9} {'pruned ort':>10} {'ort x':>6} {'vs eager':>8}")
-    for bs in latency["dense"]:
-        print(f"{bs:>6} {latency['dense'][bs]:>9.2f} {latency['pruned'][bs]:>9.2f} {out['speedup'][bs]:>7.2f}x "
-              f"{ort['dense'][bs]:>9.2f} {ort['pruned'][bs]:>10.2f} {out['speedup_onnxruntime'][bs]:>5.2f}x "
-              f"{out['speedup_vs_dense_torch'][bs]:>7.2f}x")
+    print(f"{'batch':>6} " + " ".join(f"{name:>18}" for name in latency) + "   " + "   ".join(f"{key} (median; mean +- SE)" for key in pairs))
+    for bs in latency["dense@onnxruntime"]:
+        figures = "   ".join(
+            f"{out[key][bs]:.2f}x; {out['speedup_rounds'][key][bs]['mean']:.3f} +- {out['speedup_rounds'][key][bs]['se']:.3f}"
+            for key in pairs
+        )
+        print(f"{bs:>6} " + " ".join(f"{latency[name][bs]:>15.2f} ms" for name in latency) + "   " + figures)
     print(f"written: {args.run_dir / 'benchmark_top_latency.json'}")
     return out
 

@@ -31,20 +31,20 @@ def protocol(threads: int, warmup: int, repeats: int, what: str, device: str = "
     }
 
 
-def measure_latency_ms(
+def measure_latency_rounds(
     calls: dict[str, Callable[[], object]], warmup: int = 3, repeats: int = 10, threads: int | None = None
-) -> dict[str, float]:
-    """Median latency in ms of each zero-argument callable, measured interleaved.
+) -> dict[str, list[float]]:
+    """Latency in ms of each zero-argument callable in every round, measured interleaved.
 
     Args:
         calls: name -> callable running one inference (its inputs bound already).
         warmup: untimed calls per callable before timing.
-        repeats: timed rounds; every round calls each callable once.
+        repeats: timed rounds; every round calls each callable once, in the order of ``calls``.
         threads: torch intra-op threads during the measurement; None keeps the current
             setting (``torch.get_num_threads()``).
 
     Returns:
-        name -> median ms.
+        name -> ``repeats`` ms, one per round (round r of every name timed back to back).
 
     Raises:
         ValueError: ``repeats`` < 1, ``warmup`` < 0 or ``threads`` < 1.
@@ -61,4 +61,39 @@ def measure_latency_ms(
         for _ in range(repeats):
             for name, timer in timers.items():
                 times[name].append(timer.timeit(1).median * 1000.0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def measure_latency_ms(
+    calls: dict[str, Callable[[], object]], warmup: int = 3, repeats: int = 10, threads: int | None = None
+) -> dict[str, float]:
+    """Median latency in ms of each zero-argument callable, measured interleaved
+    (:func:`measure_latency_rounds`, whose arguments and errors it shares).
+
+    Returns:
+        name -> median ms.
+    """
+    return {k: statistics.median(v) for k, v in measure_latency_rounds(calls, warmup, repeats, threads).items()}
+
+
+def ratio_over_rounds(numerator: list[float], denominator: list[float]) -> dict[str, float | int]:
+    """Mean and standard error of the per-round ratio ``numerator[r] / denominator[r]``.
+
+    Two models timed in the same interleaved rounds (:func:`measure_latency_rounds`) share each
+    round's machine state, so the per-round ratio (e.g. dense ms / pruned ms: a speedup) is
+    steadier than either time; its standard error says whether a speedup differs from a
+    threshold by more than the timing noise.
+
+    Args:
+        numerator, denominator: ms per round, the same number of rounds (>= 2).
+
+    Returns:
+        ``mean`` (the mean ratio), ``se`` (its standard error, sample SD / sqrt(rounds)), ``rounds``.
+
+    Raises:
+        ValueError: the lists differ in length or hold fewer than 2 rounds.
+    """
+    if len(numerator) != len(denominator) or len(numerator) < 2:
+        raise ValueError(f"need the same number (>= 2) of rounds, got {len(numerator)} and {len(denominator)}.")
+    ratios = [a / b for a, b in zip(numerator, denominator)]
+    return {"mean": statistics.fmean(ratios), "se": statistics.stdev(ratios) / len(ratios) ** 0.5, "rounds": len(ratios)}

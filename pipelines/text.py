@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from functools import partial
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from modules.latency import measure_latency_ms, protocol
+from modules.latency import measure_latency_rounds, protocol
 from modules.served_bert import ExportableBert
 from modules.text_data import TextClassificationDataModule
 from pipelines.common import build, build_trainer, check_data_kind, fit_phase, run_relative
@@ -69,7 +70,7 @@ def latency_batches(datamodule, batch_size: int, examples: int) -> list[dict[str
     return [datamodule.collate([ds[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]
 
 
-def time_models(
+def time_models_rounds(
     models: dict[str, L.LightningModule],
     datamodule,
     batch_sizes: list[int],
@@ -79,22 +80,22 @@ def time_models(
     examples: int = 32,
     sessions: dict[str, Any] | None = None,
 ) -> tuple[dict, dict]:
-    """Median latency (ms per batch) of each model per batch size, measured interleaved on the same inputs.
+    """Latency (ms per batch) of each model per batch size in every round, measured interleaved on the same inputs.
 
     Args:
         models: name -> served module; each runs in eval mode (pruned tokens removed).
         datamodule: a set-up text data module; inputs come from its test split.
         batch_sizes: batch sizes to time.
-        warmup, repeats, threads: see :func:`modules.latency.measure_latency_ms`.
+        warmup, repeats, threads: see :func:`modules.latency.measure_latency_rounds`.
         examples: inputs are the first ``max(examples, batch size)`` test examples.
         sessions: name -> ONNX Runtime session of the exported model, timed in the same
             rounds on the same inputs under the key ``<name>@onnxruntime``.
 
     Returns:
-        (name -> {batch size as str -> ms per batch}, the protocol dict).
+        (name -> {batch size as str -> ``repeats`` ms per batch, one per round}, the protocol dict).
     """
     sessions = sessions or {}
-    lat: dict[str, dict[str, float]] = {name: {} for name in [*models, *(f"{n}@onnxruntime" for n in sessions)]}
+    rounds: dict[str, dict[str, list[float]]] = {name: {} for name in [*models, *(f"{n}@onnxruntime" for n in sessions)]}
     for m in models.values():
         m.eval()
     for bs in batch_sizes:
@@ -124,9 +125,8 @@ def time_models(
         for name, session in sessions.items():
             feeds = [graph_feeds(session, {k: v.numpy() for k, v in ExportableBert.feeds(b).items()}) for b in batches]
             calls[f"{name}@onnxruntime"] = make_ort(session, feeds)
-        ms = measure_latency_ms(calls, warmup, repeats, threads)
-        for name, v in ms.items():
-            lat[name][str(bs)] = v / len(batches)
+        for name, ms in measure_latency_rounds(calls, warmup, repeats, threads).items():
+            rounds[name][str(bs)] = [v / len(batches) for v in ms]
     proto = protocol(
         threads=threads or torch.get_num_threads(),
         warmup=warmup,
@@ -138,7 +138,27 @@ def time_models(
             "masked heads and FFN neurons physically removed; models measured interleaved in one process"
         ),
     )
-    return lat, proto
+    return rounds, proto
+
+
+def time_models(
+    models: dict[str, L.LightningModule],
+    datamodule,
+    batch_sizes: list[int],
+    warmup: int,
+    repeats: int,
+    threads: int | None,
+    examples: int = 32,
+    sessions: dict[str, Any] | None = None,
+) -> tuple[dict, dict]:
+    """Median latency (ms per batch) of each model per batch size: the median over the rounds of
+    :func:`time_models_rounds` (same arguments).
+
+    Returns:
+        (name -> {batch size as str -> median ms per batch}, the protocol dict).
+    """
+    rounds, proto = time_models_rounds(models, datamodule, batch_sizes, warmup, repeats, threads, examples, sessions)
+    return {name: {bs: statistics.median(v) for bs, v in per.items()} for name, per in rounds.items()}, proto
 
 
 @torch.no_grad()
