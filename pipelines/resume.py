@@ -272,7 +272,7 @@ def check_disk(out_dir: Path, module: torch.nn.Module, copies: int = 3) -> None:
     folder = Path(out_dir) / "checkpoints"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
+        probe = folder / f".write_test.{os.getpid()}"  # per process: DDP ranks probe the same folder at once
         probe.write_bytes(b"0")
         probe.unlink()
     except OSError as err:
