@@ -3,8 +3,9 @@
 A run under ``trainer=ddp`` is several processes (ranks) running the same script; Lightning's
 strategy (``trainer.strategy``) does the communication. Pruning decisions must be identical on
 every rank (NNI issue #5205: per-rank Taylor masks), so the pruners all-reduce the statistics
-they decide from (:func:`mean_`), gather what each rank saw (:func:`gather_rows`) or decide on
-rank 0 and :func:`broadcast`; rank 0 alone writes files (:func:`is_global_zero`).
+they decide from (:func:`mean_`), gather what each rank saw (:func:`gather_rows`), split a list of
+evaluations between the ranks (:func:`shared_map`) or decide on rank 0 and share the outcome
+(:func:`broadcast`, :func:`on_rank_zero`); rank 0 alone writes files (:func:`is_global_zero`).
 :func:`state_digest` hashes a model's masks and gates so that results.json can show every rank
 ended with the same pruning.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -107,6 +108,58 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def shared_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(x) for x in items]`` computed in shares: rank r evaluates the items i with i % world_size == r,
+    and every rank gets all the results, in the order of ``items`` (a plain loop in one process).
+
+    Every rank must call it with the same items; ``fn``'s results must be picklable (host
+    tensors). Results are gathered with :func:`gather_objects`, so each is bitwise the value
+    the rank that computed it got.
+    """
+    if not distributed():
+        return [fn(x) for x in items]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    parts = gather_objects([fn(x) for x in items[rank::world]])
+    out: list[Any] = [None] * len(items)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+class RankZeroError(RuntimeError):
+    """On the other ranks: what rank 0 raised in :func:`on_rank_zero` when the exception itself could not be sent."""
+
+
+def on_rank_zero(fn: Callable[[], R]) -> R:
+    """``fn()`` run on rank 0 alone; every rank returns its value, or raises what it raised.
+
+    The other ranks wait in a broadcast, so a failure on rank 0 fails every rank with the same
+    exception instead of leaving them waiting (an exception that cannot be pickled arrives as
+    :class:`RankZeroError` with its type and message). ``fn``'s value must be picklable. In one
+    process it is ``fn()``.
+    """
+    if not distributed():
+        return fn()
+    outcome: tuple[bool, Any] | None = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = (True, fn())
+        except Exception as exc:  # noqa: BLE001 - sent to the other ranks, then raised again here
+            try:
+                broadcast((False, exc))
+            except Exception:  # noqa: BLE001 - the exception could not be pickled: send its text
+                broadcast((False, RankZeroError(f"{type(exc).__name__} on rank 0: {exc}")))
+            raise
+    ok, value = broadcast(outcome)
+    if not ok:
+        raise value
+    return value
 
 
 #: state-dict key endings that hold a pruning decision (masks and gates)

@@ -417,6 +417,24 @@ def test_proxy_scores_the_candidates_shrunk_copy_and_leaves_the_dense_model_unto
     torch.testing.assert_close(seen[0], logits)
 
 
+def test_importance_batch_by_batch_equals_taylor_importance_on_all_batches(tiny_setup):
+    """Importance.estimate takes each batch on its own (so ranks can share them) and averages in order:
+    bit for bit what taylor_importance gives on all the batches at once."""
+    from modules.structured import taylor_importance
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    model = _dense(teacher_ckpt)
+    importance = Importance(examples=12, batch_size=4)
+    batches, _ = importance.batches(dm, list(range(len(dm.datasets["validation"]))), seed=3)
+    assert len(batches) == 3
+    got, want = importance.estimate(model, batches), taylor_importance(model, batches)
+    assert torch.equal(got.heads, want.heads) and torch.equal(got.neurons, want.neurons)
+    assert float(want.heads.abs().sum()) > 0
+    with pytest.raises(ValueError, match="no batches"):
+        importance.estimate(model, [])
+
+
 def test_proxy_score_known_values():
     logits = torch.tensor([[0.0, 0.5], [0.0, 1.0], [1.0, 0.0], [0.0, 3.0]])
     labels = torch.tensor([0, 1, 1, 1])

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from modules.distributed import shared_map
 from modules.structured import UnitImportance, taylor_importance
 from pruners.base import PrunerConfigError, check_choice, check_positive_int
 from pruners.swiftpruner.proxy import by_length, collated
@@ -70,5 +71,20 @@ class Importance:
         return collated(datamodule, dataset, by_length(dataset, picked), self.batch_size), order
 
     def estimate(self, model: nn.Module, batches: list[dict]) -> UnitImportance:
-        """Heads (L, A) and neurons (L, I) importance of ``model`` on ``batches`` (:func:`taylor_importance`)."""
-        return taylor_importance(model, batches)
+        """Heads (L, A) and neurons (L, I) importance of ``model`` on ``batches`` (:func:`taylor_importance`).
+
+        Each batch's |dL/dm| is taken on its own, under several ranks by the rank whose share it is
+        (:func:`modules.distributed.shared_map`), and they are averaged in batch order: the
+        value :func:`taylor_importance` gives on all the batches in one process, bit for bit.
+
+        Raises:
+            ValueError: no batches (or a batch without ``input_ids`` or ``labels``).
+        """
+        if not batches:
+            raise ValueError("SwiftPruner's importance got no batches; pruner.importance.examples must select some.")
+        per_batch = shared_map(lambda b: taylor_importance(model, [b]), batches)
+        heads, neurons = torch.zeros_like(per_batch[0].heads), torch.zeros_like(per_batch[0].neurons)
+        for part in per_batch:
+            heads += part.heads
+            neurons += part.neurons
+        return UnitImportance(heads / len(per_batch), neurons / len(per_batch))

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from modules.distributed import shared_map
 from modules.structured import UnitImportance, shrink_structured, top_unit_masks
 from pruners.base import PrunerConfigError, check_choice, check_positive_int
 from pruners.swiftpruner.evolution import SearchSpace
@@ -100,6 +101,10 @@ class Proxy:
     def scorer(self, model: nn.Module, importance: UnitImportance, space: SearchSpace, batches: list[dict]) -> Callable[[tuple[int, ...]], float]:
         """``genes -> score``: the candidate's shrunk copy of ``model`` scored on ``batches`` (``model`` is not modified).
 
+        Under several ranks every rank scores its share of the batches (:func:`modules.distributed.shared_map`)
+        and the logits are gathered in batch order, so every rank gets the score one process gets;
+        every rank must call the scorer with the same genes.
+
         Args:
             model: the dense fine-tuned :class:`~modules.bert.PrunableBertForSequenceClassification`.
             importance: the unit importance that decides which units a candidate keeps.
@@ -111,6 +116,7 @@ class Proxy:
 
         def score(genes: tuple[int, ...]) -> float:
             work.set_structured_masks(*top_unit_masks(importance, *space.decode(genes)))
-            return proxy_score(logits_of(shrink_structured(work), batches), labels, self.metric)
+            shrunk = shrink_structured(work)
+            return proxy_score(torch.cat(shared_map(lambda b: logits_of(shrunk, [b]), batches)), labels, self.metric)
 
         return score

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 
-from modules.distributed import broadcast, is_global_zero
+from modules.distributed import broadcast, is_global_zero, on_rank_zero
 from modules.structured import UnitImportance, top_unit_masks
 from pruners.base import PrunerConfigError, check_positive_int, check_range
 from pruners.swiftpruner.evolution import EvolutionarySearch, SearchSpace
@@ -142,19 +142,27 @@ class SwiftPruner(MaskedDistillation):
         neuron_choices = sorted({round(f * neurons) for f in self.ffn_fractions})
         return SearchSpace(len(model.layer_structure()), tuple(head_choices), tuple(neuron_choices))
 
-    def run_search(self, model, datamodule, state_file: Path | None = None) -> dict[str, Any]:
+    def run_search(self, model, datamodule, state_file: Path | None = None, timing_model=None) -> dict[str, Any]:
         """Search on the dense fine-tuned ``model`` (not modified) and keep the chosen masks (:func:`.search.run_search`).
 
         With ``state_file``, the search saves its state there after every generation (atomically:
-        temp file, fsync, rename) and, when the file exists, continues from it (a killed search resumes).
+        temp file, fsync, rename; rank 0 writes) and, when the file exists, continues from it (a
+        killed search resumes; rank 0 reads it and shares it). Under several ranks every rank calls
+        this; ``timing_model`` (default ``model``) is the copy rank 0 times.
         """
         state, save = None, None
         if state_file is not None:
             state_file = Path(state_file)
-            if state_file.is_file():
-                state = torch.load(state_file, map_location="cpu", weights_only=True)
+
+            def load() -> dict[str, Any] | None:
+                if not state_file.is_file():
+                    return None
+                loaded = torch.load(state_file, map_location="cpu", weights_only=True)
                 log.info("SwiftPruner: continuing the search from %s (generation %d)", state_file,
-                         state["evolution"]["completed_generations"])
+                         loaded["evolution"]["completed_generations"])
+                return loaded
+
+            state = on_rank_zero(load)
 
             def save(search_state: dict[str, Any]) -> None:
                 """Write the search state atomically next to the phase's checkpoints."""
@@ -167,7 +175,8 @@ class SwiftPruner(MaskedDistillation):
                 os.replace(tmp, state_file)
 
         self.result, self.evolution = run_search(model, datamodule, self.space(model), self.importance, self.proxy,
-                                                 self.latency, self.search, state=state, save=save)
+                                                 self.latency, self.search, state=state,
+                                                 save=save if is_global_zero() else None, timing_model=timing_model)
         self.head_masks, self.neuron_masks = self.masks_of(self.result["chosen"]["genes"])
         return self.result
 
@@ -246,35 +255,29 @@ class SwiftPruner(MaskedDistillation):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Search (unless restored from a checkpoint), log the history table, apply the chosen masks.
 
-        The search times candidates on the host (a CPU copy when the module is on a GPU), as the
-        pipeline times the served models. Under several ranks rank 0 searches (its latency timings are the only uncontended ones, and the
-        evolution draws its children one after the other) while the others wait; the result and the
-        evolution's state (population, policy, history) are then broadcast, so every rank holds the
-        same choice and the same masks. The search checkpoints itself after every generation into the
-        fit's checkpoint folder (``search_state.pt``) and continues from that file when it exists (a resumed run).
+        The search runs on the module's model (importance and proxy on its device) and times
+        candidates on the host (a CPU copy when the module is on a GPU), as the pipeline times the
+        served models. Under several ranks every rank searches in lockstep: each scores its share of
+        the importance and proxy batches and the results are gathered, while rank 0 alone times
+        (its latency timings are then uncontended by the others' work) and shares its figures
+        (:func:`.search.run_search`), so every rank ends with the same population, policy, choice
+        and masks; rank 0's result (its wall-clock seconds) is then broadcast. The search
+        checkpoints itself after every generation into the fit's checkpoint folder
+        (``search_state.pt``) and continues from that file when it exists (a resumed run).
         """
         super().on_fit_start(trainer, pl_module)  # the teacher to the module's device
         if self.result is None:
             datamodule = trainer.datamodule
             if datamodule is None or not getattr(datamodule, "datasets", None):
                 raise RuntimeError("SwiftPruner searches on the fit's datamodule; call trainer.fit(module, datamodule=...).")
-            if is_global_zero():
-                # On the host, like every latency figure of the run (the served models are timed there too).
-                model = pl_module.model if pl_module.device.type == "cpu" else copy.deepcopy(pl_module.model).cpu()
-                ckpt = trainer.checkpoint_callback
-                folder = getattr(ckpt, "dirpath", None)
-                self.run_search(model, datamodule, Path(folder) / SEARCH_STATE_FILE if folder else None)
-            self.share_search()
+            model = pl_module.model
+            # Timed on the host, like every latency figure of the run (the served models are timed there too).
+            host = model if pl_module.device.type == "cpu" or not is_global_zero() else copy.deepcopy(model).cpu()
+            folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+            self.run_search(model, datamodule, Path(folder) / SEARCH_STATE_FILE if folder else None, timing_model=host)
+            self.result = broadcast(self.result)
             self.log_history_table(trainer)
         self.apply_masks(pl_module)
-
-    def share_search(self) -> None:
-        """Every rank takes rank 0's search result, evolution state and masks (nothing to do in one process)."""
-        state = self.evolution.state_dict() if self.evolution is not None else None
-        result, state = broadcast((self.result, state))
-        if self.evolution is None:
-            self.result, self._evolution_state = result, state
-            self.head_masks, self.neuron_masks = self.masks_of(result["chosen"]["genes"])
 
     def history_table(self) -> tuple[list[str], list[list[Any]]]:
         """(columns, rows) of every evaluated candidate, for a W&B table."""

@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from modules.distributed import is_global_zero, on_rank_zero
 from modules.structured import UnitImportance, shrink_structured, top_unit_masks
 from pruners.base import PrunerConfigError, check_choice, check_positive_int, check_range
 from pruners.swiftpruner.evolution import EvolutionarySearch, SearchSpace
@@ -250,7 +251,8 @@ def prepare(model: nn.Module, datamodule, space: SearchSpace, importance: Import
     imp_batches, proxy_batches = subsets(datamodule, importance, proxy, seed)
     n_imp = sum(len(b["labels"]) for b in imp_batches)
     if scores is None:
-        log.info("SwiftPruner: Taylor importance on %d %s examples", n_imp, importance.split)
+        if is_global_zero():
+            log.info("SwiftPruner: Taylor importance on %d %s examples", n_imp, importance.split)
         scores = importance.estimate(model, imp_batches)
     return SearchInputs(scores, proxy.scorer(model, scores, space, proxy_batches), n_imp, sum(len(b["labels"]) for b in proxy_batches))
 
@@ -309,18 +311,29 @@ def pick(candidates: list[dict], timer: Callable[[Sequence[int]], float], budget
 
 def run_search(model: nn.Module, datamodule, space: SearchSpace, importance: Importance, proxy: Proxy, latency: LatencyMeter,
                search: Search, state: dict[str, Any] | None = None,
-               save: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], EvolutionarySearch]:
+               save: Callable[[dict[str, Any]], None] | None = None,
+               timing_model: nn.Module | None = None) -> tuple[dict[str, Any], EvolutionarySearch]:
     """The whole search on the dense fine-tuned ``model`` (see the module docstring).
+
+    Under several ranks every rank calls it and they go in lockstep: the importance and every
+    proxy score are computed in shares and gathered (:func:`modules.distributed.shared_map`), so
+    every rank runs the same evolution; rank 0 alone times (the dense model, the lookup table,
+    the candidates, the picks) and shares the figures (:func:`modules.distributed.on_rank_zero`),
+    so its timings are not contended by the others' work. In one process this is the plain flow.
 
     Args:
         model: the dense fine-tuned :class:`~modules.bert.PrunableBertForSequenceClassification`
-            (unmasked, full size); it is not modified (copies are masked).
+            (unmasked, full size) the importance and the proxy use, on any device; it is not
+            modified (copies are masked).
         datamodule: a set-up text data module.
         space, importance, proxy, latency, search: the search space and the components.
         state: a state ``save`` received earlier (the search continues from it: the same
             importance, dense timing, latency tables, and the evolution after its last generation).
         save: called after every generation with the search state (plain values and tensors):
-            ``importance`` (heads, neurons), ``dense_ms``, ``lut``, ``anchors``, ``evolution``.
+            ``importance`` (heads, neurons), ``dense_ms``, ``lut``, ``anchors``, ``evolution``
+            (pass it on rank 0 alone).
+        timing_model: the copy of ``model`` whose shrunk copies are timed (on the host, where the
+            run times its served models); ``model`` when None. Only rank 0 uses it.
 
     Returns:
         (the result: budget, dense latency, lookup table, every evaluated candidate (genes,
@@ -333,15 +346,23 @@ def run_search(model: nn.Module, datamodule, space: SearchSpace, importance: Imp
             none stays within it when re-timed.
     """
     started = time.time()
+    timing_model = model if timing_model is None else timing_model
     restored = None if state is None else UnitImportance(state["importance"]["heads"], state["importance"]["neurons"])
     inputs = prepare(model, datamodule, space, importance, proxy, search.seed, scores=restored)
-    reference = latency.reference(model) if state is None else DenseReference.restored(latency, model, state["dense_ms"])
-    timer = CandidateTimer(model, inputs.importance, space, reference)
-    if state is None:
-        table, anchors = latency.lookup_table(model, space, timer, search.seed)
-    else:
-        table, anchors = LatencyTable.from_state_dict(state["lut"]), LatencyTable.from_state_dict(state["anchors"])
-    requested, budget = latency.budgets(reference.dense_ms, table.min_ms(), space)
+    timing: dict[str, Any] = {}  # rank 0's timer
+
+    def calibrate() -> tuple[float, dict, dict]:
+        reference = latency.reference(timing_model) if state is None else DenseReference.restored(latency, timing_model, state["dense_ms"])
+        timing["timer"] = timer = CandidateTimer(timing_model, inputs.importance, space, reference)
+        if state is None:
+            table, anchors = latency.lookup_table(timing_model, space, timer, search.seed)
+        else:
+            table, anchors = LatencyTable.from_state_dict(state["lut"]), LatencyTable.from_state_dict(state["anchors"])
+        return reference.dense_ms, table.state_dict(), anchors.state_dict()
+
+    dense_ms, table_state, anchors_state = on_rank_zero(calibrate)
+    table, anchors = LatencyTable.from_state_dict(table_state), LatencyTable.from_state_dict(anchors_state)
+    requested, budget = latency.budgets(dense_ms, table.min_ms(), space)
     scores: dict[tuple[int, ...], float] = {}
 
     def quality(genes: tuple[int, ...]) -> float:
@@ -350,14 +371,16 @@ def run_search(model: nn.Module, datamodule, space: SearchSpace, importance: Imp
         return scores[genes]
 
     def progress(summary: dict) -> None:
-        log.info("SwiftPruner search (%s mutator) generation %d/%d: %d candidates evaluated, best reward %.4f, best proxy "
-                 "%s within budget %.4f", search.mutator, summary["generation"], search.generations, summary["evaluations"],
-                 summary["best_reward"], proxy.metric, summary["best_feasible_quality"] or float("nan"))
+        if is_global_zero():
+            log.info("SwiftPruner search (%s mutator) generation %d/%d: %d candidates evaluated, best reward %.4f, best "
+                     "proxy %s within budget %.4f", search.mutator, summary["generation"], search.generations,
+                     summary["evaluations"], summary["best_reward"], proxy.metric,
+                     summary["best_feasible_quality"] or float("nan"))
 
     def checkpoint(evo: EvolutionarySearch) -> None:
         if save is not None:
             save({"importance": {"heads": inputs.importance.heads, "neurons": inputs.importance.neurons},
-                  "dense_ms": reference.dense_ms, "lut": table.state_dict(), "anchors": anchors.state_dict(),
+                  "dense_ms": dense_ms, "lut": table.state_dict(), "anchors": anchors.state_dict(),
                   "evolution": evo.state_dict()})
 
     evolution = search.evolve(space, lambda g: (quality(g), table.predict_ms(*space.decode(g))), budget, table,
@@ -365,37 +388,44 @@ def run_search(model: nn.Module, datamodule, space: SearchSpace, importance: Imp
                               on_generation=checkpoint)
     search_s = time.time() - started
 
-    records = []
-    for rec in evolution.history:
-        heads, neurons = space.decode(rec["genes"])
-        records.append({**rec, "heads": heads, "ffn_neurons": neurons, "predicted_ms": rec["latency_ms"],
-                        "two_anchor_predicted_ms": anchors.predict_ms(heads, neurons), "measured_ms": timer(rec["genes"])})
-    within = [r for r in records if r["measured_ms"] <= budget]
-    if not within:
-        raise RuntimeError(
-            f"No evaluated candidate's measured latency is within the search budget {budget:.3f} ms ({requested:.3f} ms less "
-            f"the margin pruner.latency.margin={latency.margin}; the smallest measured was "
-            f"{min(r['measured_ms'] for r in records):.3f} ms). Raise pruner.latency.budget_ms or pruner.search.generations."
-        )
-    chosen, rejected = pick(within, timer, budget, latency)
-    if chosen is None:
-        raise RuntimeError(
-            f"None of the {len(within)} candidates timed within the search budget {budget:.3f} ms stayed within it when "
-            f"re-measured ({latency.verify_rounds} rounds; the smallest median was {min(r['verified_ms'] for r in rejected):.3f} "
-            "ms). Raise pruner.latency.budget_ms or pruner.search.generations, or set pruner.latency.verify_rounds=0 to "
-            "accept single timings."
-        )
+    def measure() -> tuple[list[dict], dict, list[dict], list[dict]]:
+        """Every candidate and uniform configuration timed, and the pick (rank 0)."""
+        timer = timing["timer"]
+        records = []
+        for rec in evolution.history:
+            heads, neurons = space.decode(rec["genes"])
+            records.append({**rec, "heads": heads, "ffn_neurons": neurons, "predicted_ms": rec["latency_ms"],
+                            "two_anchor_predicted_ms": anchors.predict_ms(heads, neurons), "measured_ms": timer(rec["genes"])})
+        within = [r for r in records if r["measured_ms"] <= budget]
+        if not within:
+            raise RuntimeError(
+                f"No evaluated candidate's measured latency is within the search budget {budget:.3f} ms ({requested:.3f} ms "
+                f"less the margin pruner.latency.margin={latency.margin}; the smallest measured was "
+                f"{min(r['measured_ms'] for r in records):.3f} ms). Raise pruner.latency.budget_ms or "
+                "pruner.search.generations."
+            )
+        chosen, rejected = pick(within, timer, budget, latency)
+        if chosen is None:
+            raise RuntimeError(
+                f"None of the {len(within)} candidates timed within the search budget {budget:.3f} ms stayed within it when "
+                f"re-measured ({latency.verify_rounds} rounds; the smallest median was "
+                f"{min(r['verified_ms'] for r in rejected):.3f} ms). Raise pruner.latency.budget_ms or "
+                "pruner.search.generations, or set pruner.latency.verify_rounds=0 to accept single timings."
+            )
+        uniform = []
+        for genes in space.uniform_candidates():
+            heads, neurons = space.decode(genes)
+            uniform.append({"genes": list(genes), "heads": heads, "ffn_neurons": neurons, "measured_ms": timer(genes),
+                            "predicted_ms": table.predict_ms(heads, neurons)})
+        return records, chosen, rejected, uniform
 
-    uniform = []
-    for genes in space.uniform_candidates():
-        heads, neurons = space.decode(genes)
-        entry = {"genes": list(genes), "heads": heads, "ffn_neurons": neurons, "measured_ms": timer(genes),
-                 "predicted_ms": table.predict_ms(heads, neurons)}
+    records, chosen, rejected, uniform = on_rank_zero(measure)
+    for entry in uniform:  # every rank: the proxy is computed in shares
         if entry["measured_ms"] <= budget:
-            entry["quality"] = quality(genes)
-        uniform.append(entry)
-    best_uniform, rejected_uniform = pick([u for u in uniform if "quality" in u], timer, budget, latency)
-    if best_uniform is None:
+            entry["quality"] = quality(tuple(entry["genes"]))
+    best_uniform, rejected_uniform = on_rank_zero(
+        lambda: pick([u for u in uniform if "quality" in u], timing["timer"], budget, latency))
+    if best_uniform is None and is_global_zero():
         log.warning("SwiftPruner: no uniform configuration is within the search budget %.3f ms; no baseline.", budget)
 
     error = relative_errors([r["predicted_ms"] for r in records], [r["measured_ms"] for r in records])
@@ -404,7 +434,7 @@ def run_search(model: nn.Module, datamodule, space: SearchSpace, importance: Imp
         "budget_source": latency.budget_source(),
         "latency_margin": latency.margin,
         "search_budget_ms": budget,
-        "dense_ms": reference.dense_ms,
+        "dense_ms": dense_ms,
         "min_predicted_ms": table.min_ms(),
         "latency_shape": {"batch_size": latency.batch_size, "seq_len": latency.seq_len},
         "head_choices": list(space.head_choices),
@@ -431,9 +461,10 @@ def run_search(model: nn.Module, datamodule, space: SearchSpace, importance: Imp
         "search_seconds": search_s,
         "total_seconds": time.time() - started,
     }
-    log.info("SwiftPruner: chose heads %s, FFN neurons %s: predicted %.3f ms, measured %.3f ms, re-measured %s ms (search "
-             "budget %.3f ms, dense %.3f ms), proxy %s %.4f; predictor error mean %.1f%%", chosen["heads"],
-             chosen["ffn_neurons"], chosen["predicted_ms"], chosen["measured_ms"],
-             f"{chosen['verified_ms']:.3f}" if "verified_ms" in chosen else "not", budget, reference.dense_ms,
-             proxy.metric, chosen["quality"], error["mean_abs_pct"])
+    if is_global_zero():
+        log.info("SwiftPruner: chose heads %s, FFN neurons %s: predicted %.3f ms, measured %.3f ms, re-measured %s ms "
+                 "(search budget %.3f ms, dense %.3f ms), proxy %s %.4f; predictor error mean %.1f%%", chosen["heads"],
+                 chosen["ffn_neurons"], chosen["predicted_ms"], chosen["measured_ms"],
+                 f"{chosen['verified_ms']:.3f}" if "verified_ms" in chosen else "not", budget, dense_ms,
+                 proxy.metric, chosen["quality"], error["mean_abs_pct"])
     return result, evolution
