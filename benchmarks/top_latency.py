@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from modules.bert_classifier import BertClassifier  # noqa: E402
 from pipelines.common import build  # noqa: E402
 from pipelines.reexport import load_run  # noqa: E402
 from modules.latency import ratio_over_rounds  # noqa: E402
-from pipelines.text import export_text_models, time_models_rounds  # noqa: E402
+from pipelines.text import export_text_models, median_ms, time_models_rounds  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         {} if args.onnxruntime_only else models, datamodule, args.batch_sizes, args.warmup, args.repeats, args.threads,
         args.examples, sessions=sessions,
     )
-    latency = {name: {bs: statistics.median(v) for bs, v in per.items()} for name, per in rounds.items()}
+    latency = median_ms(rounds)
     pairs = {"speedup_onnxruntime": ("dense@onnxruntime", "pruned@onnxruntime")}
     if not args.onnxruntime_only:
         pairs = {"speedup": ("dense", "pruned"), **pairs, "speedup_vs_dense_torch": ("dense", "pruned@onnxruntime")}

@@ -141,24 +141,9 @@ def time_models_rounds(
     return rounds, proto
 
 
-def time_models(
-    models: dict[str, L.LightningModule],
-    datamodule,
-    batch_sizes: list[int],
-    warmup: int,
-    repeats: int,
-    threads: int | None,
-    examples: int = 32,
-    sessions: dict[str, Any] | None = None,
-) -> tuple[dict, dict]:
-    """Median latency (ms per batch) of each model per batch size: the median over the rounds of
-    :func:`time_models_rounds` (same arguments).
-
-    Returns:
-        (name -> {batch size as str -> median ms per batch}, the protocol dict).
-    """
-    rounds, proto = time_models_rounds(models, datamodule, batch_sizes, warmup, repeats, threads, examples, sessions)
-    return {name: {bs: statistics.median(v) for bs, v in per.items()} for name, per in rounds.items()}, proto
+def median_ms(rounds: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Median over the rounds of :func:`time_models_rounds`' timings: name -> {batch size -> ms per batch}."""
+    return {name: {bs: statistics.median(v) for bs, v in per.items()} for name, per in rounds.items()}
 
 
 @torch.no_grad()
@@ -225,7 +210,7 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], mode
         served, sessions = export_text_models(cfg, out_dir, models, datamodule, results)
         for name, entry in served.items():
             results[name]["served"] = entry
-    latency, proto = time_models(
+    rounds, proto = time_models_rounds(
         models,
         datamodule,
         list(cfg.latency.batch_sizes),
@@ -235,6 +220,7 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], mode
         examples=int(cfg.latency.examples),
         sessions=sessions,
     )
+    latency = median_ms(rounds)
     for name in models:
         entry = results[name]
         entry["latency_ms"] = latency[name]
