@@ -105,9 +105,10 @@ class ScriptProcess:
         env = dict(os.environ if env is None else env)
         self.args = [script, *args]
         if FRESH:
-            err = subprocess.STDOUT if merge_stderr else self._err.open("w")
-            self._proc = subprocess.Popen([sys.executable, *self.args], cwd=cwd, env=env, stdout=self._out.open("w"),
-                                          stderr=err, stdin=subprocess.DEVNULL)
+            with open(self._out, "w") as out, open(os.devnull if merge_stderr else self._err, "w") as err:
+                # the child holds its own copies of the file descriptors; the parent's close here
+                self._proc = subprocess.Popen([sys.executable, *self.args], cwd=cwd, env=env, stdout=out,
+                                              stderr=subprocess.STDOUT if merge_stderr else err, stdin=subprocess.DEVNULL)
         else:
             self._proc = _forkserver().Process(
                 target=_child, args=(script, list(args), env, str(cwd), str(self._out), None if merge_stderr else str(self._err)))
