@@ -8,11 +8,16 @@ state dicts load unchanged, and with nothing pruned the logits equal HF's.
 What the encoder adds over HF BERT:
 
 * per-layer token importance scores (attention *received*, arXiv 2306.14393 Sec. 3.1),
-* a ``token_pruner`` hook that returns a keep mask before each pruning layer:
-  soft (float in [0, 1]) masks re-weight keys during training, hard (bool) masks
+* a ``token_pruner`` hook that returns a keep mask for each pruning layer ``l``. It is
+  asked right after layer ``l - 1``'s attention sublayer (whose attention ranks the
+  tokens) and applies from there on: layer ``l - 1``'s feed-forward block already runs
+  on the kept tokens only, as in ToP's reference code (arXiv 2306.14393; its MACs count,
+  ``calculate_mac_for_encoder``, runs layer i's FFN on layer i+1's length). The FFN is
+  token-wise, so where the tokens leave changes no kept token's value, only the work.
+  Soft (float in [0, 1]) masks re-weight keys during training, hard (bool) masks
   exclude keys, and with ``remove_pruned=True`` the closed tokens are gathered out
-  so later layers really run on shorter sequences,
-* analytic MACs per layer (:func:`layer_macs`),
+  so later sublayers really run on shorter sequences,
+* analytic MACs per layer (:func:`layer_macs`), each FFN counted on the tokens it runs on,
 * structured masks for training without changing parameter shapes: per layer a
   head mask (A,) and an FFN neuron mask (I,), float 0/1 buffers saved in the state
   dict (``...attention.self.head_mask``, ``...intermediate.neuron_mask``). A head
@@ -56,11 +61,13 @@ class TokenPrunerHook(Protocol):
     pruning_layers: tuple[int, ...]
 
     def token_keep(self, layer: int, scores: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        """Keep mask for the tokens entering ``layer``.
+        """Keep mask for pruning layer ``layer``, asked after layer ``layer - 1``'s attention sublayer.
+
+        The mask applies from layer ``layer - 1``'s feed-forward block on.
 
         Args:
-            layer: index of the encoder layer about to run.
-            scores: (B, N) importance of each token from the previous layer.
+            layer: index of the pruning layer (>= 1).
+            scores: (B, N) importance of each token from layer ``layer - 1``'s attention.
             alive: (B, N) bool, tokens still present (not padding, not pruned).
 
         Returns:
@@ -69,27 +76,36 @@ class TokenPrunerHook(Protocol):
 
 
 def layer_macs(
-    seq_len: torch.Tensor | float, hidden: int, intermediate: int, attention_width: int | None = None
+    seq_len: torch.Tensor | float,
+    hidden: int,
+    intermediate: int,
+    attention_width: int | None = None,
+    ffn_len: torch.Tensor | float | None = None,
 ) -> torch.Tensor | float:
-    """Multiply-accumulates of one BERT encoder layer on ``seq_len`` tokens.
+    """Multiply-accumulates of one BERT encoder layer: attention on ``seq_len`` tokens, FFN on ``ffn_len``.
 
     QKV and output projections ``4 N H W``, attention scores and context ``2 N^2 W``,
-    feed-forward ``2 N H I``, where ``W`` (= H unless heads were removed) is the total
-    width of the attention heads. Softmax, LayerNorm and biases are left out, as in the
+    feed-forward ``2 N_f H I``, where ``W`` (= H unless heads were removed) is the total
+    width of the attention heads and ``N_f`` the tokens the feed-forward block runs on
+    (fewer than ``N`` when tokens are dropped right after this layer's attention, as
+    before a pruning layer). Softmax, LayerNorm and biases are left out, as in the
     analytic FLOPs constraint of arXiv 2306.14393 Sec. 3.3.
 
     Args:
-        seq_len: tokens in the layer, a float or a tensor of any shape (per sample).
+        seq_len: tokens in the attention sublayer, a float or a tensor of any shape (per sample).
         hidden: hidden size H.
         intermediate: feed-forward size I (neurons present).
         attention_width: A * head_dim of the heads present; None means H.
+        ffn_len: tokens in the feed-forward block, same type and shape as ``seq_len``;
+            None means ``seq_len``.
 
     Returns:
         MACs, same type and shape as ``seq_len``.
     """
     n = seq_len
+    n_ffn = seq_len if ffn_len is None else ffn_len
     w = hidden if attention_width is None else attention_width
-    return 4 * n * hidden * w + 2 * n * n * w + 2 * n * hidden * intermediate
+    return 4 * n * hidden * w + 2 * n * n * w + 2 * n_ffn * hidden * intermediate
 
 
 @dataclass
@@ -101,12 +117,20 @@ class EncoderOutput:
         scores: per layer, (B, N_l) attention received by each token in that layer
             (mean over heads and over present queries); only filled when requested.
         kept_lengths: per layer, (B,) number of tokens (CLS included, padding
-            excluded) that the layer computed on; with soft masks, the expected number.
+            excluded) that the layer's attention sublayer computed on; with soft masks,
+            the expected number. Layer i's feed-forward block runs on layer i+1's count
+            (the last layer's on its own), see
+            :meth:`PrunableBertForSequenceClassification.macs`.
+        kept_masks: per layer, (B, N) bool in the input's token positions: the tokens
+            present in the layer's attention sublayer (padding and pruned tokens False;
+            with soft masks, every token not yet fully closed); only filled when asked
+            (``return_kept_masks``).
     """
 
     logits: torch.Tensor
     scores: list[torch.Tensor] = field(default_factory=list)
     kept_lengths: list[torch.Tensor] = field(default_factory=list)
+    kept_masks: list[torch.Tensor] = field(default_factory=list)
 
 
 def _check_unit_mask(mask: torch.Tensor, expected: int, what: str) -> torch.Tensor:
@@ -391,6 +415,21 @@ class BertLayer(nn.Module):
         self.intermediate.keep_neurons(neurons)
         self.output.dense = _slice_linear(self.output.dense, cols=neurons)
 
+    def attend(
+        self,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        key_weight: torch.Tensor | None = None,
+        need_probs: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention sublayer: (B, N, H) -> (B, N, H), plus probabilities (B, A, N, N) if asked."""
+        context, probs = self.attention.self(hidden, key_mask, key_weight, need_probs)
+        return self.attention.output(context, hidden), probs
+
+    def feed_forward(self, attended: torch.Tensor) -> torch.Tensor:
+        """The feed-forward block, token-wise: (B, N, H) -> (B, N, H)."""
+        return self.output(self.intermediate(attended), attended)
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -399,9 +438,8 @@ class BertLayer(nn.Module):
         need_probs: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, N, H) -> (B, N, H), plus attention probabilities (B, A, N, N) if asked."""
-        context, probs = self.attention.self(hidden, key_mask, key_weight, need_probs)
-        attended = self.attention.output(context, hidden)
-        return self.output(self.intermediate(attended), attended), probs
+        attended, probs = self.attend(hidden, key_mask, key_weight, need_probs)
+        return self.feed_forward(attended), probs
 
 
 class BertEncoder(nn.Module):
@@ -541,6 +579,7 @@ class PrunableBertForSequenceClassification(nn.Module):
         token_pruner: TokenPrunerHook | None = None,
         remove_pruned: bool = False,
         return_scores: bool = False,
+        return_kept_masks: bool = False,
     ) -> EncoderOutput:
         """Classify.
 
@@ -548,11 +587,15 @@ class PrunableBertForSequenceClassification(nn.Module):
             input_ids: (B, N) token ids.
             attention_mask: (B, N) 1 for tokens, 0 for padding; None means no padding.
             token_type_ids: (B, N) segment ids; None means all 0.
-            token_pruner: asked for a keep mask before each of its pruning layers.
+            token_pruner: asked for the keep mask of each of its pruning layers ``l`` right
+                after layer ``l - 1``'s attention sublayer; the mask applies from layer
+                ``l - 1``'s feed-forward block on.
             remove_pruned: gather out tokens whose (bool) keep mask is False, so later
-                layers run on shorter sequences. Requires the pruner to return bool masks.
+                sublayers run on shorter sequences. Requires the pruner to return bool masks.
             return_scores: also return the per-layer token scores, always (B, N) in the
                 input's token positions (removed tokens score 0, as masked ones do).
+            return_kept_masks: also return the per-layer masks of the tokens present
+                (``kept_masks``), in the input's token positions.
 
         Returns:
             :class:`EncoderOutput`.
@@ -568,38 +611,25 @@ class PrunableBertForSequenceClassification(nn.Module):
         )
         hidden = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
         pruning_layers = set(token_pruner.pruning_layers) if token_pruner is not None else set()
-        # Scores of layer l are needed when layer l + 1 prunes.
-        need_scores = {l - 1 for l in pruning_layers}
         has_padding = not bool(present.all())
         key_mask = present if has_padding else None
         weight: torch.Tensor | None = None  # cumulative soft keep, training only
         out = EncoderOutput(logits=torch.empty(0))
-        scores = None
         # Input position of each current token; gathered along with the tokens so
         # returned scores stay in input coordinates after a removal.
         positions: torch.Tensor | None = None
         for i, layer in enumerate(self.bert.encoder.layer):
-            if i in pruning_layers:
-                alive = present if weight is None else present & (weight > 0)
-                keep = token_pruner.token_keep(i, scores, alive)
-                if keep.dtype == torch.bool:
-                    present = present & keep
-                    if remove_pruned:
-                        if return_scores and positions is None:
-                            positions = torch.arange(n, device=hidden.device).expand(b, n)
-                        if positions is None:
-                            present, (hidden,) = gather_tokens(present, hidden)
-                        else:
-                            present, (hidden, positions) = gather_tokens(present, hidden, positions)
-                    key_mask = present
-                else:
-                    if remove_pruned:
-                        raise ValueError("remove_pruned needs hard (bool) keep masks: call model.eval() first.")
-                    weight = keep if weight is None else weight * keep
             n_tokens = present.sum(dim=1).to(hidden.dtype) if weight is None else (weight * present).sum(dim=1)
             out.kept_lengths.append(n_tokens)
-            want = return_scores or i in need_scores
-            hidden, probs = layer(hidden, key_mask, weight, need_probs=want)
+            if return_kept_masks:
+                here = present if weight is None else present & (weight > 0)
+                out.kept_masks.append(
+                    here if positions is None else here.new_zeros(b, n).scatter(1, positions, here)
+                )
+            prunes_next = (i + 1) in pruning_layers  # layer i's attention ranks the tokens layer i + 1 keeps
+            want = return_scores or prunes_next
+            attended, probs = layer.attend(hidden, key_mask, weight, need_probs=want)
+            scores = None
             if want:
                 attn = layer.attention.self
                 try:
@@ -619,6 +649,26 @@ class PrunableBertForSequenceClassification(nn.Module):
                     else:
                         full = scores.new_zeros(b, n)
                         out.scores.append(full.scatter(1, positions, scores * present.to(scores.dtype)))
+            if prunes_next:
+                # Tokens leave here, before layer i's feed-forward block (token-wise, so the kept
+                # tokens' values are the same as when they leave at layer i + 1's input).
+                alive = present if weight is None else present & (weight > 0)
+                keep = token_pruner.token_keep(i + 1, scores, alive)
+                if keep.dtype == torch.bool:
+                    present = present & keep
+                    if remove_pruned:
+                        if (return_scores or return_kept_masks) and positions is None:
+                            positions = torch.arange(n, device=hidden.device).expand(b, n)
+                        if positions is None:
+                            present, (attended,) = gather_tokens(present, attended)
+                        else:
+                            present, (attended, positions) = gather_tokens(present, attended, positions)
+                    key_mask = present
+                else:
+                    if remove_pruned:
+                        raise ValueError("remove_pruned needs hard (bool) keep masks: call model.eval() first.")
+                    weight = keep if weight is None else weight * keep
+            hidden = layer.feed_forward(attended)
         pooled = self.bert.pooler(hidden)
         out.logits = self.classifier(self.dropout(pooled))
         return out
@@ -679,18 +729,30 @@ class PrunableBertForSequenceClassification(nn.Module):
         """MACs per sample of the encoder layers plus pooler and classifier.
 
         Counts the layers' physical sizes: masked heads and neurons still count (masks
-        do not speed anything up); shrink the model to count (and get) the saving.
+        do not speed anything up); shrink the model to count (and get) the saving. Layer
+        i's attention runs on ``kept_lengths[i]`` tokens and its feed-forward block on
+        ``kept_lengths[i + 1]`` (the last layer's on its own): tokens pruned for layer
+        i + 1 leave right after layer i's attention (:meth:`forward`; ToP's reference
+        count, arXiv 2306.14393, ``calculate_mac_for_encoder``).
 
         Args:
-            kept_lengths: per layer, (B,) tokens computed on (from :class:`EncoderOutput`).
+            kept_lengths: per layer, (B,) tokens its attention computed on (from
+                :class:`EncoderOutput`); never increasing from one layer to the next.
 
         Returns:
             (B,) MACs.
         """
         c = self.config
+        layers = self.bert.encoder.layer
         total = sum(
-            layer_macs(n, c.hidden_size, layer.intermediate.dense.out_features, layer.attention.self.query.out_features)
-            for n, layer in zip(kept_lengths, self.bert.encoder.layer)
+            layer_macs(
+                n,
+                c.hidden_size,
+                layer.intermediate.dense.out_features,
+                layer.attention.self.query.out_features,
+                ffn_len=kept_lengths[min(i + 1, len(kept_lengths) - 1)],
+            )
+            for i, (n, layer) in enumerate(zip(kept_lengths, layers))
         )
         return total + c.hidden_size * c.hidden_size + c.hidden_size * c.num_labels
 

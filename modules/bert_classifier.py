@@ -103,8 +103,11 @@ class BertClassifier(L.LightningModule):
         self.test_macs = self.val_macs.clone(prefix="test/")
 
     # ----------------------------------------------------------------- forward
-    def forward(self, batch: dict[str, torch.Tensor], return_scores: bool = False) -> EncoderOutput:
-        """Run the classifier on a batch of (B, N) ``input_ids``/``attention_mask``/``token_type_ids``."""
+    def forward(
+        self, batch: dict[str, torch.Tensor], return_scores: bool = False, return_kept_masks: bool = False
+    ) -> EncoderOutput:
+        """Run the classifier on a batch of (B, N) ``input_ids``/``attention_mask``/``token_type_ids``
+        (``return_scores``, ``return_kept_masks``: see :class:`modules.bert.EncoderOutput`)."""
         return self.model(
             batch["input_ids"],
             batch.get("attention_mask"),
@@ -112,6 +115,7 @@ class BertClassifier(L.LightningModule):
             token_pruner=self.token_gates,
             remove_pruned=self._remove_pruned(),
             return_scores=return_scores,
+            return_kept_masks=return_kept_masks,
         )
 
     def _remove_pruned(self) -> bool:

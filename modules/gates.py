@@ -142,8 +142,9 @@ class TokenGates(nn.Module):
 
     Args:
         num_layers: encoder layers of the model.
-        pruning_layers: layers before which tokens may be pruned (layer 0 never prunes:
-            it has no scores yet).
+        pruning_layers: layers whose tokens may be pruned; pruning layer ``l``'s tokens are
+            ranked by layer ``l - 1``'s attention and leave before layer ``l - 1``'s
+            feed-forward block (layer 0 never prunes: nothing has scored tokens yet).
         bin_count: rank bins per pruning layer.
         token_init_log_alpha: initial log_alpha of the token gates (positive = keep).
         layer_init_log_alpha: initial log_alpha of the layer gates (negative = layer off).
@@ -240,11 +241,11 @@ class TokenGates(nn.Module):
         return layer_on, self.token.deterministic_topk(groups=p).view(p, self.bin_count)
 
     def token_keep(self, layer: int, scores: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-        """Keep mask of the tokens entering ``layer`` (the encoder's ``TokenPrunerHook``).
+        """Keep mask of pruning layer ``layer``, from layer ``layer - 1``'s attention on (the encoder's ``TokenPrunerHook``).
 
         Args:
             layer: a pruning layer.
-            scores: (B, N) attention received in the previous layer.
+            scores: (B, N) attention received in layer ``layer - 1``.
             alive: (B, N) bool, tokens still present.
 
         Returns:

@@ -6,12 +6,14 @@ and its frozen ToP token gates, and computes ``(input_ids, attention_mask, token
 -> logits`` with no Python decision that depends on the data, so ``torch.onnx.export``
 records every step in the graph:
 
-* before each pruning layer whose layer gate is on, each sample's tokens are ranked by
-  the attention they received in the previous layer (arXiv 2306.14393 Sec. 3.1), binned
-  by normalised rank, and kept when their bin's gate is open ([CLS] always stays);
+* for each pruning layer ``l`` whose layer gate is on, right after layer ``l - 1``'s
+  attention sublayer, each sample's tokens are ranked by the attention they received
+  there (arXiv 2306.14393 Sec. 3.1), binned by normalised rank, and kept when their bin's
+  gate is open ([CLS] always stays);
 * the kept tokens are then gathered out in their original order with ``TopK`` (K = the
   largest number of kept tokens in the batch, computed in the graph) and ``Gather``, so
-  later layers of the exported model really run on fewer tokens, at every batch size.
+  layer ``l - 1``'s feed-forward block and every later layer of the exported model really
+  run on fewer tokens, at every batch size.
 
 It computes what :meth:`~modules.bert.PrunableBertForSequenceClassification.forward`
 computes with ``remove_pruned=True`` (same ranking, ties broken by position, same
@@ -106,9 +108,9 @@ class ExportableBert(nn.Module):
 
         Args:
             slot: index of the pruning layer among those whose layer gate is on.
-            scores: (B, N) attention received in the previous layer.
+            scores: (B, N) attention received in layer ``l - 1``.
             present: (B, N) bool, tokens present (not padding).
-            hidden: (B, N, H) hidden states entering the layer.
+            hidden: (B, N, H) layer ``l - 1``'s attention-sublayer output (its FFN's input).
 
         Returns:
             (B, K) bool presence and (B, K, H) hidden states of the kept tokens.
@@ -131,14 +133,13 @@ class ExportableBert(nn.Module):
         """(B, N) int64 ids, (B, N) int64 mask (1 token, 0 padding), (B, N) int64 segment ids -> (B, C) logits."""
         present = attention_mask.bool()
         hidden = self.model.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        scores = None
         for i, layer in enumerate(self.model.bert.encoder.layer):
-            if i in self.pruning_slots:
-                present, hidden = self.select_tokens(self.pruning_slots[i], scores, present, hidden)
-            need_scores = (i + 1) in self.pruning_slots
-            hidden, probs = layer(hidden, present, None, need_probs=need_scores)
-            if need_scores:
+            prunes_next = (i + 1) in self.pruning_slots
+            attended, probs = layer.attend(hidden, present, None, need_probs=prunes_next)
+            if prunes_next:  # tokens leave before this layer's feed-forward block
                 scores = attention_received(probs, present)
+                present, attended = self.select_tokens(self.pruning_slots[i + 1], scores, present, attended)
+            hidden = layer.feed_forward(attended)
         return self.model.classifier(self.model.bert.pooler(hidden))
 
     def summary(self) -> dict[str, Any]:
@@ -157,8 +158,9 @@ class ExportableBert(nn.Module):
                     str(layer): torch.nonzero(self.kept_bins[slot]).flatten().tolist()
                     for layer, slot in self.pruning_slots.items()
                 },
-                "rule": "before each listed layer, tokens are ranked by attention received in the previous layer; "
-                "a token is kept when its rank bin floor(rank * bin_count / candidates) is listed; [CLS] always stays",
+                "rule": "for each listed layer l, tokens are ranked by attention received in layer l-1 and leave "
+                "right after that attention, before layer l-1's feed-forward block; a token is kept when its rank bin "
+                "floor(rank * bin_count / candidates) is listed; [CLS] always stays",
             }
         return {
             "heads_per_layer": [h for h, _ in structure],

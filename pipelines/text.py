@@ -147,17 +147,40 @@ def median_ms(rounds: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, 
 
 
 @torch.no_grad()
-def kept_tokens_per_layer(module: L.LightningModule, datamodule) -> list[float]:
-    """Mean tokens (CLS included, padding excluded) each layer computes on, over the test split."""
+def kept_tokens_per_layer(module: L.LightningModule, datamodule) -> dict[str, Any]:
+    """What each layer reads, over the test split: how many tokens, and of which kinds.
+
+    Returns:
+        ``kept_tokens_per_layer``: per layer, the mean tokens per sentence (CLS included,
+        padding excluded) its attention computes on; ``kept_token_kinds_per_layer``: per
+        layer, ``{kind: mean tokens per sentence}`` for the kinds of
+        :meth:`modules.text_data.TextClassificationDataModule.token_kinds` ([CLS], [SEP],
+        punctuation, subword pieces, other words), summing to the layer's kept tokens.
+    """
     module.eval()
-    sums: list[float] | None = None
+    kinds_of = datamodule.token_kinds()
+    names = datamodule.TOKEN_KINDS
+    lengths: torch.Tensor | None = None  # (L,) summed kept tokens
+    kinds: torch.Tensor | None = None  # (L, kinds) summed kept tokens by kind
     count = 0
     for batch in datamodule.test_dataloader():
-        out = module(batch)
-        per = [float(n.sum()) for n in out.kept_lengths]
-        sums = per if sums is None else [a + b for a, b in zip(sums, per)]
+        out = module(batch, return_kept_masks=True)
+        ids_kind = kinds_of[batch["input_ids"].cpu()]  # (B, N)
+        per = torch.stack([n.sum().cpu().double() for n in out.kept_lengths])
+        by_kind = torch.stack([
+            torch.bincount(ids_kind[m.cpu()], minlength=len(names)).double() for m in out.kept_masks
+        ])
+        lengths = per if lengths is None else lengths + per
+        kinds = by_kind if kinds is None else kinds + by_kind
         count += batch["input_ids"].shape[0]
-    return [s / count for s in (sums or [])]
+    if lengths is None:
+        return {"kept_tokens_per_layer": [], "kept_token_kinds_per_layer": []}
+    return {
+        "kept_tokens_per_layer": (lengths / count).tolist(),
+        "kept_token_kinds_per_layer": [
+            {k: float(v) for k, v in zip(names, row / count)} for row in kinds
+        ],
+    }
 
 
 def export_text_models(
@@ -274,7 +297,7 @@ def prune_phase(
         "checkpoint": run_relative(path, out_dir),
         "checkpoint_met_target": score is not None and score >= 0,
         "metrics": evaluate_test_split(cfg, served, datamodule),
-        "kept_tokens_per_layer": kept_tokens_per_layer(served, datamodule),
+        **kept_tokens_per_layer(served, datamodule),
         "pruner": pruner.results(),
     }
     return entry, served
@@ -331,7 +354,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     if pruner is not None:
         results["pruned"], models["pruned"] = prune_phase(cfg, "pruned", pruner, dense_ckpt, dense.model, datamodule, out_dir)
-        results["dense"]["kept_tokens_per_layer"] = kept_tokens_per_layer(dense, datamodule)
+        results["dense"].update(kept_tokens_per_layer(dense, datamodule))
         results["pruner"] = results["pruned"].pop("pruner")
         results["target_met"] = results["pruned"]["checkpoint_met_target"] and results["pruner"].get("target_met", True)
         if is_global_zero():

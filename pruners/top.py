@@ -40,8 +40,12 @@ from modules.gates import TokenGates, bin_of_rank
 def expected_macs(gates: TokenGates, lengths: torch.Tensor, hidden: int, intermediate: int) -> torch.Tensor:
     """Expected encoder MACs per sample under the gate distribution (arXiv 2306.14393 Sec. 3.3).
 
-    The kept length entering pruning layer ``l`` is ``1 + m_l`` with
-    ``m_l = m_{l-1} * keep_ratio_l`` ([CLS] always kept, ``m_0 = length - 1``).
+    The expected length of pruning layer ``l`` is ``1 + m_l`` with
+    ``m_l = m_{l-1} * keep_ratio_l`` ([CLS] always kept, ``m_0 = length - 1``). Layer i's
+    attention is counted on its own length and its feed-forward block on layer i+1's
+    (the last layer's on its own), since pruned tokens leave right after the scoring
+    layer's attention (as :meth:`modules.bert.PrunableBertForSequenceClassification.macs`
+    counts the model it trains; ToP's reference ``calculate_mac_for_encoder``).
 
     Args:
         gates: the token gates.
@@ -53,12 +57,15 @@ def expected_macs(gates: TokenGates, lengths: torch.Tensor, hidden: int, interme
     """
     ratio = gates.keep_ratio()
     m = lengths.to(ratio.dtype) - 1.0
-    total = torch.zeros_like(m)
+    per_layer = []
     for i in range(gates.num_layers):
         if i in gates._slot:
             m = m * ratio[gates._slot[i]]
-        total = total + layer_macs(1.0 + m, hidden, intermediate)
-    return total
+        per_layer.append(1.0 + m)
+    last = len(per_layer) - 1
+    return sum(
+        layer_macs(n, hidden, intermediate, ffn_len=per_layer[min(i + 1, last)]) for i, n in enumerate(per_layer)
+    )
 
 
 def deterministic_kept_lengths(
@@ -214,7 +221,8 @@ class ToPPruner(TeacherPruner):
             ``pruner=none`` run); None lets the pipeline fine-tune one first.
         teacher_epochs: most epochs of that in-run dense fine-tuning; it stops earlier once the
             validation metric has converged (``callbacks.early_stopping``).
-        pruning_layers: layers before which tokens are pruned; None = 2..L-1 (ToP's
+        pruning_layers: layers whose tokens are pruned (each ranked by the previous layer's
+            attention, and gone from that layer's feed-forward block on); None = 2..L-1 (ToP's
             default, layers 2-11 of 12: the first two layers always run on every token;
             1..L-1 for a model of two layers); why not earlier: benchmarks/top.md.
         distill_layers: layers whose token scores are distilled towards the teacher's

@@ -147,7 +147,9 @@ def test_expected_macs_bounds():
         gates.layer.log_alpha.fill_(LOG_ALPHA_MAX)
         gates.token.log_alpha.fill_(LOG_ALPHA_MIN)  # prune almost everything but CLS
     on = expected_macs(gates, lengths, 8, 16)
-    floor = layer_macs(lengths.float(), 8, 16) + 3 * layer_macs(1.0, 8, 16)
+    # Layer 0's attention sees every token; its FFN and every later layer run on [CLS]
+    # alone, since tokens pruned for layer 1 leave right after layer 0's attention.
+    floor = layer_macs(lengths.float(), 8, 16, ffn_len=1.0) + 3 * layer_macs(1.0, 8, 16)
     assert (on >= floor - 1e-3).all() and ((on - floor) / floor < 0.2).all()
 
 
@@ -298,3 +300,101 @@ def test_cached_teacher_outputs_equal_fresh_ones_whatever_the_padding(tiny_setup
     for row, i in enumerate([5, 3, 1]):
         torch.testing.assert_close(cached_scores[row][mask[row]], scores[i][batch["attention_mask"][i].bool()])
         assert (cached_scores[row][~mask[row]] == 0).all()
+
+
+def _pruned_tiny_model(tiny_bert_config, layer_on, kept, seed=1):
+    from transformers import BertConfig
+
+    from modules.bert import PrunableBertForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = PrunableBertForSequenceClassification(BertConfig(**tiny_bert_config, num_labels=2)).eval()
+    gates = TokenGates(model.config.num_hidden_layers, [1, 2], bin_count=4)
+    gates.freeze(layer_on, kept)
+    gates.eval()
+    return model, gates
+
+
+@pytest.mark.parametrize("layer_on", [[True, True], [False, True], [True, False]])
+def test_served_macs_equal_an_independent_flop_count(tiny_bert_config, layer_on):
+    """The analytic count (each FFN on the tokens it runs on) equals torch's FlopCounterMode / 2
+    on the served model at batch 1: the scoring layer's FFN really runs on the kept tokens.
+
+    Run broken once: with tokens removed at the pruning layer's input (the old removal point)
+    the flop count exceeded the analytic count by the scoring layers' FFN on the dropped tokens."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    kept = torch.tensor([[True, False, True, False], [True, True, False, False]])
+    model, gates = _pruned_tiny_model(tiny_bert_config, torch.tensor(layer_on), kept)
+    for n in (2, 5, 11, 20):
+        ids = torch.randint(1000, 2000, (1, n))
+        with torch.no_grad():
+            out = model(ids, token_pruner=gates, remove_pruned=True)
+            # The math kernel runs attention as matmuls the counter sees (the fused CPU kernel it skips).
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                model(ids, token_pruner=gates, remove_pruned=True)
+        assert counter.get_total_flops() == 2 * int(model.macs(out.kept_lengths).item())
+
+
+def test_scoring_layers_feed_forward_runs_on_the_kept_tokens(tiny_bert_config):
+    """Hooks on every FFN: layer l-1's feed-forward block runs on as many tokens as pruning layer l keeps,
+    and the kept tokens' values equal those of the masked (not removed) model."""
+    kept = torch.tensor([[True, False, True, False], [True, False, False, False]])
+    model, gates = _pruned_tiny_model(tiny_bert_config, torch.tensor([True, True]), kept)
+    seen: list[int] = []
+    hooks = [l.intermediate.dense.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+             for l in model.bert.encoder.layer]
+    ids = torch.randint(1000, 2000, (1, 17))
+    with torch.no_grad():
+        removed = model(ids, token_pruner=gates, remove_pruned=True)
+    for h in hooks:
+        h.remove()
+    lengths = [int(n) for n in removed.kept_lengths]
+    assert lengths[0] == 17 and lengths[1] < 17 and lengths[2] < lengths[1]
+    assert seen == [lengths[1], lengths[2], lengths[2]]
+    with torch.no_grad():
+        masked = model(ids, token_pruner=gates, remove_pruned=False)
+    torch.testing.assert_close(removed.logits, masked.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_what_each_layer_reads_counts_token_kinds_of_the_kept_tokens(tmp_path, tiny_bert_config):
+    """``kept_token_kinds_per_layer``: layer 0 reads every token, counted by kind straight from the
+    tokenizer; kinds sum to the kept tokens of each layer; [CLS] is read by every layer; later layers
+    read what the deterministic gates keep (``deterministic_kept_lengths``)."""
+    import pandas as pd
+
+    from modules.bert_classifier import BertClassifier
+    from modules.packages import default_bert_dir
+    from modules.text_data import TextFileDataModule
+    from pipelines.text import kept_tokens_per_layer
+
+    texts = ["An unbelievably dull, overlong film!", "Great acting; the plot, however, meanders.",
+             "I loved it.", "Boring... truly boring", "a masterpiece of understatement"] * 8
+    path = tmp_path / "kinds.csv"
+    pd.DataFrame({"text": texts, "label": [i % 2 for i in range(len(texts))]}).to_csv(path, index=False)
+    dm = TextFileDataModule(path=str(path), tokenizer=default_bert_dir(), batch_size=4, eval_batch_size=4)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    module = BertClassifier(bert_config=tiny_bert_config, num_labels=2)
+    module.token_gates = TokenGates(3, [1, 2], bin_count=4)
+    module.token_gates.freeze(torch.tensor([True, True]), torch.tensor([[True, True, False, True], [True, False, False, False]]))
+    module.eval()
+    got = kept_tokens_per_layer(module, dm)
+    tok = dm.tokenizer
+    test_ids = [dm.datasets["test"][i]["input_ids"] for i in range(len(dm.datasets["test"]))]
+    pieces = [tok.convert_ids_to_tokens(ids) for ids in test_ids]
+    n = len(pieces)
+    expected0 = {
+        "cls": 1.0, "sep": 1.0,
+        "punctuation": sum(sum(p in ",.;!" for p in t) for t in pieces) / n,
+        "subword": sum(sum(p.startswith("##") for p in t) for t in pieces) / n,
+    }
+    expected0["word"] = sum(len(t) for t in pieces) / n - sum(expected0.values())
+    assert got["kept_token_kinds_per_layer"][0] == pytest.approx(expected0)
+    lengths = torch.tensor([len(t) for t in pieces])
+    analytic = deterministic_kept_lengths(module.token_gates, *module.token_gates.deterministic(), lengths)
+    assert got["kept_tokens_per_layer"] == pytest.approx([float(a.mean()) for a in analytic])
+    for kinds, kept in zip(got["kept_token_kinds_per_layer"], got["kept_tokens_per_layer"]):
+        assert sum(kinds.values()) == pytest.approx(kept) and kinds["cls"] == pytest.approx(1.0)
+    assert got["kept_tokens_per_layer"][2] < got["kept_tokens_per_layer"][1] < got["kept_tokens_per_layer"][0]
