@@ -82,6 +82,13 @@ class HardConcreteGates(nn.Module):
         ToP's evaluation rule (arXiv 2306.14393 Sec. 3.2): deterministic, and keeps as
         many gates as the training distribution would on average.
 
+        For token gates the open set is *not* forced to be a prefix of the ranking (the
+        top-ranked bins): it is the set of bins training learned to keep, as in ToP's and
+        CoFi's ``deterministic_z`` (the smallest log_alpha close). Training samples every bin
+        gate independently, so forcing a prefix would serve a pruning the gates were not
+        trained for; ToP's frozen fine-tuning (``pruners.top``) then trains the model under
+        exactly this set. ``tests/test_top.py`` shows a non-prefix set being kept.
+
         Raises:
             ValueError: ``n`` is not a multiple of ``groups``.
         """

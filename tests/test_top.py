@@ -398,3 +398,16 @@ def test_what_each_layer_reads_counts_token_kinds_of_the_kept_tokens(tmp_path, t
     for kinds, kept in zip(got["kept_token_kinds_per_layer"], got["kept_tokens_per_layer"]):
         assert sum(kinds.values()) == pytest.approx(kept) and kinds["cls"] == pytest.approx(1.0)
     assert got["kept_tokens_per_layer"][2] < got["kept_tokens_per_layer"][1] < got["kept_tokens_per_layer"][0]
+
+
+def test_evaluation_gates_keep_the_bins_with_the_largest_log_alpha_not_a_ranking_prefix():
+    """What the evaluation gates keep: the k = round(sum P(open)) bins with the largest log_alpha, even
+    when that skips a top-ranked bin (bin 1 closed, bin 3 open here), as the docstring says."""
+    gates = TokenGates(3, [1, 2], bin_count=4)
+    with torch.no_grad():
+        gates.layer.log_alpha.fill_(LOG_ALPHA_MAX)
+        gates.token.log_alpha.copy_(torch.tensor([5.0, -5.0, -5.0, 5.0, 5.0, 5.0, -5.0, -5.0]))
+    gates.eval()
+    layer_on, kept = gates.deterministic()
+    assert layer_on.tolist() == [True, True]
+    assert kept.tolist() == [[True, False, False, True], [True, True, False, False]]
