@@ -210,6 +210,30 @@ class BertClassifier(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """``trainer.gradient_clip_val`` clips the model's weights only (the ``model/*`` groups of
+        :meth:`configure_optimizers`), never the training objectives' groups (token gates' log_alpha,
+        Lagrange multipliers), as ToP's reference code clips (arXiv 2306.14393). Clipped jointly, the
+        Lagrangian's gate gradients would count in the norm and shrink every model update.
+
+        Raises:
+            ValueError: an unknown ``gradient_clip_algorithm`` (Lightning's are ``norm`` and ``value``).
+        """
+        if not gradient_clip_val:
+            return
+        params = [p for g in optimizer.param_groups if str(g.get("name", "")).startswith("model/") for p in g["params"]]
+        params = [p for p in params if p.grad is not None]
+        algorithm = gradient_clip_algorithm or "norm"
+        if algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+        elif algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
+        else:
+            raise ValueError(f"trainer.gradient_clip_algorithm={algorithm!r}: use 'norm' or 'value'.")
+
     # ----------------------------------------------------------------- serving
     def served_model(self) -> "BertClassifier":
         """The model as served, in eval mode: what testing, latency, MACs and export run.

@@ -135,3 +135,35 @@ def test_a_pruned_or_mismatched_teacher_checkpoint_is_refused_before_training(ti
     (tmp_path / "junk.ckpt").write_text("not a checkpoint")
     with pytest.raises(PrunerConfigError, match="not a readable checkpoint"):
         ToPPruner(teacher_ckpt=str(tmp_path / "junk.ckpt")).check(student, dm)
+
+
+def test_gradient_clipping_clips_the_model_weights_only(tiny_bert_config):
+    """``trainer.gradient_clip_val`` clips the model's groups, never a pruner's (gates, multipliers).
+
+    Run broken once (clipping every group, Lightning's default): the large gate gradient took the
+    joint norm to about 100 and shrank the model's gradient 100-fold; this test failed."""
+    import torch
+
+    from modules.bert_classifier import BertClassifier
+
+    module = BertClassifier(bert_config=tiny_bert_config, num_labels=2)
+    gate = torch.nn.Parameter(torch.zeros(4))
+    weights = [p for p in module.model.parameters()]
+    opt = torch.optim.AdamW([
+        {"params": weights, "name": "model/decay"},
+        {"params": [gate], "name": "pruner/gates"},
+    ])
+    for p in weights:
+        p.grad = torch.full_like(p, 1e-4)
+    gate.grad = torch.full((4,), 50.0)
+    model_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in weights]))
+    assert model_norm < 1.0
+    before = [p.grad.clone() for p in weights]
+    module.configure_gradient_clipping(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert all(torch.equal(b, p.grad) for b, p in zip(before, weights))
+    assert torch.equal(gate.grad, torch.full((4,), 50.0))
+    for p in weights:
+        p.grad = torch.full_like(p, 1.0)
+    module.configure_gradient_clipping(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    clipped = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in weights]))
+    assert abs(float(clipped) - 1.0) < 1e-3 and torch.equal(gate.grad, torch.full((4,), 50.0))
