@@ -161,16 +161,29 @@ def project_to_sparsity(
     return layer_on, kept, sparsity, changed
 
 
+RANK_RELEVANCES = ("score", "rank")
+
+
 def arp2_loss(
-    student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor, top_k: int = 20, sigma: float = 1.0
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    valid: torch.Tensor,
+    top_k: int = 20,
+    sigma: float = 1.0,
+    relevance: str = "score",
 ) -> torch.Tensor:
     """LambdaLoss ARP-2 ranking distillation over the teacher's top-K tokens.
 
     ``sum_{i,j: y_i > y_j} |y_i - y_j| * log2(1 + exp(-sigma (s_i - s_j))) / n^2``, per
     sample, averaged over the batch (Wang et al. 2018, "The LambdaLoss Framework";
-    ToP arXiv 2306.14393 Sec. 3.4). ``y`` are the teacher's token scores, ``s`` the
-    student's, both multiplied by the sample's valid length so they average 1 and do
-    not shrink with sequence length; ``n`` is the number of tokens ranked (<= K).
+    ToP arXiv 2306.14393 Sec. 3.4), over the ``n`` (<= K) tokens ranked. The relevance
+    labels ``y`` and student scores ``s``:
+
+    * ``relevance="score"``: ``y`` the teacher's token scores, ``s`` the student's, both
+      multiplied by the sample's valid length so they average 1 and do not shrink with
+      sequence length, normalised by ``n^2``;
+    * ``relevance="rank"`` (ToP's reference code): ``y = K - r`` for the teacher's rank
+      ``r`` (0 = best) inside its top-K, ``s`` the student's raw scores, normalised by ``K^2``.
 
     Args:
         student: (B, N) student scores.
@@ -178,22 +191,33 @@ def arp2_loss(
         valid: (B, N) bool, tokens to rank (no padding, no [CLS]).
         top_k: K.
         sigma: the logistic slope.
+        relevance: ``"score"`` or ``"rank"``, as above.
 
     Returns:
         Scalar loss.
+
+    Raises:
+        ValueError: an unknown ``relevance``.
     """
-    n_valid = valid.sum(dim=1, keepdim=True).clamp_min(1).to(student.dtype)
+    if relevance not in RANK_RELEVANCES:
+        raise ValueError(f"relevance={relevance!r}: use one of {list(RANK_RELEVANCES)}.")
     y_all = teacher.detach().masked_fill(~valid, float("-inf"))
     k = min(top_k, student.shape[1])
     y, idx = torch.topk(y_all, k, dim=1)
     in_list = torch.isfinite(y)
-    y = torch.where(in_list, y, torch.zeros_like(y)) * n_valid
-    s = torch.gather(student, 1, idx) * n_valid
+    s = torch.gather(student, 1, idx)
+    if relevance == "score":
+        n_valid = valid.sum(dim=1, keepdim=True).clamp_min(1).to(student.dtype)
+        y = torch.where(in_list, y, torch.zeros_like(y)) * n_valid
+        s = s * n_valid
+        norm = in_list.sum(dim=1).clamp_min(1).to(student.dtype) ** 2
+    else:
+        y = (top_k - torch.arange(k, device=y.device, dtype=student.dtype))[None, :].expand(y.shape[0], -1)
+        norm = torch.full((y.shape[0],), float(top_k * top_k), dtype=student.dtype, device=y.device)
     pair = (y[:, :, None] > y[:, None, :]) & in_list[:, :, None] & in_list[:, None, :]
     gain = (y[:, :, None] - y[:, None, :]).abs()
     logistic = F.softplus(-sigma * (s[:, :, None] - s[:, None, :])) / math.log(2.0)
-    n = in_list.sum(dim=1).clamp_min(1).to(student.dtype)
-    per_sample = (pair * gain * logistic).sum(dim=(1, 2)) / (n * n)
+    per_sample = (pair * gain * logistic).sum(dim=(1, 2)) / norm
     return per_sample.mean()
 
 
@@ -234,6 +258,9 @@ class ToPPruner(TeacherPruner):
         multiplier_lr: learning rate of the Lagrange multipliers (gradient ascent).
         rank_alpha: initial weight of the ranking loss.
         rank_top_k: K, teacher tokens ranked.
+        rank_relevance: ``score`` (relevance = the teacher's scores, both sides scaled by the
+            sentence length) or ``rank`` (ToP's reference: integer rank inside the teacher's
+            top-K, raw student scores); see :func:`arp2_loss`.
         kd_temperature: logits distillation temperature.
         kd_weight, task_weight: weights of the KL and task losses.
         token_init_log_alpha, layer_init_log_alpha: gate initialisation (keep / off).
@@ -269,6 +296,7 @@ class ToPPruner(TeacherPruner):
         multiplier_lr: float = 0.02,
         rank_alpha: float = 0.01,
         rank_top_k: int = 20,
+        rank_relevance: str = "score",
         kd_temperature: float = 2.0,
         kd_weight: float = 1.0,
         task_weight: float = 1.0,
@@ -291,6 +319,9 @@ class ToPPruner(TeacherPruner):
         self.multiplier_lr = check_range("pruner.multiplier_lr", multiplier_lr, 0.0, math.inf, low_open=True)
         self.rank_alpha = check_range("pruner.rank_alpha", rank_alpha, 0.0, math.inf)
         self.rank_top_k = check_positive_int("pruner.rank_top_k", rank_top_k, minimum=2)
+        if rank_relevance not in RANK_RELEVANCES:
+            raise PrunerConfigError(f"pruner.rank_relevance={rank_relevance!r}: use one of {list(RANK_RELEVANCES)}.")
+        self.rank_relevance = rank_relevance
         self.kd_temperature = check_range("pruner.kd_temperature", kd_temperature, 0.0, math.inf, low_open=True)
         self.kd_weight = check_range("pruner.kd_weight", kd_weight, 0.0, math.inf)
         self.task_weight = check_range("pruner.task_weight", task_weight, 0.0, math.inf)
@@ -455,7 +486,10 @@ class ToPPruner(TeacherPruner):
         kd = kd_loss(outputs.logits, teacher_logits, self.kd_temperature)
         valid = batch["attention_mask"].bool().clone()
         valid[:, 0] = False
-        rank = sum(arp2_loss(outputs.scores[l], teacher_scores, valid, self.rank_top_k) for l in self.distill_layers)
+        rank = sum(
+            arp2_loss(outputs.scores[l], teacher_scores, valid, self.rank_top_k, relevance=self.rank_relevance)
+            for l in self.distill_layers
+        )
         loss = self.task_weight * task_loss + self.kd_weight * kd + lag + alpha * rank
         logs = {
             "expected_sparsity": sparsity.detach(),

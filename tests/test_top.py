@@ -102,6 +102,22 @@ def test_arp2_loss_on_a_hand_computed_example():
     assert arp2_loss(student, teacher, valid, top_k=20).item() == pytest.approx(want, rel=1e-5)
 
 
+def test_arp2_loss_with_rank_relevance_on_a_hand_computed_example():
+    """ToP's reference relevance: y = K - rank inside the teacher's top-K, raw student scores, / K^2."""
+    teacher = torch.tensor([[0.0, 0.5, 0.3, 0.2]])
+    student = torch.tensor([[0.0, 0.1, 0.2, 0.0]])
+    valid = torch.tensor([[False, True, True, True]])
+    y, s = (3.0, 2.0, 1.0), (0.1, 0.2, 0.0)  # K = 3 (top_k=3): the three valid tokens in teacher order
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    want = sum(abs(y[i] - y[j]) * math.log2(1 + math.exp(-(s[i] - s[j]))) for i, j in pairs) / 9
+    got = arp2_loss(student, teacher, valid, top_k=3, relevance="rank")
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    # With K = 20 the labels are 20, 19, 18: the same gaps, normalised by 400.
+    assert arp2_loss(student, teacher, valid, top_k=20, relevance="rank").item() == pytest.approx(want * 9 / 400, rel=1e-5)
+    with pytest.raises(ValueError, match="relevance"):
+        arp2_loss(student, teacher, valid, relevance="ndcg")
+
+
 def test_arp2_loss_prefers_the_teacher_ranking_and_uses_only_top_k():
     teacher = torch.tensor([[0.0, 0.4, 0.3, 0.2, 0.1]])
     valid = torch.tensor([[False, True, True, True, True]])
