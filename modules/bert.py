@@ -8,15 +8,11 @@ state dicts load unchanged, and with nothing pruned the logits equal HF's.
 What the encoder adds over HF BERT:
 
 * per-layer token importance scores (attention *received*, arXiv 2306.14393 Sec. 3.1),
-* a ``token_pruner`` hook that returns a keep mask for each pruning layer ``l``. It is
-  asked right after layer ``l - 1``'s attention sublayer (whose attention ranks the
-  tokens) and applies from there on: layer ``l - 1``'s feed-forward block already runs
-  on the kept tokens only, as in ToP's reference code (arXiv 2306.14393; its MACs count,
-  ``calculate_mac_for_encoder``, runs layer i's FFN on layer i+1's length). The FFN is
-  token-wise, so where the tokens leave changes no kept token's value, only the work.
-  Soft (float in [0, 1]) masks re-weight keys during training, hard (bool) masks
-  exclude keys, and with ``remove_pruned=True`` the closed tokens are gathered out
-  so later sublayers really run on shorter sequences,
+* a ``token_pruner`` hook asked for pruning layer ``l``'s keep mask right after layer
+  ``l - 1``'s attention (which ranks the tokens), so layer ``l - 1``'s token-wise FFN
+  already runs on the kept tokens, as ToP's reference code counts it (arXiv 2306.14393,
+  ``calculate_mac_for_encoder``). Soft (float) masks re-weight keys in training, hard
+  (bool) masks exclude keys, and ``remove_pruned=True`` gathers closed tokens out,
 * analytic MACs per layer (:func:`layer_macs`), each FFN counted on the tokens it runs on,
 * structured masks for training without changing parameter shapes: per layer a
   head mask (A,) and an FFN neuron mask (I,), float 0/1 buffers saved in the state
@@ -47,6 +43,7 @@ from torch import nn
 from transformers import BertConfig
 
 from modules.errors import MissingFileError, UserError
+from modules.tokens import attention_received, gather_tokens
 from transformers.activations import ACT2FN
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertPooler
 
@@ -121,10 +118,8 @@ class EncoderOutput:
             the expected number. Layer i's feed-forward block runs on layer i+1's count
             (the last layer's on its own), see
             :meth:`PrunableBertForSequenceClassification.macs`.
-        kept_masks: per layer, (B, N) bool in the input's token positions: the tokens
-            present in the layer's attention sublayer (padding and pruned tokens False;
-            with soft masks, every token not yet fully closed); only filled when asked
-            (``return_kept_masks``).
+        kept_masks: per layer, (B, N) bool in the input's token positions, the tokens in
+            the layer's attention (with soft masks: not fully closed); with ``return_kept_masks``.
     """
 
     logits: torch.Tensor
@@ -458,60 +453,6 @@ class PrunableBertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config)
-
-
-def attention_received(
-    probs: torch.Tensor, query_present: torch.Tensor, head_weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Token importance: attention each token receives, averaged over heads and present queries.
-
-    arXiv 2306.14393 Sec. 3.1 (the score ToP ranks tokens by).
-
-    Args:
-        probs: (B, A, N, N) attention probabilities (query, key).
-        query_present: (B, N) bool or float weights of the queries to average over.
-        head_weight: (A,) 0/1 head mask; the average runs over the kept heads only,
-            so a masked model scores tokens as its physically shrunk copy does.
-            None means all heads.
-
-    Returns:
-        (B, N) scores; padding keys get about 0.
-
-    Raises:
-        ValueError: no head to average over (A = 0 or every head masked).
-    """
-    if probs.shape[1] == 0 or (head_weight is not None and not bool((head_weight != 0).any())):
-        raise ValueError("No attention head left in this layer, so it gives no token scores.")
-    if head_weight is None:
-        per_query = probs.mean(dim=1)  # (B, N, N)
-    else:
-        hw = head_weight.to(probs.dtype)
-        per_query = (probs * hw[None, :, None, None]).sum(dim=1) / hw.sum()
-    w = query_present.to(probs.dtype)
-    return (per_query * w[:, :, None]).sum(dim=1) / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def gather_tokens(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Physically remove closed tokens: keep the open ones, in order, padded to the batch maximum.
-
-    Args:
-        keep: (B, N) bool.
-        tensors: tensors of shape (B, N, ...) to gather along dim 1.
-
-    Returns:
-        the new presence mask (B, N') bool and the gathered tensors (B, N', ...),
-        where N' is the largest number of kept tokens in the batch.
-    """
-    counts = keep.sum(dim=1)
-    n_new = int(counts.max())
-    # Stable sort puts kept tokens first in their original order (CLS stays at 0).
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n_new]
-    new_keep = torch.gather(keep, 1, order)
-    out = []
-    for t in tensors:
-        idx = order.view(*order.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
-        out.append(torch.gather(t, 1, idx))
-    return new_keep, out
 
 
 class PrunableBertForSequenceClassification(nn.Module):

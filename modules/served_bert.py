@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from modules.bert import PrunableBertForSequenceClassification, attention_received
+from modules.bert import PrunableBertForSequenceClassification
+from modules.tokens import attention_received
 from modules.gates import TokenGates, bin_of_rank
 
 

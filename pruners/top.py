@@ -263,7 +263,6 @@ class ToPPruner(TeacherPruner):
             top-K, raw student scores); see :func:`arp2_loss`.
         kd_temperature: logits distillation temperature.
         kd_weight, task_weight: weights of the KL and task losses.
-        token_init_log_alpha, layer_init_log_alpha: gate initialisation (keep / off).
         model_lr: learning rate of the model weights while pruning; None keeps ``model.lr``.
         finetune_fraction: at the first validation in the last ``finetune_fraction`` of
             training, the gates are frozen at their deterministic evaluation values,
@@ -300,8 +299,6 @@ class ToPPruner(TeacherPruner):
         kd_temperature: float = 2.0,
         kd_weight: float = 1.0,
         task_weight: float = 1.0,
-        token_init_log_alpha: float = 2.0,
-        layer_init_log_alpha: float = -1.0,
         model_lr: float | None = 3e-5,
         finetune_fraction: float = 0.6,
         pruning_epochs: int | None = 5,
@@ -325,8 +322,6 @@ class ToPPruner(TeacherPruner):
         self.kd_temperature = check_range("pruner.kd_temperature", kd_temperature, 0.0, math.inf, low_open=True)
         self.kd_weight = check_range("pruner.kd_weight", kd_weight, 0.0, math.inf)
         self.task_weight = check_range("pruner.task_weight", task_weight, 0.0, math.inf)
-        self.token_init_log_alpha = float(token_init_log_alpha)
-        self.layer_init_log_alpha = float(layer_init_log_alpha)
         self.model_lr = None if model_lr is None else check_range("pruner.model_lr", model_lr, 0.0, math.inf, low_open=True)
         self.finetune_fraction = check_range("pruner.finetune_fraction", finetune_fraction, 0.0, 1.0, high_open=False)
         self.pruning_epochs = None if pruning_epochs is None else check_positive_int("pruner.pruning_epochs", pruning_epochs)
@@ -378,9 +373,8 @@ class ToPPruner(TeacherPruner):
         n_layers = len(pl_module.model.bert.encoder.layer)
         if pl_module.token_gates is None:
             layers = self.pruning_layers if self.pruning_layers is not None else default_pruning_layers(n_layers)
-            pl_module.token_gates = TokenGates(
-                n_layers, layers, self.bin_count, self.token_init_log_alpha, self.layer_init_log_alpha
-            )
+            # ToP's initialisation (TokenGates' defaults): token gates open, layer gates off.
+            pl_module.token_gates = TokenGates(n_layers, layers, self.bin_count)
         gates = pl_module.token_gates
         self.distill_layers = self._distill_layers_for(gates)
         return gates

@@ -7,7 +7,8 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from bert_inputs import bert_inputs
-from modules.bert import PrunableBertForSequenceClassification, gather_tokens, layer_macs
+from modules.bert import PrunableBertForSequenceClassification, layer_macs
+from modules.tokens import gather_tokens
 from modules.gates import TokenGates
 
 
