@@ -276,7 +276,10 @@ class SweepSummary(Callback):
             log.info("sweep summary: %s", path)
             from pipelines.tracking import log_sweep
 
-            log_sweep(config, sweep_dir)
+            try:
+                log_sweep(config, sweep_dir)
+            except Exception:  # like the summary, its W&B run must never fail the sweep
+                log.exception("could not log the sweep summary to W&B")
 
     def _refresh(self, config: DictConfig, sweep_dir: Path) -> Path | None:
         from filelock import FileLock
