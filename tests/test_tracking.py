@@ -81,7 +81,7 @@ def test_default_text_run_shows_its_conclusions_in_wandb_and_a_resume_continues_
     resolved config. ``resume=DIR`` continues the same three W&B runs.
 
     Broken once each: the results run not logged (no ``results`` job type), ``test/*`` not logged
-    (phase_test_loggers returning []), the ids not kept (a fourth run id after the resume): each failed here.
+    (phase_test_loggers returning []), the ids not kept (new run ids for the reopened runs): each failed here.
     """
     run_dir = tmp_path / "run"
     proc = run_script("run.py", [*TINY_TEXT, f"hydra.run.dir={run_dir}"], ENV, timeout=600)
