@@ -175,6 +175,22 @@ def test_a_multirun_job_has_its_own_group_plots_as_images_and_the_sweep_its_run(
     assert len(summary["data"]) == 1 and "speedup_onnxruntime_bs1" in summary["columns"]
 
 
+@pytest.mark.slow
+def test_under_ddp_rank_zero_alone_creates_the_wandb_runs(tmp_path):
+    """``trainer=ddp`` on 2 gloo processes with the default logger: the run's W&B runs are the three of rank 0
+    (dense, pruned, results, each id once in wandb_ids.json); rank 1 creates none and logs no results.
+    Broken once (rank 1 calling log_results, its rank check removed, and the results run opened with
+    ``wandb.init`` past Lightning's rank-zero guard): an extra run appeared and this failed."""
+    env = {k: v for k, v in ENV.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    run_dir = tmp_path / "run"
+    proc = run_script("run.py", ["trainer=ddp", *TINY_TEXT, "latency.batch_sizes=[1]", f"hydra.run.dir={run_dir}"], env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["distributed"]["world_size"] == 2
+    ids = json.loads((run_dir / "wandb_ids.json").read_text())
+    runs = read_offline_runs(tmp_path)
+    assert set(runs) == set(ids.values()) and len(runs[ids["results"]]) == 1
+
+
 # ----------------------------------------------------------------------------- units
 RESULTS = {
     "dense": {"metrics": {"accuracy": 0.80, "f1": 0.70}, "macs_per_sample": 300, "latency_ms": {"1": 2.0},
