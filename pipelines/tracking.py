@@ -60,7 +60,11 @@ def is_wandb(node: Any) -> bool:
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
-    """The whole composed config as a plain dict, interpolations resolved (``???`` stays as it is)."""
+    """The whole composed config as a plain dict, interpolations resolved (``???`` stays as it is).
+
+    Raises:
+        omegaconf.errors.InterpolationResolutionError: an interpolation cannot be resolved.
+    """
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
 
 
@@ -114,20 +118,19 @@ def wandb_kwargs(cfg: DictConfig, node: DictConfig, key: str) -> dict[str, Any]:
     }
 
 
-def build_loggers(cfg: DictConfig, key: str, kinds: tuple[str, ...] | None = None) -> list:
+def build_loggers(cfg: DictConfig, key: str) -> list:
     """Instantiate the loggers of ``cfg.logger`` (a dict keyed by name) for run ``key`` (a phase, or ``results``).
 
     Args:
         cfg: the run's config.
         key: the phase name (``dense``, ``pruned``, a baseline) or ``results``; a W&B logger
             gets :func:`wandb_kwargs`, any other its ``name``.
-        kinds: build only the loggers whose key in ``cfg.logger`` is listed (None: all).
     """
     from hydra.utils import instantiate
 
     loggers = []
-    for name, node in (cfg.get("logger") or {}).items():
-        if node is None or "_target_" not in node or (kinds is not None and name not in kinds):
+    for node in (cfg.get("logger") or {}).values():
+        if node is None or "_target_" not in node:
             continue
         if is_wandb(node):
             loggers.append(wandb_logger(cfg, node, key))
@@ -150,7 +153,7 @@ def phase_test_loggers(cfg: DictConfig, phase: str) -> list:
     from hydra.utils import instantiate
 
     loggers = []
-    for name, node in (cfg.get("logger") or {}).items():
+    for node in (cfg.get("logger") or {}).values():
         if node is None or "_target_" not in node:
             continue
         if is_wandb(node):
@@ -164,8 +167,10 @@ def finish_loggers(loggers: list) -> None:
     """Close logger runs (W&B ``finish``) so the next phase or multirun job starts its own."""
     for logger in loggers:
         logger.finalize("success")
-        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
-            logger.experiment.finish()
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()  # the logger's run, when it started one (a no-op otherwise, and on ranks above 0)
 
 
 # ----------------------------------------------------------------------------- results run
