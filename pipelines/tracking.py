@@ -12,7 +12,7 @@ and the run dir (``<task>-<run dir name>``; in a multirun ``<task>-<sweep dir na
   test metrics, drop, MACs reduction, speedups by batch size in PyTorch and ONNX Runtime,
   int8 figures where present, sparsity, target_met, wall clock), with ``results.json`` as a
   file, every plot the run wrote as a ``wandb.Image``, the latency figures and kept tokens
-  per layer as ``wandb.Table`` s, and each served folder (``served/<name>/``) as an artifact
+  per layer (and by token kind) as ``wandb.Table`` s, and each served folder (``served/<name>/``) as an artifact
   of type ``model`` with its ``litprune.json`` as metadata.
 
 Every W&B run's config is the whole composed config, resolved. Runs are named
@@ -214,6 +214,15 @@ def kept_token_rows(results: dict) -> tuple[list[str], list[list[Any]]]:
     return ["layer", *names], rows
 
 
+def kept_token_kind_rows(results: dict) -> list[list[Any]]:
+    """Rows ``[model, layer, kind, mean tokens per sentence]`` of what each layer reads on the test split, by
+    token kind (results' ``kept_token_kinds_per_layer``: [CLS], [SEP], punctuation, subword pieces, words)."""
+    return [[name, layer, kind, tokens]
+            for name in model_entries(results)
+            for layer, kinds in enumerate(results[name].get("kept_token_kinds_per_layer") or [])
+            for kind, tokens in kinds.items()]
+
+
 def served_folders(out_dir: Path) -> dict[str, Path]:
     """``served/<name>/`` folders of the run that hold a ``litprune.json``, by name."""
     from serving.runtime import META_FILE
@@ -271,6 +280,9 @@ def log_wandb_results(logger, cfg: DictConfig, out_dir: Path, results: dict, fig
     columns, rows = kept_token_rows(results)
     if rows:
         media["kept_tokens_per_layer"] = wandb.Table(columns=columns, data=rows)
+    kinds = kept_token_kind_rows(results)
+    if kinds:
+        media["kept_token_kinds_per_layer"] = wandb.Table(columns=["model", "layer", "kind", "tokens"], data=kinds)
     if media:
         run.log(media)
     group = artifact_name(run_group(cfg))

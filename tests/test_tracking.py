@@ -136,6 +136,10 @@ def test_default_text_run_shows_its_conclusions_in_wandb_and_a_resumed_run_conti
     kept = table(res, "kept_tokens_per_layer")
     assert kept["columns"] == ["layer", "dense", "pruned"]
     assert [row[2] for row in kept["data"]] == pytest.approx(results["pruned"]["kept_tokens_per_layer"])
+    kinds = table(res, "kept_token_kinds_per_layer")["data"]
+    for model, layer, kind, tokens in kinds:
+        assert tokens == pytest.approx(results[model]["kept_token_kinds_per_layer"][layer][kind])
+    assert len(kinds) == sum(len(k) for m in ("dense", "pruned") for k in results[m]["kept_token_kinds_per_layer"])
 
     models = {a["name"]: a for a in res["artifacts"] if a["type"] == "model"}
     assert set(models) == {"bert-top-dense", "bert-top-pruned"}
