@@ -6,14 +6,15 @@ and the run dir (``<task>-<run dir name>``; in a multirun ``<task>-<sweep dir na
 
 * one W&B run per fit phase (``dense``, ``pruned``, each baseline; job type = the phase) with
   the phase's ``train/*``, ``val/*`` and ``pruner/*`` curves and, reopened after the fit, the
-  ``test/*`` metrics of that phase's final model (:func:`build_loggers`, :func:`phase_test_loggers`);
+  ``test/*`` metrics of that phase's final model (text runs; a stream's metrics are
+  prequential, in the curves) (:func:`build_loggers`, :func:`phase_test_loggers`);
 * one ``results`` run (:func:`log_results`, job type ``results``) whose summary holds the
   headline figures (:func:`pipelines.sweep.headline_figures`, the sweep summary's columns:
   test metrics, drop, MACs reduction, speedups by batch size in PyTorch and ONNX Runtime,
   int8 figures where present, sparsity, target_met, wall clock), with ``results.json`` as a
   file, every plot the run wrote as a ``wandb.Image``, the latency figures and kept tokens
-  per layer (and by token kind) as ``wandb.Table`` s, and each served folder (``served/<name>/``) as an artifact
-  of type ``model`` with its ``litprune.json`` as metadata.
+  per layer (and by token kind) as ``wandb.Table`` s, and each served folder
+  (``served/<name>/``) as an artifact of type ``model`` with its ``litprune.json`` as metadata.
 
 Every W&B run's config is the whole composed config, resolved. Runs are named
 ``<task>-<phase>`` (a multirun job: ``<overrides>-<phase>``) and, in a multirun, tagged
@@ -34,7 +35,6 @@ with the whole config as its hparams.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from pathlib import Path
@@ -45,7 +45,6 @@ from omegaconf import DictConfig, OmegaConf
 from modules.distributed import is_global_zero
 from pipelines.sweep import get_path, headline_figures, multirun_job
 
-log = logging.getLogger(__name__)
 
 #: W&B run ids of the run, by phase (and ``results``), in the run dir: a resumed run reuses them
 IDS_FILE = "wandb_ids.json"
