@@ -32,8 +32,9 @@ import pipelines.configs  # noqa: F401  (registers the config schemas and the re
 from modules.errors import ConfigError, UserError
 from pipelines import resume
 from pipelines.common import format_table, write_results
-from pipelines.sweep import log_headline_to_wandb, multirun_job
+from pipelines.sweep import multirun_job
 from pipelines.threads import apply_threads
+from pipelines.tracking import log_results
 from pipelines.distributed import is_global_zero
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ def check_run_settings(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run the pipeline the model config names, write ``results.json`` under the run dir, print a table.
+    """Run the pipeline the model config names, write ``results.json`` under the run dir, log the
+    run's conclusions to its loggers (``pipelines.tracking.log_results``), print a table.
 
     Args:
         cfg: the composed Hydra config (``conf/config.yaml``).
@@ -100,7 +102,7 @@ def train(cfg: DictConfig) -> dict:
     results.setdefault("wall_clock_s", math.floor(time.time() - started))
     if is_global_zero():  # under DDP every rank runs train(); rank 0 alone writes and prints
         path = write_results(out_dir, results)
-        log_headline_to_wandb(cfg, results)
+        log_results(cfg, out_dir, results)  # the results run of the run's W&B group (pipelines.tracking)
         print(f"\n{format_table(results)}\nresults: {path}")
     return results
 

@@ -2,8 +2,9 @@
 
 A run may fit several times (a dense teacher, then the pruned student, then baselines).
 Each fit is a *phase* (:func:`fit_phase`) with its own checkpoint folder
-(``checkpoints/<phase>``) and its own logger run (W&B run or CSV version named after the
-phase), finished at the end of the phase so multirun jobs never merge into one W&B run.
+(``checkpoints/<phase>``) and its own logger run (a W&B run in the run's group, a CSV or
+TensorBoard version named after the phase; :mod:`pipelines.tracking`), finished at the end of
+the phase.
 Which checkpoint a phase keeps comes from Lightning's ``ModelCheckpoint`` state (best by
 the phase's monitored metric, else the last); a finished phase keeps only that one, as
 ``final.ckpt`` with a completion record, and a killed run resumes its open phase
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import resume
-from pipelines.sweep import multirun_job
+from pipelines.tracking import build_loggers, finish_loggers
 from pruners.base import FitPlan
 
 RESULTS_FILE = "results.json"
@@ -64,38 +64,6 @@ def check_data_kind(cfg: DictConfig, base: type, needs: str) -> None:
     target = OmegaConf.select(cfg, "data._target_")
     if target is None or not issubclass(get_class(target), base):
         raise ConfigError(f"model={cfg.model.name} needs {needs}, but data._target_ is {target}; choose one of those data configs.")
-
-
-def build_loggers(cfg: DictConfig, phase: str) -> list:
-    """Instantiate every logger in ``cfg.logger`` (a dict keyed by name) for one phase.
-
-    W&B runs offline unless ``logger.wandb.offline=false``: files go under the run
-    dir and are synced later with ``wandb sync``; nothing waits for a network.
-    """
-    loggers = []
-    for key, node in (cfg.get("logger") or {}).items():
-        if node is None or "_target_" not in node:
-            continue
-        if "WandbLogger" in node._target_:
-            if node.get("offline", True):
-                os.environ["WANDB_MODE"] = "offline"
-            os.environ.setdefault("WANDB_SILENT", "true")
-            job = multirun_job()  # a multirun job's runs: named after its overrides, grouped by sweep
-            names = {"name": f"{job['name']}-{phase}", "group": job["group"]} if job else {"name": f"{cfg.task_name}-{phase}"}
-            loggers.append(instantiate(node, job_type=phase, **names))
-        else:
-            loggers.append(instantiate(node, name=phase))
-    return loggers
-
-
-def finish_loggers(loggers: list) -> None:
-    """Close logger runs (W&B ``finish``) so the next phase or multirun job starts its own."""
-    for logger in loggers:
-        logger.finalize("success")
-        if type(logger).__name__ == "WandbLogger":
-            import wandb
-
-            wandb.finish()
 
 
 def build_callbacks(

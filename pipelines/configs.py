@@ -28,7 +28,7 @@ import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra_zen import BuildsFn
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import OmegaConf
 
 from modules.bert_classifier import BertClassifier
@@ -192,6 +192,7 @@ def register_configs() -> None:
     cs.store(group="callbacks", name="base_early_stopping", node=schema(EarlyStopping))
     cs.store(group="logger", name="base_wandb", node=schema(WandbLogger, group=None, job_type=None))
     cs.store(group="logger", name="base_csv", node=schema(CSVLogger))
+    cs.store(group="logger", name="base_tensorboard", node=schema(TensorBoardLogger))
 
 
 def selectable_pruners() -> list[type[Pruner]]:

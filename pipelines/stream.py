@@ -10,7 +10,8 @@
 3. phase ``pruned`` (when ``cfg.pruner`` has a ``_target_``): the same seed, the same
    stream, with the pruner callback (and one phase per baseline it names); the pruner's
    own figures (:meth:`~pruners.base.Pruner.results`) and files
-   (:meth:`~pruners.base.Pruner.write_files`, logged to W&B when they are PNGs);
+   (:meth:`~pruners.base.Pruner.write_files`; their plots go to W&B with the results run,
+   :mod:`pipelines.tracking`);
 4. builds each model's served copy (``served_model()``: masks folded, dead neurons
    removed), checks it computes the same logits, measures their latency interleaved
    (``modules.latency``), with an A/A control (the dense copy timed twice;
@@ -248,17 +249,13 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     files: dict[str, str] = {}
 
     def after_fit(name: str, p: Pruner):
-        """Put the pruner's results and files into the run while its phase's loggers are open."""
+        """Put the pruner's results and files into the run (its plots reach W&B through the results run,
+        ``pipelines.tracking``)."""
 
         def record(module, loggers) -> None:
             results[name] = {"pruner": p.results()}
             written = p.write_files(out_dir) if is_global_zero() else {}
             files.update(written if name == "pruned" else {f"{name}/{k}": v for k, v in written.items()})
-            for logger in loggers:
-                if type(logger).__name__ == "WandbLogger":
-                    for role, rel in written.items():
-                        if rel.endswith(".png"):
-                            logger.log_image(key=f"stream/{role}", images=[str(Path(out_dir) / rel)])
 
         return record
 

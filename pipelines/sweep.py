@@ -62,13 +62,28 @@ def get_path(results: dict, dotted: str) -> Any:
     return node
 
 
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    """Scalar leaves of a nested dict, keyed ``<prefix>_<key>_<key>...``."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}_{k}"))
+        return out
+    return {prefix: node} if isinstance(node, (int, float, bool, str)) or node is None else {}
+
+
 def headline_figures(results: dict) -> dict[str, Any]:
-    """The flat headline figures of one run's results (text or stream), by column name.
+    """The flat headline figures of one run's results (text or stream), by column name: the sweep
+    summary's columns and the W&B results run's summary (``pipelines.tracking``).
 
     Columns: ``quality`` metric of the final (pruned, else dense) model (``accuracy`` or
     ``auc``), the dense one, ``drop_points`` (dense minus pruned, points), ``macs_reduction``
-    (dense / pruned MACs per sample), ``speedup_bs<B>`` per timed batch size, ``sparsity``
-    (the pruner's achieved sparsity, fraction), ``threads`` and ``wall_clock_s``.
+    (dense / pruned MACs per sample), ``speedup_bs<B>`` per timed batch size (PyTorch) and
+    ``<key>_bs<B>`` for every other top-level speedup by batch size (``speedup_onnxruntime``,
+    ``speedup_vs_dense_torch``, ...), every test metric of every final model as
+    ``<model>_<metric>`` (e.g. ``pruned_f1``), every figure whose results path names int8
+    (``<path joined by _>``, read generically), ``sparsity`` (the pruner's achieved sparsity,
+    fraction), ``target_met``, ``threads`` and ``wall_clock_s``.
     """
     final = "pruned" if "pruned" in results else "dense"
     metric = "accuracy" if get_path(results, "dense.metrics.accuracy") is not None else "auc"
@@ -84,6 +99,17 @@ def headline_figures(results: dict) -> dict[str, Any]:
     out["macs_reduction"] = macs
     for bs, v in (results.get("speedup") or {}).items():
         out[f"speedup_bs{bs}"] = v
+    for key, by_bs in results.items():
+        if key.startswith("speedup_") and isinstance(by_bs, dict):
+            out.update({f"{key}_bs{bs}": v for bs, v in by_bs.items() if isinstance(v, (int, float))})
+    for name, entry in results.items():
+        if isinstance(entry, dict) and isinstance(entry.get("metrics"), dict):
+            for m, v in entry["metrics"].items():
+                if isinstance(v, (int, float)):
+                    out.setdefault(f"{name}_{m}", v)
+    for key, v in _flat(results, "").items():
+        if "int8" in key:
+            out.setdefault(key.lstrip("_"), v)
     sparsity = get_path(results, "pruned.metrics.sparsity")
     if sparsity is None:
         sparsity = get_path(results, "pruner.overall")
@@ -92,27 +118,6 @@ def headline_figures(results: dict) -> dict[str, Any]:
     out["threads"] = get_path(results, "threads.train")
     out["wall_clock_s"] = results.get("wall_clock_s")
     return out
-
-
-def log_headline_to_wandb(cfg: DictConfig, results: dict) -> None:
-    """One more W&B run per multirun job (``<overrides>-results``, grouped by sweep) whose summary
-    holds the job's headline figures and whose config holds its overrides; no-op outside a
-    multirun or without a W&B logger."""
-    job = multirun_job()
-    node = (cfg.get("logger") or {}).get("wandb")
-    if job is None or node is None or "_target_" not in node:
-        return
-    import wandb
-
-    if node.get("offline", True):
-        os.environ["WANDB_MODE"] = "offline"
-    run = wandb.init(
-        project=node.get("project"), dir=str(node.get("save_dir") or cfg.paths.output_dir),
-        name=f"{job['name']}-results", group=job["group"], job_type="results",
-        config={"overrides": job["name"]}, reinit="finish_previous",
-    )
-    run.summary.update({k: v for k, v in headline_figures(results).items() if v is not None})
-    run.finish()
 
 
 def pareto_front(rows: list[dict], keys: list[str], directions: list[str]) -> list[int]:
@@ -264,10 +269,17 @@ class SweepSummary(Callback):
         self._refresh(config, Path(str(hc.sweep.dir)))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Write the final sweep summary."""
-        path = self._refresh(config, Path(str(config.hydra.sweep.dir)))
+        """Write the final sweep summary; log it to the sweep's W&B run (``pipelines.tracking.log_sweep``)."""
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        path = self._refresh(config, sweep_dir)
         if path is not None:
             log.info("sweep summary: %s", path)
+            from pipelines.tracking import log_sweep
+
+            try:
+                log_sweep(config, sweep_dir)
+            except Exception:  # like the summary, its W&B run must never fail the sweep
+                log.exception("could not log the sweep summary to W&B")
 
     def _refresh(self, config: DictConfig, sweep_dir: Path) -> Path | None:
         from filelock import FileLock

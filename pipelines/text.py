@@ -44,6 +44,7 @@ from pipelines.sweep import multirun_job
 from pipelines.teacher import teacher_check
 from pipelines.teacher_cache import dense_teacher
 from pipelines.threads import latency_threads
+from pipelines.tracking import finish_loggers, phase_test_loggers
 from serving.runtime import graph_feeds
 from pipelines.distributed import distributed_summary, is_global_zero
 from pruners.base import FitPlan, Pruner
@@ -51,15 +52,23 @@ from pruners.base import FitPlan, Pruner
 log = logging.getLogger(__name__)
 
 
-def evaluate_test_split(cfg: DictConfig, module: L.LightningModule, datamodule) -> dict[str, float]:
+def evaluate_test_split(cfg: DictConfig, module: L.LightningModule, datamodule, phase: str | None = None) -> dict[str, float]:
     """Test-split metrics by name (``accuracy``, ``f1``, ..., ``macs_per_sample``, ``sparsity``).
 
     Under several ranks every rank tests the whole split (no distributed sampler, so no padded
     duplicates) and torchmetrics syncs the counts: the figures equal one process's.
+
+    Args:
+        phase: the phase whose final model this is: its logger runs (its W&B run, reopened)
+            get the ``test/*`` metrics (``pipelines.tracking.phase_test_loggers``); None logs nothing.
     """
-    trainer = build_trainer(cfg, "test", [], [], enable_checkpointing=False, enable_progress_bar=False,
-                            use_distributed_sampler=False)
-    (raw,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    loggers = phase_test_loggers(cfg, phase) if phase is not None else []
+    try:
+        trainer = build_trainer(cfg, "test", [], loggers, enable_checkpointing=False, enable_progress_bar=False,
+                                use_distributed_sampler=False)
+        (raw,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    finally:
+        finish_loggers(loggers)
     return {k.removeprefix("test/"): float(v) for k, v in raw.items()}
 
 
@@ -296,7 +305,7 @@ def prune_phase(
     entry = {
         "checkpoint": run_relative(path, out_dir),
         "checkpoint_met_target": score is not None and score >= 0,
-        "metrics": evaluate_test_split(cfg, served, datamodule),
+        "metrics": evaluate_test_split(cfg, served, datamodule, phase),
         **kept_tokens_per_layer(served, datamodule),
         "pruner": pruner.results(),
     }
@@ -344,7 +353,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "task": cfg.task_name,
         "data": OmegaConf.select(cfg, "data._target_"),
         "splits": {s: len(d) for s, d in datamodule.datasets.items()},
-        "dense": {"checkpoint": run_relative(dense_ckpt, out_dir), "metrics": evaluate_test_split(cfg, dense, datamodule)},
+        "dense": {"checkpoint": run_relative(dense_ckpt, out_dir), "metrics": evaluate_test_split(cfg, dense, datamodule, "dense")},
     }
     results["dense"].update(teacher_check(cfg, dense, datamodule, dense_score, cfg.model.monitor))
     if cached is not None:
