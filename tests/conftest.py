@@ -1,8 +1,14 @@
-"""Shared test fixtures: repo root on sys.path, `slow` marker, the shipped configs, tiny random BERT configs.
+"""Shared test fixtures: repo root on sys.path, the shipped configs, tiny random BERT configs, isolation.
 
 Tests build what users run: :func:`compose_config` composes ``conf/config.yaml`` with
 overrides, as ``python run.py ...`` does, and :func:`build_pruner` instantiates its pruner.
-Trained fixtures (the tiny teacher) are built once per test session.
+Trained fixtures (the tiny teacher) are built once per test session. pytest's settings (the
+``slow`` marker, ``testpaths``) are in ``pyproject.toml``.
+
+No test changes what the next one sees: :func:`_isolate_global_state` gives every test
+torch's thread count and Hydra's ConfigStore as they were before it (``run.train`` sets the
+run's thread count; a test may register configs), so the suite passes in any order
+(``python -m pytest --random-order-seed=N``; ``tests/test_isolation.py`` checks it).
 """
 
 from __future__ import annotations
@@ -42,8 +48,49 @@ def build_pruner(*overrides: str):
     return build(compose_config(*overrides).pruner)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end test on real data (> ~20 s)")
+def _store_entries(repo: dict, prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """Every (group..., name) path of Hydra's ConfigStore repository."""
+    out = set()
+    for key, value in repo.items():
+        out |= _store_entries(value, (*prefix, key)) if isinstance(value, dict) else {(*prefix, key)}
+    return out
+
+
+def _remove_store_entries(repo: dict, paths: set[tuple[str, ...]]) -> None:
+    for path in paths:
+        node = repo
+        for key in path[:-1]:
+            node = node[key]
+        node.pop(path[-1], None)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_global_state():
+    """Restore torch's intra-op thread count and remove ConfigStore entries a test added, after every test.
+
+    Guarded by ``tests/test_isolation.py`` (with this restoration removed, its second test fails).
+    """
+    import torch
+    from hydra.core.config_store import ConfigStore
+
+    threads = torch.get_num_threads()
+    store = ConfigStore.instance().repo
+    before = _store_entries(store)
+    yield
+    torch.set_num_threads(threads)
+    _remove_store_entries(store, _store_entries(store) - before)
+
+
+@pytest.fixture
+def one_thread():
+    """torch's intra-op threads set to 1 for the test (small tensors: less overhead, one reduction order),
+    restored after it. Modules use it as ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 #: a 3-layer, hidden-32 BERT config with the real uncased WordPiece vocabulary size

@@ -14,7 +14,7 @@ from modules.stream_data import CsvStream
 from pruners.base import PrunerConfigError
 from pruners.d2s import D2SPruner, cubic_sparsity, keep_top
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # set per test and restored (tests/conftest.py)
 
 
 def tiny_dlrm(seed=0):
