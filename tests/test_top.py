@@ -431,3 +431,76 @@ def test_training_loss_is_task_plus_kd_plus_lagrangian_of_expected_sparsity_minu
     assert logs["kd_loss"].item() == pytest.approx(kd.item(), rel=1e-5)
     _, alpha = pruner.schedule(3)
     assert loss.item() == pytest.approx(0.7 + kd.item() + lag + alpha * logs["rank_loss"].item(), rel=1e-5)
+
+
+def _pruned_tiny_model(teacher_ckpt):
+    """The tiny teacher with frozen token gates (both pruning layers on, 2 of 4 rank bins kept, then 3),
+    a head removed from layers 0 and 2 and a quarter of every layer's FFN neurons masked: its served copy."""
+    from modules.bert_classifier import BertClassifier
+
+    module = BertClassifier.load_from_checkpoint(teacher_ckpt)
+    module.token_gates = TokenGates(3, [1, 2], bin_count=4)
+    module.token_gates.freeze(torch.tensor([True, True]),
+                              torch.tensor([[True, False, True, False], [True, True, False, True]]))
+    heads = [torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.ones(4), torch.tensor([0.0, 1.0, 1.0, 1.0])]
+    neurons = [(torch.arange(64) % 4 != k).float() for k in range(3)]
+    module.model.set_structured_masks(heads=heads, neurons=neurons)
+    served = module.served_model()
+    assert served.model.layer_structure() == [(3, 48), (4, 48), (3, 48)]  # physically smaller
+    return served
+
+
+def test_served_macs_equal_an_independent_count_of_multiply_accumulates(tiny_setup):
+    """The MACs the run reports (test/macs_per_sample of the served model, from ``model.macs`` on the
+    kept lengths) against torch.utils.flop_counter.FlopCounterMode, which counts the matrix products the
+    served model really runs (FLOPs = 2 MACs), one test sample at a time: equal per sample and on average.
+    Counting the removed heads as present (``macs`` without the attention width): checked, it fails."""
+    import lightning as L
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("test")
+    served = _pruned_tiny_model(teacher_ckpt)
+    ds = dm.datasets["test"]
+    counted = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            batch = dm.collate([ds[i]])
+            # the math backend's attention is two counted batched products (the CPU's fused kernel is not counted)
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as flops:
+                out = served(batch)
+            counted.append(flops.get_total_flops() / 2)
+            assert served.model.macs(out.kept_lengths).item() == pytest.approx(counted[-1], rel=1e-6), i
+    dense_macs = served.dense_macs_per_sample(dm.collate([ds[0]])).item()
+    assert counted[0] < dense_macs  # the pruning removes work
+    (reported,) = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        served, datamodule=dm, verbose=False)
+    assert reported["test/macs_per_sample"] == pytest.approx(sum(counted) / len(counted), rel=1e-5)
+
+
+def test_kept_tokens_per_layer_equal_the_tokens_each_served_layer_receives(tiny_setup):
+    """``kept_tokens_per_layer`` (the results' per-layer token counts) against the sequence length each
+    encoder layer of the served model receives, read by forward hooks on one test sample at a time (no
+    padding), averaged over the test split. Counting each batch's longest sample for every sample (padding
+    included): checked, it fails."""
+    from pipelines.text import kept_tokens_per_layer
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("test")
+    served = _pruned_tiny_model(teacher_ckpt)
+    seen: list[int] = []
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+             for layer in served.model.bert.encoder.layer]
+    ds = dm.datasets["test"]
+    per_sample = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            seen.clear()
+            served(dm.collate([ds[i]]))
+            per_sample.append(list(seen))
+    for h in hooks:
+        h.remove()
+    counted = [sum(col) / len(per_sample) for col in zip(*per_sample)]
+    assert counted[0] > counted[1] > counted[2]  # both pruning layers remove tokens
+    assert kept_tokens_per_layer(served, dm) == pytest.approx(counted, rel=1e-6)
