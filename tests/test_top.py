@@ -334,7 +334,8 @@ def test_expected_macs_equals_a_hand_computed_value():
 def test_prob_nonzero_at_log_alpha_zero_is_the_closed_form_and_the_sampled_rate():
     """P(z != 0) at log_alpha = 0 with ToP's constants (stretch (-0.1, 1.1), T = 2/3) is
     sigmoid((2/3) ln 11) = 0.8318 (the issue's "about 0.8305" is this value, rounded loosely); 4 million
-    samples of the gate agree within 0.001 (their standard error is 0.0002)."""
+    samples of the gate agree within 0.001 (their standard error is 0.0002). Dividing by the temperature
+    instead of multiplying in ``prob_above``: checked, it fails."""
     gates = HardConcreteGates(1, init_log_alpha=0.0)
     closed = 1.0 / (1.0 + 11.0 ** (-2.0 / 3.0))
     assert closed == pytest.approx(0.83183, abs=1e-5)
