@@ -231,7 +231,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, pruner):
 
     Checked broken once: with resume disabled (``trainer.fit(..., ckpt_path=None)`` in
     ``pipelines.resume.fit_or_restore``) the ``none``, ``none_epoch_end``, ``d2s`` and ``top`` cases fail on
-    the recorded global steps, and the two ``none`` cases also on the batches trained (all of them again);
+    the recorded global steps and on the batches trained (every batch of the phase again);
     with SwiftPruner's saved search state ignored (``state = None`` in ``SwiftPruner.run_search``) the
     ``swiftpruner`` case fails on both search checks (it logged generations 0-4 again).
     """
