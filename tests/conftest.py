@@ -26,6 +26,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# The project's schemas are in Hydra's ConfigStore before any test runs (registered when this
+# module is imported), so :func:`_isolate_global_state` removes only what a test itself adds.
+import pipelines.configs  # noqa: E402,F401
+
 
 CONF = ROOT / "conf"
 
@@ -68,7 +72,9 @@ def _remove_store_entries(repo: dict, paths: set[tuple[str, ...]]) -> None:
 def _isolate_global_state():
     """Restore torch's intra-op thread count and remove ConfigStore entries a test added, after every test.
 
-    Guarded by ``tests/test_isolation.py`` (with this restoration removed, its second test fails).
+    Hydra's own entries (group ``hydra``: launchers, sweepers, ...) are left alone: Hydra registers them
+    on first use, the same every time. Guarded by ``tests/test_isolation.py`` (with this restoration
+    removed, its second test fails).
     """
     import torch
     from hydra.core.config_store import ConfigStore
@@ -78,7 +84,7 @@ def _isolate_global_state():
     before = _store_entries(store)
     yield
     torch.set_num_threads(threads)
-    _remove_store_entries(store, _store_entries(store) - before)
+    _remove_store_entries(store, {p for p in _store_entries(store) - before if p[0] != "hydra"})
 
 
 @pytest.fixture
@@ -91,6 +97,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def recount_served(checkpoint: str | Path, datamodule) -> tuple[float, float, list[float], tuple[dict, "torch.Tensor"]]:
+    """(accuracy, mean MACs per sample, mean tokens each encoder layer receives, (a padded batch of 8 test examples,
+    its logits)) of the served model of ``checkpoint`` on the test split, counted one sample at a time: MACs by
+    torch.utils.flop_counter.FlopCounterMode (half its FLOPs; attention on the math backend, whose two batched
+    products it counts), tokens by forward pre-hooks on the encoder layers."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modules.bert_classifier import BertClassifier
+
+    served = BertClassifier.load_from_checkpoint(checkpoint, map_location="cpu").served_model()
+    seen: list[int] = []
+    hooks = [layer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+             for layer in served.model.bert.encoder.layer]
+    ds = datamodule.datasets["test"]
+    correct, macs, tokens = 0, [], []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            batch = datamodule.collate([ds[i]])
+            seen.clear()
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as flops:
+                logits = served(batch).logits
+            correct += int(logits.argmax(-1).item() == int(batch["labels"]))
+            macs.append(flops.get_total_flops() / 2)
+            tokens.append(list(seen))
+        padded = datamodule.collate([ds[i] for i in range(8)])
+        padded_logits = served(padded).logits
+    for h in hooks:
+        h.remove()
+    return correct / len(ds), sum(macs) / len(ds), [sum(c) / len(ds) for c in zip(*tokens)], (padded, padded_logits)
 
 
 #: a 3-layer, hidden-32 BERT config with the real uncased WordPiece vocabulary size
