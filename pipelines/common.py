@@ -163,7 +163,8 @@ def fit_phase(
     """
     loggers = build_loggers(cfg, phase)
     callbacks = build_callbacks(cfg, phase, monitor=plan.monitor, mode=plan.mode, has_logger=bool(loggers))
-    callbacks += resume.phase_callbacks(phase, stream=cfg.model.get("pipeline") == "stream", seed=cfg.seed)
+    callbacks += resume.phase_callbacks(phase, stream=cfg.model.get("pipeline") == "stream", seed=cfg.seed,
+                                        out_dir=cfg.paths.output_dir)
     model_trainer = cfg.model.get("trainer")
     overrides = OmegaConf.to_container(model_trainer, resolve=True) if model_trainer else {}
     if plan.max_epochs is not None:

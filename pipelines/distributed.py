@@ -16,23 +16,32 @@ from torch import nn
 
 from modules.distributed import gather_objects, is_global_zero, state_digest, world_size
 
-__all__ = ["distributed_summary", "is_global_zero", "models_digest"]
+__all__ = ["distributed_summary", "is_global_zero", "memory_digest", "models_digest"]
 
 
-def models_digest(models: dict[str, nn.Module]) -> str:
-    """One SHA-256 (16 hex digits) over the masks and gates (:func:`modules.distributed.state_digest`)
-    of every final model, in name order."""
+def models_digest(digests: dict[str, str]) -> str:
+    """One SHA-256 (16 hex digits) over every final model's :func:`modules.distributed.state_digest`, in name order."""
     h = hashlib.sha256()
-    for name in sorted(models):
-        h.update(f"{name}={state_digest(models[name])};".encode())
+    for name in sorted(digests):
+        h.update(f"{name}={digests[name]};".encode())
     return h.hexdigest()[:16]
 
 
-def distributed_summary(models: dict[str, nn.Module]) -> dict[str, Any]:
+def memory_digest(module: nn.Module) -> str:
+    """:func:`modules.distributed.state_digest` of a model as this rank holds it in memory (masks, gates,
+    shapes). Take it right after the phase's fit, before anything is reloaded: only rank 0 writes the
+    checkpoints, so digests of reloaded models would agree whatever the ranks decided."""
+    return state_digest(module)
+
+
+def distributed_summary(digests: dict[str, str]) -> dict[str, Any]:
     """``{"world_size", "mask_digest_per_rank", "digests_agree"}`` for results.json.
+
+    Args:
+        digests: model name -> :func:`memory_digest` of that model on this rank.
 
     Every rank must call it (it gathers each rank's :func:`models_digest`); equal digests mean
     every rank ended with the same pruning decisions.
     """
-    digests = gather_objects(models_digest(models))
+    digests = gather_objects(models_digest(digests))
     return {"world_size": world_size(), "mask_digest_per_rank": digests, "digests_agree": len(set(digests)) == 1}

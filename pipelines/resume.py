@@ -17,7 +17,8 @@ config saved in ``DIR/.hydra/config.yaml`` with ``hydra.run.dir=DIR`` (no new ru
 :func:`fit_or_restore` (called by ``pipelines.common.fit_phase``) skips finished phases,
 restoring their module and pruner state from ``final.ckpt``, and continues the open phase
 through ``trainer.fit(ckpt_path=<newest checkpoint>)``; each continuation is recorded in
-``checkpoints/resumed.json`` and results.json's ``resumed``. Every checkpoint is written
+``checkpoints/resumed.json`` and results.json's ``resumed``, with the global step the restored
+trainer starts from (:class:`ResumeRecord`). Every checkpoint is written
 through :class:`AtomicCheckpointIO` (temp file in the same folder, fsync, rename), and all
 load with ``torch.load(weights_only=True)``.
 
@@ -351,10 +352,8 @@ def fit_or_restore(
         path, score = restore_finished(phase_dir, module, trainer, list(extra_callbacks))
         return path, score, False
     ckpt_path = newest_checkpoint(phase_dir)
-    if ckpt_path is not None:
-        step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0)
-        _record_resume(Path(out_dir), phase, step)
-    elif phase_dir.is_dir() and any(phase_dir.iterdir()):  # killed before its first checkpoint (e.g. mid-search)
+    # A fit continued from a checkpoint is recorded by ResumeRecord once Lightning has restored it.
+    if ckpt_path is None and phase_dir.is_dir() and any(phase_dir.iterdir()):  # killed before its first checkpoint (e.g. mid-search)
         _record_resume(Path(out_dir), phase, 0)
     else:
         check_disk(Path(out_dir), module)
@@ -363,10 +362,25 @@ def fit_or_restore(
     return finish_phase(Path(out_dir), phase, trainer, path, score), score, True
 
 
-def phase_callbacks(phase: str, stream: bool, seed: int) -> list[L.Callback]:
+def phase_callbacks(phase: str, stream: bool, seed: int, out_dir: str | Path) -> list[L.Callback]:
     """Callbacks every phase gets: RNG state (seeded with ``seed`` when the phase starts), the NaN guard,
-    and the resumable ``last.ckpt`` (after every validation and epoch; for a stream also after every window)."""
-    return [RunState(seed), NonFiniteLossGuard(phase), LastCheckpoint(every_batch=stream)]
+    the record of a continued fit (:class:`ResumeRecord`, in ``out_dir``) and the resumable ``last.ckpt``
+    (after every validation and epoch; for a stream also after every window)."""
+    return [RunState(seed), NonFiniteLossGuard(phase), ResumeRecord(out_dir, phase), LastCheckpoint(every_batch=stream)]
+
+
+class ResumeRecord(L.Callback):
+    """Records a fit continued from a checkpoint (``trainer.fit(ckpt_path=...)``) in ``checkpoints/resumed.json``:
+    ``{"phase", "global_step"}`` with the global step the trainer holds when training starts, i.e. after
+    Lightning restored the checkpoint (0 if it restored nothing). Rank 0 writes."""
+
+    def __init__(self, out_dir: str | Path, phase: str):
+        self.out_dir = Path(out_dir)
+        self.phase = phase
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.ckpt_path is not None and trainer.is_global_zero:
+            _record_resume(self.out_dir, self.phase, int(trainer.global_step))
 
 
 class LastCheckpoint(Checkpoint):

@@ -44,7 +44,7 @@ from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, 
 from pipelines.sweep import multirun_job
 from pipelines.teacher_cache import dense_teacher
 from pipelines.threads import latency_threads
-from pipelines.distributed import distributed_summary, is_global_zero
+from pipelines.distributed import distributed_summary, is_global_zero, memory_digest
 from pruners.base import FitPlan, Pruner
 from serving.runtime import graph_feeds
 
@@ -272,7 +272,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         results["pruner"] = results["pruned"].pop("pruner")
         results["target_met"] = results["pruner"].get("target_met", True)
 
-    results["distributed"] = distributed_summary({name: m.model for name, m in modules.items()})
+    results["distributed"] = distributed_summary({name: memory_digest(m.model) for name, m in modules.items()})
     if not is_global_zero():  # rank 0 builds the served copies, times them and writes; the others are done
         return results
     # served copies, equivalence check, latency

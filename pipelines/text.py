@@ -17,7 +17,9 @@ its own logger run, :func:`pipelines.common.fit_phase`):
 The pipeline asks the pruner only through the protocol of ``pruners.base``. Every final
 model is reloaded from its checkpoint, turned into its served copy by the module
 (``served_model()``: pruned tokens gathered out, masked heads and FFN neurons removed),
-tested on the test split and timed in this process on the same test inputs.
+tested on the test split and timed in this process on the same test inputs. Under several
+ranks, each rank's digest of its masks and gates (``results["distributed"]``) is taken from the
+models it holds in memory after each fit, before any checkpoint (written by rank 0) is reloaded.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from pipelines.teacher_cache import dense_teacher
 from pipelines.threads import latency_threads
 from pipelines.tracking import finish_loggers, phase_test_loggers
 from serving.runtime import graph_feeds
-from pipelines.distributed import distributed_summary, is_global_zero
+from pipelines.distributed import distributed_summary, is_global_zero, memory_digest
 from pruners.base import FitPlan, Pruner
 
 log = logging.getLogger(__name__)
@@ -276,7 +278,7 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], mode
 
 def prune_phase(
     cfg: DictConfig, phase: str, pruner: Pruner, dense_ckpt: str, teacher: torch.nn.Module, datamodule, out_dir: Path
-) -> tuple[dict[str, Any], L.LightningModule]:
+) -> tuple[dict[str, Any], L.LightningModule, str]:
     """Prune a copy of the dense checkpoint with ``pruner`` in its own phase; test its served copy.
 
     Args:
@@ -290,7 +292,8 @@ def prune_phase(
 
     Returns:
         (the results entry: checkpoint, whether it met the pruner's criterion, test metrics,
-        kept tokens per layer, the pruner's results; the served model).
+        kept tokens per layer, the pruner's results; the served model; the digest of the fitted
+        model as this rank holds it, :func:`pipelines.distributed.memory_digest`).
     """
     module_cls = get_class(cfg.model.module._target_)
     student = module_cls.load_from_checkpoint(dense_ckpt, map_location="cpu")
@@ -300,6 +303,7 @@ def prune_phase(
     if pruner.teacher_plan() is not None:
         pruner.set_teacher(teacher)
     path, score = fit_phase(cfg, phase, student, datamodule, plan, extra_callbacks=[pruner])
+    digest = memory_digest(student)  # this rank's own decisions, before the checkpoint rank 0 wrote is reloaded
     del student
     served = module_cls.load_from_checkpoint(path, map_location="cpu").served_model()
     entry = {
@@ -309,7 +313,7 @@ def prune_phase(
         **kept_tokens_per_layer(served, datamodule),
         "pruner": pruner.results(),
     }
-    return entry, served
+    return entry, served, digest
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -347,6 +351,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
         dense_ckpt, cached = dense_teacher(cfg, out_dir, epochs, cfg.model.monitor, fit, multirun_job() is not None)
         dense_score = fitted.get("score")
+    digests = {"dense": memory_digest(dense_module)}  # (no pruning decisions: shapes only)
     del dense_module
     dense = module_cls.load_from_checkpoint(dense_ckpt, map_location="cpu").served_model()
     results: dict[str, Any] = {
@@ -362,16 +367,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     files: dict[str, str] = {}
 
     if pruner is not None:
-        results["pruned"], models["pruned"] = prune_phase(cfg, "pruned", pruner, dense_ckpt, dense.model, datamodule, out_dir)
+        results["pruned"], models["pruned"], digests["pruned"] = prune_phase(
+            cfg, "pruned", pruner, dense_ckpt, dense.model, datamodule, out_dir)
         results["dense"].update(kept_tokens_per_layer(dense, datamodule))
         results["pruner"] = results["pruned"].pop("pruner")
         results["target_met"] = results["pruned"]["checkpoint_met_target"] and results["pruner"].get("target_met", True)
         if is_global_zero():
             files.update(pruner.write_files(out_dir))
         for name, baseline in pruner.baselines().items():
-            results[name], models[name] = prune_phase(cfg, name, baseline, dense_ckpt, dense.model, datamodule, out_dir)
+            results[name], models[name], digests[name] = prune_phase(
+                cfg, name, baseline, dense_ckpt, dense.model, datamodule, out_dir)
 
-    results["distributed"] = distributed_summary(models)
+    results["distributed"] = distributed_summary(digests)
     if not is_global_zero():  # rank 0 times, exports and writes; the others are done
         return results
     for name, model in models.items():

@@ -27,8 +27,9 @@ def source_files() -> list[Path]:
     return files
 
 
-def layer_of(path: Path) -> int:
-    rel = path.relative_to(ROOT)
+def layer_of(path: Path, root: Path = ROOT) -> int:
+    """The layer of a file under ``root`` (a copy of the source tree's layout), from its top-level folder or name."""
+    rel = path.relative_to(root)
     return LAYERS[rel.parts[0].removesuffix(".py")]
 
 
@@ -72,12 +73,11 @@ def test_serving_imports_nothing_of_the_training_stack():
 
 
 def test_the_layer_check_sees_an_import_against_the_order(tmp_path):
-    bad = ROOT / "modules" / "_probe_for_test.py"
-    try:
-        bad.write_text("def f():\n    from pruners.base import Pruner\n    return Pruner\n")
-        assert project_imports(bad) == [(2, "pruners")] and layer_of(bad) > LAYERS["pruners"]
-    finally:
-        bad.unlink()
+    """A probe in a copy of the layout (under tmp_path: no test writes into the source tree)."""
+    bad = tmp_path / "modules" / "_probe_for_test.py"
+    bad.parent.mkdir()
+    bad.write_text("def f():\n    from pruners.base import Pruner\n    return Pruner\n")
+    assert project_imports(bad) == [(2, "pruners")] and layer_of(bad, tmp_path) > LAYERS["pruners"]
 
 
 def test_pipelines_ask_pruners_only_through_the_protocol():

@@ -14,7 +14,7 @@ from modules.stream_data import CsvStream
 from pruners.base import PrunerConfigError
 from pruners.d2s import D2SPruner, cubic_sparsity, keep_top
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # set per test and restored (tests/conftest.py)
 
 
 def tiny_dlrm(seed=0):
@@ -238,3 +238,46 @@ def test_a_stream_shorter_than_the_update_period_still_reaches_the_target(stream
     short = D2SPruner(target_sparsity=0.8, update_every=50)
     short.total_steps, short.model = 40, None
     assert short.ramp_end_step() == 20
+
+
+# ----------------------------------------------------------------------------- taylor importance by value (issue 33)
+class TwoLayers(torch.nn.Module):
+    """What D2SPruner asks of a DLRM, with two prunable layers and no removable hidden neuron."""
+
+    def __init__(self):
+        super().__init__()
+        from modules.dlrm import MaskedLinear
+
+        self.a = MaskedLinear(2, 2, bias=False)
+        self.b = MaskedLinear(2, 1, bias=False)
+
+    def mlp_layers(self):
+        return {"bottom.0": self.a, "top.0": self.b}
+
+    def hidden_neurons(self):
+        return {}
+
+
+def test_taylor_importance_and_global_masks_on_two_layers_by_hand():
+    """``taylor`` (the default) is |w| times the moving average of |grad| (decay 0.5 here, first gradient
+    taken as it is); with w_a = [[1, -2], [0.5, 4]], w_b = [[-3, 0.1]] and two steps of gradients the
+    average is [[2, 1], [1, 0.2]] and [[0.4, 6]], the importance [[2, 2], [0.5, 0.8]] and [[1.2, 0.6]],
+    and one global ranking at sparsity 0.5 keeps a[0, 0], a[0, 1] and b[0, 0]. Magnitude alone would
+    keep a[1, 1] instead of a[0, 0]; dropping the gradient average from ``weight_importance`` (magnitude
+    again): checked, it fails."""
+    model = TwoLayers()
+    with torch.no_grad():
+        model.a.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 4.0]]))
+        model.b.weight.copy_(torch.tensor([[-3.0, 0.1]]))
+    p = D2SPruner(importance="taylor", grad_decay=0.5, min_density=0.0, total_steps=10)
+    p.attach(model)
+    for ga, gb in (([[1.0, 1.0], [2.0, 0.1]], [[0.2, 8.0]]), ([[3.0, -1.0], [0.0, 0.3]], [[-0.6, 4.0]])):
+        model.a.weight.grad, model.b.weight.grad = torch.tensor(ga), torch.tensor(gb)
+        p.accumulate_gradients()
+    torch.testing.assert_close(p.grad_ema["bottom.0"], torch.tensor([[2.0, 1.0], [1.0, 0.2]]))
+    torch.testing.assert_close(p.grad_ema["top.0"], torch.tensor([[0.4, 6.0]]))
+    torch.testing.assert_close(p.weight_importance("bottom.0", model.a), torch.tensor([[2.0, 2.0], [0.5, 0.8]]))
+    torch.testing.assert_close(p.weight_importance("top.0", model.b), torch.tensor([[1.2, 0.6]]))
+    record = p.update_masks(0.5)
+    assert model.a.mask.tolist() == [[True, True], [False, False]] and model.b.mask.tolist() == [[True, False]]
+    assert record["masked"] == pytest.approx(0.5) and record["layers"] == {"bottom.0": 0.5, "top.0": 0.5}

@@ -1,7 +1,8 @@
 """DDP (issue 21): `trainer=ddp` on 2 CPU processes (gloo) through run.py, for every pruner's tiny config.
 
 Each run must finish with exactly one results.json (rank 0 writes), the same mask digest on both
-ranks, and, where the algorithm is deterministic given the data (D2S on a stream, the dense DLRM),
+ranks (each rank hashes the masks and gates of the models it holds in memory after each phase's
+fit, before anything is reloaded from the checkpoints rank 0 alone writes), and, where the algorithm is deterministic given the data (D2S on a stream, the dense DLRM),
 the same decisions and figures as one process (SwiftPruner's search, with its latency table and
 budget fixed, evaluates the same candidates). The helpers are checked on 2 spawned gloo processes
 and in one process.
@@ -91,8 +92,15 @@ def test_dense_stream_model_on_two_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_top_on_two_ranks_freezes_alike_and_survives_the_freeze(tmp_path):
-    """ToP trains on, after its gates freeze (no unused-parameters error), and both ranks freeze the same gates."""
-    results = run_py(tmp_path, "model=bert", "pruner=top", *TEXT, "pruner.pruning_epochs=2")
+    """ToP trains on, after its gates freeze (no unused-parameters error), and both ranks freeze the same gates.
+
+    The digests are of each rank's in-memory gates (log_alpha, frozen snapshot): with ToP's all-reduce of
+    the gate and multiplier gradients removed (``ToPPruner.on_before_optimizer_step``), each rank steps its
+    gates on its own shard and ``check_ranks_agree`` fails (checked once).
+    """
+    # batches of 4: 4 steps per rank before the gates freeze (Adam's first step is lr * sign(grad), the same on
+    # both ranks whenever the signs agree, so one step could not tell whether the ranks shared their gradients)
+    results = run_py(tmp_path, "model=bert", "pruner=top", *TEXT, "pruner.pruning_epochs=2", "data.batch_size=4")
     check_ranks_agree(results)
     assert results["pruner"]["gates_frozen_at_step"] is not None
     assert results["pruner"]["last_train_step"]["lagrangian"] == 0.0  # a step ran with frozen gates
@@ -165,6 +173,27 @@ def test_digest_changes_with_a_mask_or_a_shape_and_not_with_weights():
     layer.mask[0, 0] = False
     assert state_digest(layer) != before
     assert state_digest(MaskedLinear(4, 2)) != state_digest(MaskedLinear(4, 3))
+
+
+def test_digest_covers_top_gates_and_their_frozen_snapshot(tiny_bert_config):
+    """The digest of a ToP model changes with any gate's log_alpha and with the frozen evaluation gates."""
+    from modules.bert_classifier import BertClassifier
+    from modules.gates import TokenGates
+    from pipelines.distributed import memory_digest
+
+    module = BertClassifier(bert_config=tiny_bert_config, num_labels=2)
+    module.token_gates = TokenGates(3, [1, 2], bin_count=4)
+    before = memory_digest(module)
+    with torch.no_grad():
+        module.token_gates.token.log_alpha[5] += 1e-3
+    after_token = memory_digest(module)
+    with torch.no_grad():
+        module.token_gates.layer.log_alpha[0] -= 1e-3
+    after_layer = memory_digest(module)
+    module.token_gates.freeze(torch.tensor([True, False]), torch.ones(2, 4, dtype=torch.bool))
+    frozen = memory_digest(module)
+    module.token_gates.freeze(torch.tensor([True, False]), torch.eye(2, 4, dtype=torch.bool))
+    assert len({before, after_token, after_layer, frozen, memory_digest(module)}) == 5
 
 
 def test_collectives_on_two_gloo_processes(tmp_path):

@@ -19,7 +19,7 @@ from modules.dlrm import (
     wrap_ids,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # set per test and restored (tests/conftest.py)
 
 
 def tiny_dlrm(seed: int = 0) -> DLRM:

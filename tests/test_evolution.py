@@ -17,7 +17,7 @@ from pruners.swiftpruner.mutators import (
     action_features,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # set per test and restored (tests/conftest.py)
 
 # Toy problem: 3 layers, 4 head and 4 neuron choices (4^6 = 4096 genes); quality and latency are
 # weighted sums of the gene indices, so the best feasible reward is found by brute force.

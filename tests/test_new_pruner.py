@@ -70,7 +70,7 @@ def test_a_new_pruner_runs_through_the_pipeline_with_only_its_class_and_yaml(tmp
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
     (conf / "pruner" / "keep_first_heads.yaml").write_text("defaults:\n  - base_keep_first_heads\n  - _self_\n")
-    register_configs()  # finds the new Pruner subclass, as it finds every one in pruners/
+    register_configs()  # finds the new Pruner subclass, as it finds every one in pruners/ (conftest removes it after the test)
     tiny = ",".join(f"{k}:{v}" for k, v in TINY_BERT_CONFIG.items())
     with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
         cfg = compose("config", overrides=[

@@ -5,6 +5,13 @@ given checkpoint file appears (so the kill lands inside the phase that writes it
 it, and compares with an uninterrupted run: the same pruning decisions (masks, gates, the
 chosen configuration) and the same test metrics (1e-6). The phases' RNG state, data order
 and position, and pruner state are all restored, so these runs are deterministic on CPU.
+
+Equal results alone cannot tell resuming from restarting (a phase started afresh is re-seeded and
+ends as the uninterrupted run does), so the test also checks that each run *resumed*
+(:func:`check_resumed`): results.json's ``resumed`` names every continued phase with the global
+step of the killed run's ``last.ckpt`` (above 0), as the restored trainer reports it; the resumed
+process logs only the remaining training batches (counted in its CSV logs); and SwiftPruner's
+resumed search logs only the generations after the one its saved state completed.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_BERT = ("model.module.bert_config={vocab_size:30522,hidden_size:32,num_hidden_layers:3,num_attention_heads:4,"
              "intermediate_size:64,max_position_embeddings:128,hidden_dropout_prob:0.1,attention_probs_dropout_prob:0.1}")
 COMMON = ["threads=1", "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+          "trainer.log_every_n_steps=1",  # every training batch in the CSV logs (counted by check_resumed)
           "latency.batch_sizes=[1]", "latency.repeats=1", "latency.warmup=0"]
 TEXT = ["model=bert", TINY_BERT, "data.limit_per_split=48", "data.batch_size=8", "trainer.max_epochs=2",
         "trainer.val_check_interval=0.5", "trainer.num_sanity_val_steps=0", "latency.examples=2"]
@@ -43,36 +51,128 @@ def finish(proc: ScriptProcess, timeout: float = 240) -> str:
     return out
 
 
-def kill_when(proc: ScriptProcess, path: Path, timeout: float = 240) -> bool:
-    """SIGKILL ``proc`` as soon as ``path`` exists; False if the run ended first."""
+def kill_when(proc: ScriptProcess, path: Path, timeout: float = 240) -> str | None:
+    """SIGKILL ``proc`` as soon as ``path`` exists; its output, or None if the run ended first."""
     end = time.time() + timeout
     while time.time() < end:
         if path.exists():
             proc.kill()  # SIGKILL
-            proc.communicate()
-            return True
+            out, _ = proc.communicate()
+            return out
         if proc.poll() is not None:
-            return False
+            return None
         time.sleep(0.02)
     proc.kill()
     raise AssertionError(f"{path} never appeared")
 
 
-def run_killed_twice(tmp_path: Path, args: list[str], kill_at: list[str]) -> tuple[dict, Path]:
+def csv_versions(run_dir: Path) -> set[Path]:
+    """Every CSV logger run of the run dir (``csv/<phase>/version_<n>``; each process logs into new ones)."""
+    return set((run_dir / "csv").glob("*/version_*"))
+
+
+def train_rows(versions: set[Path] | list[Path], phase: str) -> int:
+    """Training batches logged (rows with ``train/loss``) in the given CSV runs of ``phase``."""
+    import csv
+
+    n = 0
+    for v in versions:
+        if v.parent.name == phase and (v / "metrics.csv").is_file():
+            with open(v / "metrics.csv") as f:
+                n += sum(1 for row in csv.DictReader(f) if row.get("train/loss"))
+    return n
+
+
+def kill_state(run_dir: Path, point: str) -> dict:
+    """What a killed run left of the phase it was killed in: ``phase``, ``done`` (its completion record),
+    the global step and batches done of its ``last.ckpt`` (None: none), and, at a SwiftPruner search
+    checkpoint, the generations its saved search state completed."""
+    phase_dir = run_dir / Path(point).parent
+    state = {"point": point, "phase": phase_dir.name, "done": (phase_dir / "complete.json").is_file(),
+             "last_step": None, "batches_done": None, "generation": None}
+    last = phase_dir / "last.ckpt"
+    if last.is_file():
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        state["last_step"] = int(ckpt["global_step"])
+        # batches whose training step ran (a stream's checkpoint is written in on_train_batch_end, before
+        # Lightning counts the batch "completed"; the resumed fit does not train it again)
+        state["batches_done"] = int(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"])
+    if point.endswith("search_state.pt"):
+        saved = torch.load(run_dir / point, map_location="cpu", weights_only=True)
+        state["generation"] = int(saved["evolution"]["completed_generations"])
+    return state
+
+
+def run_killed_twice(tmp_path: Path, args: list[str], kill_at: list[str]) -> tuple[dict, Path, list[dict]]:
     """Run, SIGKILL at the first appearance of ``<run dir>/<kill_at[0]>``, resume, SIGKILL that resumed run at
-    ``kill_at[1]``, resume again to the end; return (results, run dir)."""
+    ``kill_at[1]``, resume again to the end; return (results, run dir, one :func:`kill_state` per kill with the
+    ``output`` and the new CSV logger runs (``versions``) of the process that resumed after it)."""
     run_dir = tmp_path / "killed"
     proc = launch([*args, f"hydra.run.dir={run_dir}"])
+    kills: list[dict] = []
+    before: set[Path] = set()
     for point in kill_at:
-        assert kill_when(proc, run_dir / point), f"the run ended before {point} appeared"
+        out = kill_when(proc, run_dir / point)
+        assert out is not None, f"the run ended before {point} appeared"
+        if kills:  # what the previous resumed process did before this kill
+            kills[-1].update(output=out, versions=csv_versions(run_dir) - before)
         assert not (run_dir / "results.json").exists()
         if point.endswith("last.ckpt"):  # a phase in progress keeps one resumable checkpoint; the best is weights only
             ckpts = [torch.load(p, map_location="cpu", weights_only=True, mmap=True)
                      for p in (run_dir / point).parent.glob("*.ckpt")]
             assert sum("optimizer_states" in c for c in ckpts) == 1, [sorted(c) for c in ckpts]
+        kills.append(kill_state(run_dir, point))
+        before = csv_versions(run_dir)
         proc = launch([f"resume={run_dir}", "trainer.enable_progress_bar=false"])
-    finish(proc)
-    return json.loads((run_dir / "results.json").read_text()), run_dir
+    out = finish(proc)
+    kills[-1].update(output=out, versions=csv_versions(run_dir) - before)
+    return json.loads((run_dir / "results.json").read_text()), run_dir, kills
+
+
+def check_resumed(resumed: dict, whole_dir: Path, kills: list[dict]) -> list[str]:
+    """What shows that each resumed process continued the killed one instead of starting over (empty: all of it).
+
+    * results.json's ``resumed`` lists, in order, every phase a kill left open, with the global step of
+      the killed run's ``last.ckpt`` as the restored trainer reports it (above 0), or 0 for a phase killed
+      before its first checkpoint (SwiftPruner mid-search); a phase killed after its completion record is
+      restored, not resumed;
+    * the process that resumed a phase from ``last.ckpt`` logged (CSV, every batch) only the training
+      batches the uninterrupted run logged after the ones that checkpoint had done;
+    * a search killed after a generation's checkpoint continues from it: the resumed process says so and
+      logs only the generations after those its saved state completed.
+    """
+    import re
+
+    problems, expected = [], []
+    for k in kills:
+        if k["done"]:
+            continue
+        expected.append({"phase": k["phase"], "global_step": k["last_step"] if k["last_step"] is not None else 0})
+        if k["last_step"] is not None and k["last_step"] <= 0:
+            problems.append(f"{k['point']}: the killed run's last.ckpt is at global step {k['last_step']}")
+    if resumed["resumed"] != expected:
+        problems.append(f"results.json resumed {resumed['resumed']}, expected {expected} (the killed runs' last.ckpt steps)")
+    for k in kills:
+        if k["done"] or k["last_step"] is None:
+            continue
+        total = train_rows(csv_versions(whole_dir), k["phase"])
+        trained = train_rows(k["versions"], k["phase"])
+        if trained != total - k["batches_done"]:
+            problems.append(f"{k['point']}: the resumed process trained {trained} {k['phase']} batches; the uninterrupted "
+                            f"run trained {total}, {k['batches_done']} of them before that checkpoint")
+    for k in kills:
+        if k["generation"] is None:
+            continue
+        logged = [(int(g), int(n)) for g, n in re.findall(r"generation (\d+)/(\d+): ", k["output"])]
+        last = logged[-1][1] if logged else None
+        if not re.search(rf"continuing the search from \S+ \(generation {k['generation']}\)", k["output"]):
+            problems.append(f"{k['point']}: the resumed process did not continue the search saved at generation "
+                            f"{k['generation']}")
+        # generations are numbered from 0 (the initial population): after k completed, the next is number k
+        if not logged or [g for g, _ in logged] != list(range(k["generation"], last + 1)):
+            problems.append(f"{k['point']}: the saved search had completed {k['generation']} generations; the resumed "
+                            f"process logged generations {[g for g, _ in logged]}")
+    return problems
 
 
 def run_whole(tmp_path: Path, args: list[str]) -> tuple[dict, Path]:
@@ -127,13 +227,23 @@ CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("pruner", list(CASES))
 def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, pruner):
+    """Same decisions and metrics as the uninterrupted run, and evidence of resuming (:func:`check_resumed`).
+
+    Checked broken once: with resume disabled (``trainer.fit(..., ckpt_path=None)`` in
+    ``pipelines.resume.fit_or_restore``) the ``none``, ``none_epoch_end``, ``d2s`` and ``top`` cases fail on
+    the recorded global steps and on the batches trained (every batch of the phase again);
+    with SwiftPruner's saved search state ignored (``state = None`` in ``SwiftPruner.run_search``) the
+    ``swiftpruner`` case fails on both search checks (it logged generations 0-4 again).
+    """
     args, models, kill_points = CASES[pruner]
     args = [*COMMON, *args]
     whole, whole_dir = run_whole(tmp_path, args)
     assert whole["resumed"] == []
     if pruner == "swiftpruner":  # the killed run predicts latency with the table the uninterrupted run measured
         args = [*args, f"pruner.latency.table={whole_dir / 'latency_table.json'}"]
-    resumed, run_dir = run_killed_twice(tmp_path, args, kill_points)
+    resumed, run_dir, kills = run_killed_twice(tmp_path, args, kill_points)
+    problems = check_resumed(resumed, whole_dir, kills)
+    assert not problems, "\n".join(problems)
     if pruner == "swiftpruner":
         # The search is identical; among candidates of equal proxy quality the pick goes to the faster *measured*
         # one, a timing: the pruned model is compared only when the pick is the same.

@@ -24,7 +24,7 @@ from modules.stream_data import (
 )
 from modules.text_data import DataError
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # set per test and restored (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from modules.bert import PrunableBertForSequenceClassification, layer_macs
 from modules.structured import UnitImportance, shrink_structured, taylor_importance, top_unit_masks
 from modules.gates import TokenGates
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # set per test and restored (tests/conftest.py)
 
 
 def _model(tiny_bert_config, seed: int = 0, num_labels: int = 3) -> PrunableBertForSequenceClassification:

@@ -318,7 +318,7 @@ def test_cached_teacher_outputs_equal_fresh_ones_whatever_the_padding(tiny_setup
         assert (cached_scores[row][~mask[row]] == 0).all()
 
 
-def _pruned_tiny_model(tiny_bert_config, layer_on, kept, seed=1):
+def _tiny_model_with_frozen_gates(tiny_bert_config, layer_on, kept, seed=1):
     from transformers import BertConfig
 
     from modules.bert import PrunableBertForSequenceClassification
@@ -342,7 +342,7 @@ def test_served_macs_equal_an_independent_flop_count(tiny_bert_config, layer_on)
     from torch.utils.flop_counter import FlopCounterMode
 
     kept = torch.tensor([[True, False, True, False], [True, True, False, False]])
-    model, gates = _pruned_tiny_model(tiny_bert_config, torch.tensor(layer_on), kept)
+    model, gates = _tiny_model_with_frozen_gates(tiny_bert_config, torch.tensor(layer_on), kept)
     for n in (2, 5, 11, 20):
         ids = torch.randint(1000, 2000, (1, n))
         with torch.no_grad():
@@ -357,7 +357,7 @@ def test_scoring_layers_feed_forward_runs_on_the_kept_tokens(tiny_bert_config):
     """Hooks on every FFN: layer l-1's feed-forward block runs on as many tokens as pruning layer l keeps,
     and the kept tokens' values equal those of the masked (not removed) model."""
     kept = torch.tensor([[True, False, True, False], [True, False, False, False]])
-    model, gates = _pruned_tiny_model(tiny_bert_config, torch.tensor([True, True]), kept)
+    model, gates = _tiny_model_with_frozen_gates(tiny_bert_config, torch.tensor([True, True]), kept)
     seen: list[int] = []
     hooks = [l.intermediate.dense.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
              for l in model.bert.encoder.layer]
@@ -427,3 +427,213 @@ def test_evaluation_gates_keep_the_bins_with_the_largest_log_alpha_not_a_ranking
     layer_on, kept = gates.deterministic()
     assert layer_on.tolist() == [True, True]
     assert kept.tolist() == [[True, False, False, True], [True, True, False, False]]
+
+
+# ----------------------------------------------------------------------------- known values (issue 33)
+def _hand_layer_macs(n: float, h: int, i: int, n_ffn: float | None = None) -> float:
+    """One encoder layer's MACs written out: Q, K, V, output projections, scores and context on ``n``
+    tokens, FFN on ``n_ffn`` (default ``n``)."""
+    return 4 * n * h * h + 2 * n * n * h + 2 * (n if n_ffn is None else n_ffn) * h * i
+
+
+def test_expected_macs_equals_a_hand_computed_value():
+    """Two pruning layers with gate probabilities chosen to be exact fractions.
+
+    log_alpha = -(2/3) ln 11 gives P(z != 0) = 1/2 (the stretch (-0.1, 1.1) puts 0 at logit -ln 11);
+    adding ln 3 gives 3/4. A layer gate's P(on) = P(z > 0.5) = sigmoid(log_alpha). So layer 1 keeps
+    1 - 1/2 (1 - (1/2 + 3/4) / 2) = 13/16 of the non-[CLS] tokens, layer 2 1 - 3/4 (1 - 1/2) = 5/8 of
+    what is left. A sample of 11 tokens ([CLS] + 10) attends on 11, 1 + 10 * 13/16 and
+    1 + 10 * 13/16 * 5/8 tokens, each layer's FFN on the next layer's count (the last layer's on its
+    own); a sample of [CLS] alone on 1 token in every layer. Counting [CLS] among the pruned tokens
+    (``m_0 = length``) gives other values: checked, it fails; so does the FFN on its own layer's count.
+    """
+    half = -(2.0 / 3.0) * math.log(11.0)
+    gates = TokenGates(3, [1, 2], bin_count=2)
+    with torch.no_grad():
+        gates.token.log_alpha.copy_(torch.tensor([half, half + math.log(3.0), half, half]))
+        gates.layer.log_alpha.copy_(torch.tensor([0.0, math.log(3.0)]))
+    torch.testing.assert_close(gates.token_keep_prob(), torch.tensor([[0.5, 0.75], [0.5, 0.5]]))
+    torch.testing.assert_close(gates.keep_ratio(), torch.tensor([13 / 16, 5 / 8]))
+    h, i = 8, 16
+    got = expected_macs(gates, torch.tensor([11, 1]), h, i)
+    tokens = [11.0, 1 + 10 * 13 / 16, 1 + 10 * 13 / 16 * 5 / 8]
+    ffn = tokens[1:] + tokens[-1:]
+    want = [sum(_hand_layer_macs(n, h, i, f) for n, f in zip(tokens, ffn)), 3 * _hand_layer_macs(1.0, h, i)]
+    assert want[0] == pytest.approx(7088 + 5224.25 + 3703.09765625)  # the arithmetic, spelled out
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-6, atol=0)
+
+
+def test_prob_nonzero_at_log_alpha_zero_is_the_closed_form_and_the_sampled_rate():
+    """P(z != 0) at log_alpha = 0 with ToP's constants (stretch (-0.1, 1.1), T = 2/3) is
+    sigmoid((2/3) ln 11) = 0.8318 (the issue's "about 0.8305" is this value, rounded loosely); 4 million
+    samples of the gate agree within 0.001 (their standard error is 0.0002). Dividing by the temperature
+    instead of multiplying in ``prob_above``: checked, it fails."""
+    gates = HardConcreteGates(1, init_log_alpha=0.0)
+    closed = 1.0 / (1.0 + 11.0 ** (-2.0 / 3.0))
+    assert closed == pytest.approx(0.83183, abs=1e-5)
+    assert gates.prob_nonzero().item() == pytest.approx(closed, abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(4_000_000, generator=g, dtype=torch.float64).clamp(1e-6, 1 - 1e-6)
+    z = (torch.sigmoid((torch.log(u) - torch.log1p(-u)) / (2.0 / 3.0)) * 1.2 - 0.1).clamp(0, 1)
+    assert (z > 0).double().mean().item() == pytest.approx(closed, abs=1e-3)
+
+
+def test_lagrangian_value_and_sign():
+    """``lambda1 (s - t) + lambda2 (s - t)^2`` at s = 0.3, t = 0.5, lambda = (-2, 3): 0.4 + 0.12 = 0.52; its
+    derivative in s, lambda1 + 2 lambda2 (s - t) = -3.2, is negative, so the gates' descent raises the
+    sparsity towards the target. Swapping s and t gives -0.28: checked, it fails."""
+    s = torch.tensor(0.3, requires_grad=True)
+    value = lagrangian(s, 0.5, torch.tensor(-2.0), torch.tensor(3.0))
+    assert value.item() == pytest.approx(0.52)
+    value.backward()
+    assert s.grad.item() == pytest.approx(-3.2)
+
+
+def test_kd_loss_at_t2_equals_kl_div_and_the_hand_formula():
+    """KD at T = 2: T^2 KL(softmax(teacher / T) || softmax(student / T)) averaged over the batch, against
+    torch.nn.functional.kl_div on log-probabilities (log_target, summed then divided by B) and the sum
+    p (log p - log q) written out in float64. Without the T^2 factor: checked, it fails."""
+    from pruners.distillation import kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    got = kd_loss(student, teacher, 2.0)
+    log_q, log_p = torch.log_softmax(student / 2, -1), torch.log_softmax(teacher / 2, -1)
+    ref = torch.nn.functional.kl_div(log_q, log_p, reduction="sum", log_target=True) / 5 * 4
+    torch.testing.assert_close(got, ref)
+    hand = 0.0
+    for srow, trow in zip(student.double().tolist(), teacher.double().tolist()):
+        zs = [math.exp(x / 2) for x in srow]
+        zt = [math.exp(x / 2) for x in trow]
+        p = [x / sum(zt) for x in zt]
+        q = [x / sum(zs) for x in zs]
+        hand += sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+    assert got.item() == pytest.approx(4 * hand / 5, rel=1e-5)
+
+
+def test_schedule_ramps_the_target_linearly_and_decays_the_ranking_weight():
+    """100 steps, warm-up fraction 0.3: the target is 0.5 * step / 30 until step 30, then 0.5; the ranking
+    weight alpha (1 - 0.99 step / 30), then 0.01 alpha. A quadratic ramp: checked, it fails."""
+    pruner = ToPPruner(target_sparsity=0.5, warmup_fraction=0.3, rank_alpha=0.01)
+    pruner._total_steps = 100
+    for step, target, alpha in [(0, 0.0, 0.01), (15, 0.25, 0.01 * (1 - 0.495)), (30, 0.5, 0.0001), (99, 0.5, 0.0001)]:
+        got = pruner.schedule(step)
+        assert got[0] == pytest.approx(target) and got[1] == pytest.approx(alpha), step
+
+
+def test_training_loss_is_task_plus_kd_plus_lagrangian_of_expected_sparsity_minus_target(tiny_setup):
+    """ToP's objective on a batch of the tiny setup, each term recomputed here: the expected sparsity from
+    :func:`expected_macs` (itself checked by value above), the target from the schedule, the Lagrangian
+    ``lambda1 (s - t) + lambda2 (s - t)^2`` with lambda = (-2, 3) (swapping s and t in ``training_loss``
+    changes it: checked, it fails), the KD loss against the teacher's logits, and the total."""
+    from types import SimpleNamespace
+
+    from modules.bert_classifier import BertClassifier
+    from pruners.distillation import kd_loss, load_teacher_model
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("fit")
+    student = BertClassifier.load_from_checkpoint(teacher_ckpt)
+    pruner = ToPPruner(target_sparsity=0.6, teacher_ckpt=str(teacher_ckpt), bin_count=4, warmup_fraction=0.5,
+                       token_init_log_alpha=-0.5, layer_init_log_alpha=1.0)
+    pruner.teacher = load_teacher_model(teacher_ckpt)
+    gates = pruner.attach(student)
+    pruner._total_steps = 10
+    with torch.no_grad():
+        pruner.lambda1.fill_(-2.0)
+        pruner.lambda2.fill_(3.0)
+    module = SimpleNamespace(token_gates=gates, model=student.model, trainer=SimpleNamespace(global_step=3))
+    ds = dm.datasets["train"]
+    batch = dm.collate([ds[i] for i in range(6)])
+    student.train()
+    torch.manual_seed(0)
+    outputs = student(batch, return_scores=True)
+    task = torch.tensor(0.7)
+    loss, logs = pruner.training_loss(module, batch, outputs, task)
+
+    cfg = student.model.config
+    lengths = batch["attention_mask"].sum(1)
+    s = 1 - expected_macs(gates, lengths, cfg.hidden_size, cfg.intermediate_size).sum() / (
+        3 * sum(_hand_layer_macs(float(n), cfg.hidden_size, cfg.intermediate_size) for n in lengths))
+    t = 0.6 * 3 / 5
+    assert logs["expected_sparsity"].item() == pytest.approx(s.item(), rel=1e-5) and logs["target_sparsity"] == pytest.approx(t)
+    assert abs(s.item() - t) > 0.05  # the check below can tell (s - t) from (t - s)
+    lag = -2.0 * (s.item() - t) + 3.0 * (s.item() - t) ** 2
+    assert logs["lagrangian"].item() == pytest.approx(lag, rel=1e-5)
+    kd = kd_loss(outputs.logits, pruner.teacher_forward(batch)[0], 2.0)
+    assert logs["kd_loss"].item() == pytest.approx(kd.item(), rel=1e-5)
+    _, alpha = pruner.schedule(3)
+    assert loss.item() == pytest.approx(0.7 + kd.item() + lag + alpha * logs["rank_loss"].item(), rel=1e-5)
+
+
+def _pruned_tiny_model(teacher_ckpt):
+    """The tiny teacher with frozen token gates (both pruning layers on, 2 of 4 rank bins kept, then 3),
+    a head removed from layers 0 and 2 and a quarter of every layer's FFN neurons masked: its served copy."""
+    from modules.bert_classifier import BertClassifier
+
+    module = BertClassifier.load_from_checkpoint(teacher_ckpt)
+    module.token_gates = TokenGates(3, [1, 2], bin_count=4)
+    module.token_gates.freeze(torch.tensor([True, True]),
+                              torch.tensor([[True, False, True, False], [True, True, False, True]]))
+    heads = [torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.ones(4), torch.tensor([0.0, 1.0, 1.0, 1.0])]
+    neurons = [(torch.arange(64) % 4 != k).float() for k in range(3)]
+    module.model.set_structured_masks(heads=heads, neurons=neurons)
+    served = module.served_model()
+    assert served.model.layer_structure() == [(3, 48), (4, 48), (3, 48)]  # physically smaller
+    return served
+
+
+def test_served_macs_equal_an_independent_count_of_multiply_accumulates(tiny_setup):
+    """The MACs the run reports (test/macs_per_sample of the served model, from ``model.macs`` on the
+    kept lengths) against torch.utils.flop_counter.FlopCounterMode, which counts the matrix products the
+    served model really runs (FLOPs = 2 MACs), one test sample at a time: equal per sample and on average.
+    Counting the removed heads as present (``macs`` without the attention width): checked, it fails."""
+    import lightning as L
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("test")
+    served = _pruned_tiny_model(teacher_ckpt)
+    ds = dm.datasets["test"]
+    counted = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            batch = dm.collate([ds[i]])
+            # the math backend's attention is two counted batched products (the CPU's fused kernel is not counted)
+            with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as flops:
+                out = served(batch)
+            counted.append(flops.get_total_flops() / 2)
+            assert served.model.macs(out.kept_lengths).item() == pytest.approx(counted[-1], rel=1e-6), i
+    dense_macs = served.dense_macs_per_sample(dm.collate([ds[0]])).item()
+    assert counted[0] < dense_macs  # the pruning removes work
+    (reported,) = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).test(
+        served, datamodule=dm, verbose=False)
+    assert reported["test/macs_per_sample"] == pytest.approx(sum(counted) / len(counted), rel=1e-5)
+
+
+def test_kept_tokens_per_layer_equal_the_tokens_each_served_layer_receives(tiny_setup):
+    """``kept_tokens_per_layer`` (the results' per-layer token counts) against the sequence length each
+    encoder layer's attention in the served model receives, read by forward hooks on one test sample at a time (no
+    padding), averaged over the test split. Counting each batch's longest sample for every sample (padding
+    included): checked, it fails."""
+    from pipelines.text import kept_tokens_per_layer
+
+    dm, teacher_ckpt, _ = tiny_setup
+    dm.setup("test")
+    served = _pruned_tiny_model(teacher_ckpt)
+    seen: list[int] = []
+    hooks = [layer.attention.self.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[1]))
+             for layer in served.model.bert.encoder.layer]
+    ds = dm.datasets["test"]
+    per_sample = []
+    with torch.no_grad():
+        for i in range(len(ds)):
+            seen.clear()
+            served(dm.collate([ds[i]]))
+            per_sample.append(list(seen))
+    for h in hooks:
+        h.remove()
+    counted = [sum(col) / len(per_sample) for col in zip(*per_sample)]
+    assert counted[0] > counted[1] > counted[2]  # both pruning layers remove tokens
+    assert kept_tokens_per_layer(served, dm)["kept_tokens_per_layer"] == pytest.approx(counted, rel=1e-6)
