@@ -534,12 +534,13 @@ def test_training_loss_is_task_plus_kd_plus_lagrangian_of_expected_sparsity_minu
     dm, teacher_ckpt, _ = tiny_setup
     dm.setup("fit")
     student = BertClassifier.load_from_checkpoint(teacher_ckpt)
-    pruner = ToPPruner(target_sparsity=0.6, teacher_ckpt=str(teacher_ckpt), bin_count=4, warmup_fraction=0.5,
-                       token_init_log_alpha=-0.5, layer_init_log_alpha=1.0)
+    pruner = ToPPruner(target_sparsity=0.6, teacher_ckpt=str(teacher_ckpt), bin_count=4, warmup_fraction=0.5)
     pruner.teacher = load_teacher_model(teacher_ckpt)
     gates = pruner.attach(student)
     pruner._total_steps = 10
     with torch.no_grad():
+        gates.token.log_alpha.fill_(-0.5)
+        gates.layer.log_alpha.fill_(1.0)
         pruner.lambda1.fill_(-2.0)
         pruner.lambda2.fill_(3.0)
     module = SimpleNamespace(token_gates=gates, model=student.model, trainer=SimpleNamespace(global_step=3))
