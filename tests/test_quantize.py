@@ -218,3 +218,83 @@ def test_a_model_onnxruntime_cannot_quantize_is_one_line_and_leaves_fp32_untouch
     assert "\n" not in msg and re.search(r"ONNX Runtime quantized no node of served/dense .*\['Conv'\].* served/dense/ \(fp32\) is "
                                          r"untouched; go on without int8 with export\.quantize=none", msg), msg
     assert digest(folder) == before and not list(folder.parent.glob(".*partial"))
+
+
+# ----------------------------------------------------------------------------- runs (stream: cheap end to end)
+def click_log(tmp: Path, n: int = 240) -> Path:
+    """A CSV click log whose clicks follow the item (so AUC has signal), ``n`` rows."""
+    g = np.random.default_rng(1)
+    item = g.choice(["a", "b", "c", "d"], n)
+    p = pd.Series(item).map({"a": 0.8, "b": 0.6, "c": 0.3, "d": 0.1}).to_numpy()
+    rows = pd.DataFrame({"ts": np.arange(n) * 60, "clicked": (g.random(n) < p).astype(int), "user": g.choice(["u1", "u2", "u3"], n),
+                         "item": item, "price": g.normal(10, 5, n).round(2)})
+    path = tmp / "clicks.csv"
+    rows.to_csv(path, index=False)
+    return path
+
+
+def stream_run(tmp: Path) -> list[str]:
+    """Overrides of a tiny DLRM run on :func:`click_log` (4 windows of 60 rows)."""
+    return ["model=dlrm", "data=stream_csv", f"data.path={click_log(tmp)}", "data.timestamp_column=ts", "data.label_column=clicked",
+            "data.categorical_columns=[user,item]", "data.numeric_columns=[price]", "data.window=60", "logger=none", "threads=1",
+            "latency.batch_sizes=[1,64]", "latency.repeats=2", "latency.warmup=1"]
+
+
+def test_stream_run_measures_int8_models_and_export_py_redoes_them(tmp_path):
+    """Default settings: dense-int8 (the baseline) and pruned-int8 are rows of their own, scored on the second half,
+    timed in ONNX Runtime with dense fp32 as the reference; export.py's work re-quantizes (static), or drops them (none)."""
+    import run
+    from pipelines.common import format_table
+    from pipelines.reexport import reexport
+
+    cfg = compose_config(*stream_run(tmp_path), "pruner=d2s", "pruner.granularity=neuron", "pruner.target_sparsity=0.5",
+                         output_dir=tmp_path / "run")
+    results = run.train(cfg)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    for name in ("dense", "pruned"):
+        e = saved[f"{name}-int8"]
+        assert e["quantized_from"] == name and e["quantization"]["mode"] == "dynamic"
+        assert e["quantization"]["op_types"] == ["MatMul", "Gemm"]
+        assert set(e["metrics"]) == set(e["metrics_fp32_final"]) == {"auc", "ne", "log_loss"}
+        assert e["auc_delta_vs_fp32"] == pytest.approx(e["metrics"]["auc"] - e["metrics_fp32_final"]["auc"])
+        assert e["agreement"]["examples"] == 120 and 0.0 <= e["agreement"]["equal_predictions"] <= 1.0
+        assert set(e["latency_ms_onnxruntime"]) == set(e["speedup_onnxruntime"]) == {"1", "64"}
+        ref = saved["dense"]["latency_ms_onnxruntime"]  # dense fp32 stays the reference
+        assert e["speedup_onnxruntime"] == pytest.approx({b: ref[b] / e["latency_ms_onnxruntime"][b] for b in ref})
+        folder = tmp_path / "run" / e["served"]["folder"]
+        assert folder.name == f"{name}-int8" and json.loads((folder / "litprune.json").read_text())["quantized_from"] == name
+        assert e["served"]["onnx_bytes"] == (folder / "model.onnx").stat().st_size
+    assert saved["speedup_onnxruntime_int8"] == saved["pruned-int8"]["speedup_onnxruntime"]
+    table = format_table(results)
+    assert re.search(r"^\s*dense-int8\s", table, re.M) and re.search(r"^\s*pruned-int8\s", table, re.M)
+    assert "pruned-int8: same prediction as pruned on" in table
+
+    (tmp_path / "run" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / "run" / ".hydra" / "config.yaml")  # what Hydra saves for run.py
+    again = reexport(tmp_path / "run", quantize="static")
+    q = again["pruned-int8"]["quantization"]
+    assert q["mode"] == "static" and q["format"] == "qdq" and q["calibration_examples"] == 240
+    assert set(again["pruned-int8"]["latency_ms_onnxruntime"]) == {"1", "64"}
+    none = reexport(tmp_path / "run", quantize="none")
+    assert not [k for k in none if k.endswith("-int8")] and "speedup_onnxruntime_int8" not in none
+    with pytest.raises(ConfigError, match="export.quantize='fp8' is not supported"):
+        reexport(tmp_path / "run", quantize="fp8")
+
+
+def test_run_py_with_a_model_onnxruntime_cannot_quantize_writes_fp32_then_exits_2(tmp_path):
+    """results.json and served/dense/ are written; the int8 failure is one line on stderr and exit status 2.
+    (With ``raise_if_failed`` left out of run.train, this test fails: the run exits 0.)"""
+    from processes import run_script
+
+    out = tmp_path / "run"
+    proc = run_script("run.py", [*stream_run(tmp_path), "pruner=none", "export.quantize_op_types=[Conv]", f"hydra.run.dir={out}"])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    # training logs its progress on stderr before; the error is one line, the last, without a traceback
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert errors[0].startswith("error: ONNX Runtime quantized no node of served/dense"), errors
+    saved = json.loads((out / "results.json").read_text())
+    assert "quantized no node" in saved["quantize_errors"]["dense"] and "dense-int8" not in saved
+    assert (out / "served" / "dense" / "model.onnx").is_file() and saved["dense"]["served"]["parity_ok"]
+    assert not (out / "served" / "dense-int8").exists() and not list((out / "served").glob(".*"))
