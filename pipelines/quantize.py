@@ -13,9 +13,9 @@
 
 Before quantizing, ``export.quantize_preprocess`` applies ONNX Runtime's recommended
 pre-processing (``onnxruntime.quantization.shape_inference.quant_pre_process``: symbolic
-shape inference, ONNX Runtime's basic graph optimisation, ONNX shape inference); when
-symbolic shape inference cannot follow a graph (data-dependent shapes), it is retried
-without that step, and litprune.json says which was applied.
+shape inference with ``auto_merge`` of conflicting symbolic dimensions, ONNX Runtime's basic
+graph optimisation, ONNX shape inference); when symbolic shape inference cannot follow a
+graph, it is retried without that step, and litprune.json says which was applied.
 
 Which operator types are quantized: ``export.quantize_op_types``, or per model kind: every
 type ONNX Runtime quantizes for a text model (its embeddings' ``Gather`` included), only
@@ -111,8 +111,9 @@ def _preprocess(src: Path, dst: Path) -> str:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        quant_pre_process(str(src), str(dst))
-        return "quant_pre_process: symbolic shape inference, onnxruntime basic graph optimisation, onnx shape inference"
+        quant_pre_process(str(src), str(dst), auto_merge=True)  # without auto_merge BERT's graph is left incomplete
+        return ("quant_pre_process: symbolic shape inference (auto_merge), onnxruntime basic graph optimisation, "
+                "onnx shape inference")
     except Exception as err:  # noqa: BLE001  (symbolic shape inference raises assorted errors)
         log.info("quant_pre_process with symbolic shape inference failed (%s); retrying without it.", err)
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
