@@ -146,6 +146,30 @@ def test_static_int8_text_folder_is_calibrated_in_the_chosen_format(text_fp32, f
     assert 0.0 < a["max_abs_logit_diff"] < 1.0
 
 
+@pytest.mark.parametrize("mode, fmt", [("dynamic", "qdq"), ("static", "qdq"), ("static", "qoperator")])
+def test_top_token_selection_survives_quantization(mode, fmt, tmp_path):
+    """ToP's served graph (TopK + GatherElements on frozen gates) quantizes; the token selection stays in the
+    graph and the int8 logits stay close to fp32's at every batch size, padded or not."""
+    from modules.onnx_export import export_onnx
+    from tests.conftest import TINY_BERT_CONFIG
+    from tests.test_onnx import VARIANTS, text_batch, tiny_bert
+
+    torch.manual_seed(0)
+    model, gates = VARIANTS["top"](tiny_bert(TINY_BERT_CONFIG.copy()))
+    exportable = ExportableBert(model, gates)
+    fp32 = tmp_path / "served" / "pruned"
+    fp32.mkdir(parents=True)
+    export_onnx(exportable, exportable.feeds(text_batch(2, True, seed=7)), fp32 / "model.onnx", exportable.dynamic_axes(), ["logits"])
+    (fp32 / "litprune.json").write_text(json.dumps({"kind": "text", "name": "pruned"}))
+    calibration = [{k: v.numpy() for k, v in exportable.feeds(text_batch(4, True, seed=s)).items()} for s in range(3)]
+    int8 = write_int8_folder(fp32, mode, quant_format=fmt, calibration=calibration if mode == "static" else None)
+    assert "TopK" in op_types(int8 / "model.onnx")
+    feeds = [{k: v.numpy() for k, v in exportable.feeds(text_batch(bs, padded, seed=11)).items()}
+             for bs in (1, 2, 3) for padded in (False, True)]
+    a = agreement(run_batches(make_session(fp32 / "model.onnx"), feeds), run_batches(make_session(int8 / "model.onnx"), feeds))
+    assert a["examples"] == 12 and 0.0 < a["max_abs_logit_diff"] < 0.5
+
+
 def test_predict_serves_an_int8_folder_unchanged_without_torch(text_fp32, no_torch_path, tmp_path):  # noqa: F811
     folder, _, _ = text_fp32
     int8 = folder.with_name("pruned-int8")
