@@ -30,10 +30,12 @@ left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -110,8 +112,12 @@ def _preprocess(src: Path, dst: Path) -> str:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     try:
-        quant_pre_process(str(src), str(dst), auto_merge=True)  # without auto_merge BERT's graph is left incomplete
+        # an incomplete symbolic shape inference saves its graph to the current directory before raising
+        # (onnxruntime.tools.symbolic_shape_infer): run it from a temporary one
+        with tempfile.TemporaryDirectory(prefix="litprune-quant-") as tmp, contextlib.chdir(tmp):
+            quant_pre_process(str(src), str(dst), auto_merge=True)  # without auto_merge BERT's graph is left incomplete
         return ("quant_pre_process: symbolic shape inference (auto_merge), onnxruntime basic graph optimisation, "
                 "onnx shape inference")
     except Exception as err:  # noqa: BLE001  (symbolic shape inference raises assorted errors)
