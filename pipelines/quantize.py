@@ -112,12 +112,8 @@ def _preprocess(src: Path, dst: Path) -> str:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    src, dst = Path(src).resolve(), Path(dst).resolve()
     try:
-        # an incomplete symbolic shape inference saves its graph to the current directory before raising
-        # (onnxruntime.tools.symbolic_shape_infer): run it from a temporary one
-        with tempfile.TemporaryDirectory(prefix="litprune-quant-") as tmp, contextlib.chdir(tmp):
-            quant_pre_process(str(src), str(dst), auto_merge=True)  # without auto_merge BERT's graph is left incomplete
+        quant_pre_process(str(src), str(dst), auto_merge=True)  # without auto_merge BERT's graph is left incomplete
         return ("quant_pre_process: symbolic shape inference (auto_merge), onnxruntime basic graph optimisation, "
                 "onnx shape inference")
     except Exception as err:  # noqa: BLE001  (symbolic shape inference raises assorted errors)
@@ -177,7 +173,12 @@ def quantize_onnx(
         "op_types": ops if ops is not None else "onnxruntime's default for the method",
         "onnxruntime": onnxruntime.__version__,
     }
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     pre = dst.with_name("preprocessed.onnx")
+    # ONNX Runtime's tools may write into the current directory (an incomplete symbolic shape inference
+    # saves its graph there before raising): they run from a temporary one
+    cwd = contextlib.ExitStack()
+    cwd.enter_context(contextlib.chdir(cwd.enter_context(tempfile.TemporaryDirectory(prefix="litprune-quant-"))))
     try:
         source = src
         if preprocess:
@@ -200,14 +201,11 @@ def quantize_onnx(
             })
             quantize_static(str(source), str(dst), FeedsReader(batches), quant_format=fmt, op_types_to_quantize=ops,
                             activation_type=act, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
-    except (QuantizationError, ValueError) as err:
-        if isinstance(err, QuantizationError):
-            raise
-        raise QuantizationError(f"ONNX Runtime cannot quantize {src} (export.quantize={mode}): {_one_line(err)}") from err
     except Exception as err:  # noqa: BLE001  (onnxruntime.quantization raises assorted errors)
         raise QuantizationError(f"ONNX Runtime cannot quantize {src} (export.quantize={mode}): {_one_line(err)}") from err
     finally:
         pre.unlink(missing_ok=True)
+        cwd.close()
     record["int8_initializers"] = int8_initializers(dst)
     if record["int8_initializers"] == 0:
         raise QuantizationError(
@@ -253,7 +251,7 @@ def write_int8_folder(
     """
     from pipelines.export import replace_folder
 
-    fp32_folder = Path(fp32_folder)
+    fp32_folder = Path(fp32_folder).resolve()
     name = int8_name(fp32_folder.name)
     final = fp32_folder.with_name(name)
     staging = final.with_name(f".{name}.partial")

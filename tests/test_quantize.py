@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -106,8 +107,6 @@ def text_fp32(tiny_setup, tmp_path_factory):
 def test_dynamic_int8_text_folder_round_trip(text_fp32):
     """served/pruned-int8/ beside the fp32 folder: the same files, a smaller quantized graph, litprune.json
     saying how, the fp32 folder byte for byte as it was, logits close to fp32's but not equal."""
-    import os
-
     folder, dm, feeds = text_fp32
     before, cwd = digest(folder), sorted(os.listdir())
     int8 = write_int8_folder(folder, "dynamic")
@@ -139,8 +138,9 @@ def test_static_int8_text_folder_is_calibrated_in_the_chosen_format(text_fp32, f
     import shutil
 
     shutil.copytree(folder, copy)
-    n = sum(f["input_ids"].shape[0] for f in feeds[:2])
+    n, cwd = sum(f["input_ids"].shape[0] for f in feeds[:2]), sorted(os.listdir())
     int8 = write_int8_folder(copy, "static", quant_format=fmt, calibration=feeds[:2], calibration_source="the first ones")
+    assert sorted(os.listdir()) == cwd
     q = json.loads((int8 / "litprune.json").read_text())["quantization"]
     assert q["mode"] == "static" and q["format"] == fmt and q["calibration_examples"] == n == 5
     assert q["calibration_source"] == "the first ones" and q["int8_initializers"] > 0
