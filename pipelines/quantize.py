@@ -179,6 +179,8 @@ def quantize_onnx(
     # saves its graph there before raising): they run from a temporary one
     cwd = contextlib.ExitStack()
     cwd.enter_context(contextlib.chdir(cwd.enter_context(tempfile.TemporaryDirectory(prefix="litprune-quant-"))))
+    quiet = logging.root.manager.disable
+    logging.disable(logging.INFO)  # onnxruntime.quantization logs every node it skips on the root logger
     try:
         source = src
         if preprocess:
@@ -204,6 +206,7 @@ def quantize_onnx(
     except Exception as err:  # noqa: BLE001  (onnxruntime.quantization raises assorted errors)
         raise QuantizationError(f"ONNX Runtime cannot quantize {src} (export.quantize={mode}): {_one_line(err)}") from err
     finally:
+        logging.disable(quiet)
         pre.unlink(missing_ok=True)
         cwd.close()
     record["int8_initializers"] = int8_initializers(dst)
@@ -247,7 +250,7 @@ def write_int8_folder(
 
     Raises:
         QuantizationError: ONNX Runtime cannot quantize the model; the message names the fp32 folder,
-            which is untouched, and no int8 folder is left.
+            which is untouched, and no partial int8 folder is left (an earlier complete one stays as it was).
     """
     from pipelines.export import replace_folder
 
@@ -285,7 +288,7 @@ def write_int8_folder(
 
 
 def run_batches(session, feeds: Iterable[dict[str, np.ndarray]]) -> np.ndarray:
-    """The session's first output on each batch, concatenated along the batch axis."""
+    """The session's first output on each batch (``(B_i, ...)``), concatenated along the batch axis: ``(sum B_i, ...)``."""
     outs = [session.run(None, graph_feeds(session, f))[0] for f in feeds]
     return np.concatenate(outs) if outs else np.zeros((0,), dtype=np.float32)
 
