@@ -85,24 +85,28 @@ def int8_name(name: str) -> str:
     return f"{name}{INT8_SUFFIX}"
 
 
-class FeedsReader:
-    """An ``onnxruntime.quantization.CalibrationDataReader`` over a fixed list of feed dicts.
+def calibration_reader(feeds: list[dict[str, np.ndarray]]):
+    """An ``onnxruntime.quantization.CalibrationDataReader`` giving ``feeds`` (batches, input name -> array) in order.
 
-    Args:
-        feeds: batches, each input name -> array (only names the graph takes; :func:`quantize_onnx` filters them).
+    Only the names the graph takes may be in a batch (:func:`quantize_onnx` filters them).
     """
+    from onnxruntime.quantization import CalibrationDataReader
 
-    def __init__(self, feeds: list[dict[str, np.ndarray]]):
-        self.feeds = list(feeds)
-        self._it = iter(self.feeds)
+    class FeedsReader(CalibrationDataReader):
+        """The batches of ``feeds`` in order; ``rewind`` starts again."""
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        """The next batch, or None when all were given."""
-        return next(self._it, None)
+        def __init__(self):
+            self._it = iter(feeds)
 
-    def rewind(self) -> None:
-        """Start again from the first batch."""
-        self._it = iter(self.feeds)
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            """The next batch, or None when all were given."""
+            return next(self._it, None)
+
+        def rewind(self) -> None:
+            """Start again from the first batch."""
+            self._it = iter(feeds)
+
+    return FeedsReader()
 
 
 def _preprocess(src: Path, dst: Path) -> str:
@@ -201,7 +205,7 @@ def quantize_onnx(
                 "activations": f"{'QInt8' if act == QuantType.QInt8 else 'QUInt8'}, static ranges (MinMax calibration)",
                 "calibration_examples": int(sum(next(iter(b.values())).shape[0] for b in batches)),
             })
-            quantize_static(str(source), str(dst), FeedsReader(batches), quant_format=fmt, op_types_to_quantize=ops,
+            quantize_static(str(source), str(dst), calibration_reader(batches), quant_format=fmt, op_types_to_quantize=ops,
                             activation_type=act, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
     except Exception as err:  # noqa: BLE001  (onnxruntime.quantization raises assorted errors)
         raise QuantizationError(f"ONNX Runtime cannot quantize {src} (export.quantize={mode}): {_one_line(err)}") from err
