@@ -36,6 +36,7 @@ from pipelines.sweep import multirun_job
 from pipelines.threads import apply_threads
 from pipelines.tracking import log_results
 from pipelines.distributed import is_global_zero
+from pipelines.quantize import raise_if_failed
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def check_run_settings(cfg: DictConfig) -> None:
 
     Raises:
         ConfigError: an unknown ``model.pipeline``, ``threads`` or ``latency.threads`` below 1, ``trainer.limit_train_batches=0``,
-            or a run without an end (``trainer.max_epochs`` below 1 and no ``trainer.max_steps``).
+            a run without an end (``trainer.max_epochs`` below 1 and no ``trainer.max_steps``), or a bad
+            quantization setting (``export.quantize``, ...; :func:`pipelines.quantize.check_settings`).
     """
     if cfg.model.get("pipeline") not in PIPELINES:
         raise ConfigError(f"model.pipeline={cfg.model.get('pipeline')!r} is not one of {list(PIPELINES)}.")
@@ -60,6 +62,10 @@ def check_run_settings(cfg: DictConfig) -> None:
     lat_threads = (cfg.get("latency") or {}).get("threads")
     if lat_threads is not None and lat_threads < 1:
         raise ConfigError(f"latency.threads={lat_threads} must be >= 1, or null for the training thread count.")
+    if cfg.get("export") is not None:
+        from pipelines.quantize import check_settings
+
+        check_settings(cfg.export)
     if cfg.trainer.get("limit_train_batches") in (0, 0.0):
         raise ConfigError("trainer.limit_train_batches=0 trains nothing; set it to a number of batches >= 1, a fraction, or null.")
     epochs, steps = cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps")
@@ -82,6 +88,8 @@ def train(cfg: DictConfig) -> dict:
 
     Raises:
         modules.errors.UserError: bad data or settings (raised before any training where they can be seen then).
+        pipelines.quantize.QuantizationError: a served model ONNX Runtime could not quantize (raised after
+            results.json and every fp32 export are written).
     """
     check_run_settings(cfg)
     out_dir = Path(cfg.paths.output_dir)
@@ -104,6 +112,7 @@ def train(cfg: DictConfig) -> dict:
         path = write_results(out_dir, results)
         log_results(cfg, out_dir, results)  # the results run of the run's W&B group (pipelines.tracking)
         print(f"\n{format_table(results)}\nresults: {path}")
+        raise_if_failed(results)  # a model ONNX Runtime could not quantize: exit 2 once everything else is written
     return results
 
 

@@ -234,10 +234,22 @@ def write_results(out_dir: str | Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def _cell(value: Any, fmt: str) -> str:
+    """``value`` formatted for the table, ``-`` when it is missing or not finite."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, fmt)
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """A short text table of the headline figures (metrics, MACs, latency, speedup) of every final model."""
+    """A short text table of the headline figures (metrics, MACs, latency, speedup) of every final model.
+
+    int8 copies (``<name>-int8``) are rows of their own, timed in ONNX Runtime only (``-`` where a
+    figure does not apply); a line per int8 model gives its agreement with its fp32 model.
+    """
     rows = []
-    models = [k for k, v in results.items() if isinstance(v, dict) and "metrics" in v and "latency_ms" in v]
+    models = [k for k, v in results.items()
+              if isinstance(v, dict) and "metrics" in v and ("latency_ms" in v or "latency_ms_onnxruntime" in v)]
     metric_names = sorted({m for k in models for m in results[k].get("metrics", {})})
     batch_sizes = sorted({b for k in models for b in results[k].get("latency_ms", {})}, key=int)
     ort = any("latency_ms_onnxruntime" in results[k] for k in models)
@@ -250,11 +262,11 @@ def format_table(results: dict[str, Any]) -> str:
         rows.append(
             [
                 k,
-                *[f"{r.get('metrics', {}).get(m, float('nan')):.4f}" for m in metric_names],
+                *[_cell(r.get("metrics", {}).get(m), ".4f") for m in metric_names],
                 f"{macs / 1e6:.1f}M" if macs else "-",
                 f"{params / 1e6:.2f}M" if params else "-",
-                *[f"{r.get('latency_ms', {}).get(b, float('nan')):.1f}" for b in batch_sizes],
-                *([f"{r.get('latency_ms_onnxruntime', {}).get(b, float('nan')):.1f}" for b in batch_sizes] if ort else []),
+                *[_cell(r.get("latency_ms", {}).get(b), ".1f") for b in batch_sizes],
+                *([_cell(r.get("latency_ms_onnxruntime", {}).get(b), ".1f") for b in batch_sizes] if ort else []),
             ]
         )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
@@ -267,6 +279,17 @@ def format_table(results: dict[str, Any]) -> str:
                    + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup_onnxruntime"].items()))
         out.append("pruned in ONNX Runtime vs dense in PyTorch eager: "
                    + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup_vs_dense_torch"].items()))
+    if "speedup_onnxruntime_int8" in results:
+        out.append("pruned-int8 in ONNX Runtime vs dense fp32 in ONNX Runtime: "
+                   + ", ".join(f"bs{b} {v:.2f}x" for b, v in results["speedup_onnxruntime_int8"].items()))
+    for k in models:
+        a = results[k].get("agreement")
+        if a and a.get("examples"):
+            out.append(f"{k}: same prediction as {results[k]['quantized_from']} on {a['equal_predictions']:.4f} of "
+                       f"{a['examples']} examples, max |logit diff| {a['max_abs_logit_diff']:.3g}, "
+                       f"{results[k]['served']['onnx_bytes'] / 1e6:.1f} MB")
+    for k, msg in (results.get("quantize_errors") or {}).items():
+        out.append(f"NOT QUANTIZED: {k}: {msg}")
     for k in models:
         served = results[k].get("served")
         if served and not served.get("parity_ok", True):

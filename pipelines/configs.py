@@ -94,12 +94,27 @@ class ExportConfig:
         opset: ONNX opset of the exported graphs (>= 17).
         parity_examples: ONNX Runtime's logits are compared with PyTorch's on this many first test inputs.
         max_abs_diff: the largest logit difference that counts as parity (a larger one is flagged).
+        quantize: int8 copy of every served model, ``served/<name>-int8/`` (``pipelines.quantize``):
+            ``none``, ``dynamic`` (ONNX Runtime ``quantize_dynamic``, QInt8 weights, activations
+            quantized per batch) or ``static`` (``quantize_static``, calibrated activation ranges).
+        quant_format: static only: ``qdq`` (QuantizeLinear/DequantizeLinear pairs) or ``qoperator`` (QLinear* operators).
+        calibration_examples: static only: the first this many training examples calibrate the
+            activation ranges (text: training split in order; stream: rows evenly spaced over the stream).
+        quantize_op_types: operator types to quantize (null: text every type ONNX Runtime
+            quantizes; recommender ``MatMul`` and ``Gemm``, so embedding tables stay fp32).
+        quantize_preprocess: apply ONNX Runtime's ``quant_pre_process`` (shape inference, graph
+            optimisation) before quantizing.
     """
 
     enabled: bool = True
     opset: int = 18
     parity_examples: int = 256
     max_abs_diff: float = 1e-4
+    quantize: str = "dynamic"
+    quant_format: str = "qdq"
+    calibration_examples: int = 256
+    quantize_op_types: Optional[list[str]] = None
+    quantize_preprocess: bool = True
 
 
 @dataclass

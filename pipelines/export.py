@@ -81,15 +81,20 @@ def write_served_folder(
     meta = {**meta, "inputs": [i for i in meta["inputs"] if i["name"] in in_graph]}
     full = {"name": name, **meta, **extra, "opset": opset, "project": {"name": "litprune", "version": VERSION}}
     (staging / META_FILE).write_text(json.dumps(full, indent=2) + "\n")
+    replace_folder(staging, final)
+    return final
+
+
+def replace_folder(staging: Path, final: Path) -> None:
+    """Put the complete folder ``staging`` in place of ``final`` (the old one, if any, moved aside first, then removed)."""
     if final.exists():
-        old = final.with_name(f".{name}.old")
+        old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         final.replace(old)
         staging.replace(final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.replace(final)
-    return final
 
 
 def max_abs_diff(session, feeds: list[dict[str, np.ndarray]], reference: list[torch.Tensor]) -> float:
@@ -144,7 +149,9 @@ def export_models(
 def add_runtime_speedups(results: dict[str, Any], names: list[str]) -> None:
     """Per model: ``speedup_onnxruntime`` (dense ORT / its ORT) and ``speedup_vs_dense_torch`` (dense eager / its ORT).
 
-    Both by batch size; also copied to the top level for ``pruned``.
+    Both by batch size, with the fp32 dense model as the reference for every model, int8 copies
+    included; also copied to the top level for ``pruned`` (and ``speedup_onnxruntime_int8``
+    for ``pruned-int8``).
     """
     d = results["dense"]
     for name in names:
@@ -158,6 +165,10 @@ def add_runtime_speedups(results: dict[str, Any], names: list[str]) -> None:
     if "pruned" in names and "speedup_onnxruntime" in results["pruned"]:
         results["speedup_onnxruntime"] = results["pruned"]["speedup_onnxruntime"]
         results["speedup_vs_dense_torch"] = results["pruned"]["speedup_vs_dense_torch"]
+    if "pruned-int8" in names and "speedup_onnxruntime" in results["pruned-int8"]:
+        results["speedup_onnxruntime_int8"] = results["pruned-int8"]["speedup_onnxruntime"]
+    elif "pruned-int8" not in results:
+        results.pop("speedup_onnxruntime_int8", None)
 
 
 def onnxruntime_version() -> str:

@@ -81,19 +81,32 @@ def final_models(results: dict[str, Any], names: list[str] | None, run_dir: Path
     return out
 
 
-def reexport(run_dir: str | Path, names: list[str] | None = None, threads: int | None = None) -> dict[str, Any]:
+def reexport(
+    run_dir: str | Path, names: list[str] | None = None, threads: int | None = None, quantize: str | None = None
+) -> dict[str, Any]:
     """Export the final models of the run in ``run_dir`` and re-time them; return the updated results.
+
+    Each exported model's int8 copy (``<name>-int8``) is made again as ``quantize`` says; an
+    earlier int8 entry of an exported model is dropped first (its latency came from other rounds).
 
     Args:
         run_dir: a finished run's dir.
         names: models to export (default: every final model).
         threads: threads for timing (default: the run's ``threads``).
+        quantize: ``none``, ``dynamic`` or ``static`` (default: the run's ``export.quantize``;
+            ``dynamic`` for runs made before the setting existed).
 
     Raises:
-        MissingFileError, RunDirError, ConfigError: see :func:`load_run` and :func:`final_models`.
+        MissingFileError, RunDirError, ConfigError: see :func:`load_run` and :func:`final_models`;
+            ConfigError also for a bad ``quantize``.
     """
+    from pipelines.quantize import check_settings, int8_name
+
     run_dir = Path(run_dir).resolve()
     cfg, results = load_run(run_dir)
+    if quantize is not None:
+        cfg.export.quantize = quantize
+    check_settings(cfg.export)
     if threads is not None:
         cfg.threads = threads
         OmegaConf.update(cfg, "latency.threads", threads, force_add=True)  # timing reads latency.threads
@@ -103,6 +116,8 @@ def reexport(run_dir: str | Path, names: list[str] | None = None, threads: int |
     modules = {name: module_cls.load_from_checkpoint(str(path), map_location="cpu") for name, path in checkpoints.items()}
     if "dense" not in modules:  # speedups are relative to the dense model
         modules = {"dense": module_cls.load_from_checkpoint(str(final_models(results, ["dense"], run_dir)["dense"]), map_location="cpu"), **modules}
+    for name in modules:
+        results.pop(int8_name(name), None)
     if cfg.model.pipeline == "text":
         from pipelines.text import serve_and_time
 

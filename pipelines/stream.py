@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,10 +57,14 @@ PLOT_FILE = "stream_auc.png"
 
 def second_half_means(records: list[dict[str, Any]]) -> dict[str, float]:
     """Mean AUC, NE and log loss over windows ``n // 2 .. n - 1`` (NaN windows skipped; NaN if none)."""
-    half = records[len(records) // 2 :]
+    return window_means(records[len(records) // 2 :])
+
+
+def window_means(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean AUC, NE and log loss over the given window records (NaN windows skipped; NaN if none)."""
     out = {}
     for key in METRICS:
-        vals = [r[key] for r in half if r[key] is not None and not math.isnan(r[key])]
+        vals = [r[key] for r in records if r[key] is not None and not math.isnan(r[key])]
         out[key] = sum(vals) / len(vals) if vals else math.nan
     return out
 
@@ -127,6 +132,76 @@ def export_stream_models(
     return export_models(cfg, out_dir, folders, parity)
 
 
+def quantize_stream_models(
+    cfg: DictConfig, out_dir: Path, results: dict[str, Any], exported: dict[str, dict], sessions: dict[str, Any],
+    served: dict[str, torch.nn.Module], dm,
+) -> dict[str, Any]:
+    """Make the int8 copy of every exported DLRM (``export.quantize``) and score it on the stream's second half.
+
+    Static calibration uses ``export.calibration_examples`` rows evenly spaced over the whole
+    stream (every row was trained on), in batches of 256. The fp32 models' headline metrics
+    are prequential (each window scored by the model as it stood then); an int8 copy exists
+    only for the final model, so its ``metrics`` are the *final* model's, quantized, on the
+    second half's windows (mean over windows), beside ``metrics_fp32_final``: the fp32 final
+    model in ONNX Runtime on the same rows (``auc_delta_vs_fp32`` = int8 AUC - fp32 final AUC).
+    ``agreement`` (:func:`pipelines.quantize.agreement`: click predictions, logit > 0) is over the
+    same rows. Other keys as :func:`pipelines.text.quantize_text_models`.
+
+    Returns:
+        int8 name -> ONNX Runtime session (timed with the others).
+    """
+    from modules.dlrm import window_metrics
+    from pipelines.quantize import agreement, int8_entry, quantize_served, record_failures, run_batches
+    from serving.runtime import MODEL_FILE, make_session
+
+    s = dm.stream
+    names = list(exported)
+    exportable = ExportableDLRM(served[names[0]])  # every served DLRM of a run takes the same inputs
+    calibration, source = None, None
+    if cfg.export.quantize == "static":
+        n = min(int(cfg.export.calibration_examples), len(s))
+        idx = torch.from_numpy(np.unique(np.linspace(0, len(s) - 1, n).round().astype(np.int64)))
+        multi = s.multi[idx] if s.multi.shape[1] else None
+        rows = exportable.feeds(s.dense[idx], s.sparse[idx], multi)
+        calibration = [{k: v[i : i + 256].numpy() for k, v in rows.items()} for i in range(0, len(idx), 256)]
+        source = f"{len(idx)} rows evenly spaced over the stream, batches of 256"
+    folders, errors = quantize_served(cfg, out_dir, exported, calibration, source)
+    record_failures(results, errors)
+    if not folders:
+        return {}
+    bounds = s.window_bounds()
+    half = bounds[len(bounds) // 2 :]
+    feeds = []
+    for start, end in half:
+        multi = s.multi[start:end] if s.multi.shape[1] else None
+        feeds.append({k: v.numpy() for k, v in exportable.feeds(s.dense[start:end], s.sparse[start:end], multi).items()})
+    labels = [s.label[start:end] for start, end in half]
+    out = {}
+    for name, folder in folders.items():
+        source_name = name.removesuffix("-int8")
+        entry = int8_entry(source_name, folder, out_dir)
+        entry["served"]["size_vs_fp32"] = entry["served"]["onnx_bytes"] / exported[source_name]["onnx_bytes"]
+        session = make_session(folder / MODEL_FILE, latency_threads(cfg))
+        per = {"fp32": [], "int8": []}
+        logits = {"fp32": [], "int8": []}
+        for f, y in zip(feeds, labels):
+            for key, sess in (("fp32", sessions[source_name]), ("int8", session)):
+                z = run_batches(sess, [f]).reshape(-1)
+                logits[key].append(z)
+                per[key].append(window_metrics(torch.from_numpy(z), y))
+        entry["evaluation"] = ("the final model, quantized, scored on the second half's windows (mean over windows); "
+                               "not prequential, unlike the fp32 models' metrics: compare with metrics_fp32_final")
+        entry["metrics"] = window_means(per["int8"])
+        entry["metrics_fp32_final"] = window_means(per["fp32"])
+        entry["auc_delta_vs_fp32"] = entry["metrics"]["auc"] - entry["metrics_fp32_final"]["auc"]
+        cat = {k: np.concatenate(v) if v else np.zeros(0, dtype=np.float32) for k, v in logits.items()}
+        entry["agreement"] = {**agreement(cat["fp32"], cat["int8"]),
+                              "with": f"{source_name} in ONNX Runtime, the stream's second half"}
+        results[name] = entry
+        out[name] = session
+    return out
+
+
 def served_macs(model) -> int:
     """Multiply-accumulates per sample of a served DLRM's MLPs and dot interaction (embedding lookups excluded)."""
     mlp = sum(l.weight.shape[0] * l.weight.shape[1] for m in model.mlps().values() for l in m.layers)
@@ -140,28 +215,34 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], serv
     Fills, per model, ``served``, ``latency_ms`` and ``latency_ms_onnxruntime`` (by batch
     size), ``speedup`` (dense / model, PyTorch), ``speedup_onnxruntime`` and
     ``speedup_vs_dense_torch``, and the top-level ``latency_aa_ratio``, ``latency_protocol``
-    and ``speedup``. Used by a run and by ``export.py`` on a finished run.
+    and ``speedup``. With ``export.quantize``, each model's int8 copy is a model of its own
+    (``<name>-int8``, :func:`quantize_stream_models`), timed in ONNX Runtime in the same rounds.
+    Used by a run and by ``export.py`` on a finished run.
     """
-    sessions = {}
+    sessions, int8 = {}, {}
     if cfg.export.enabled:
         exported, sessions = export_stream_models(cfg, out_dir, served, dm)
         for name, entry in exported.items():
             results[name]["served"] = entry
+        int8 = quantize_stream_models(cfg, out_dir, results, exported, sessions, served, dm)
     lat = cfg.latency
     threads = latency_threads(cfg)
     exportables = {k: ExportableDLRM(served[k]) for k in sessions}  # the served copies' input naming, no new copy
+    source = {**{k: k for k in sessions}, **{k: k.removesuffix("-int8") for k in int8}}
     for b in lat.batch_sizes:
         x = latency_inputs(dm, int(b))
         calls = {k: (lambda m=m: m(*x)) for k, m in served.items()}
         calls["dense_again"] = lambda: served["dense"](*x)  # A/A control: the same model timed twice
-        for k, session in sessions.items():
-            feeds = graph_feeds(session, {n: v.numpy() for n, v in exportables[k].feeds(*x).items()})
+        for k, session in {**sessions, **int8}.items():
+            feeds = graph_feeds(session, {n: v.numpy() for n, v in exportables[source[k]].feeds(*x).items()})
             calls[f"{k}@onnxruntime"] = lambda s=session, f=feeds: s.run(None, f)
         ms = measure_latency_ms(calls, warmup=int(lat.warmup), repeats=int(lat.repeats), threads=threads)
         for k in served:
             results[k].setdefault("latency_ms", {})[str(b)] = ms[k]
             if k in sessions:
                 results[k].setdefault("latency_ms_onnxruntime", {})[str(b)] = ms[f"{k}@onnxruntime"]
+        for k in int8:
+            results[k].setdefault("latency_ms_onnxruntime", {})[str(b)] = ms[f"{k}@onnxruntime"]
         results.setdefault("latency_aa_ratio", {})[str(b)] = ms["dense"] / ms["dense_again"]
     results["latency_protocol"] = protocol(
         threads, int(lat.warmup), int(lat.repeats),
@@ -173,7 +254,7 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], serv
         results["latency_protocol"]["onnxruntime"] = (
             "ONNX Runtime CPU session of served/<name>/model.onnx (graph optimisations ORT_ENABLE_ALL, sequential, "
             f"intra-op threads = threads, no spinning), onnxruntime {onnxruntime_version()}; timed in the same "
-            "interleaved rounds on the same rows"
+            "interleaved rounds on the same rows (int8 copies, served/<name>-int8/, too)"
         )
     for name in served:
         if name != "dense":
@@ -181,7 +262,7 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], serv
             p["speedup"] = {b: d["latency_ms"][b] / p["latency_ms"][b] for b in d["latency_ms"]}
     if "pruned" in results:
         results["speedup"] = results["pruned"]["speedup"]
-    add_runtime_speedups(results, list(served))
+    add_runtime_speedups(results, [*served, *int8])
 
 
 def plot_stream(results: dict[str, Any], names: list[str], path: Path) -> Path:

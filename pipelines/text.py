@@ -74,9 +74,9 @@ def evaluate_test_split(cfg: DictConfig, module: L.LightningModule, datamodule, 
     return {k.removeprefix("test/"): float(v) for k, v in raw.items()}
 
 
-def latency_batches(datamodule, batch_size: int, examples: int) -> list[dict[str, torch.Tensor]]:
-    """Consecutive test batches of ``batch_size`` covering the first ``max(examples, batch_size)`` examples."""
-    ds = datamodule.datasets["test"]
+def latency_batches(datamodule, batch_size: int, examples: int, split: str = "test") -> list[dict[str, torch.Tensor]]:
+    """Consecutive batches of ``batch_size`` covering the first ``max(examples, batch_size)`` examples of ``split``."""
+    ds = datamodule.datasets[split]
     n = min(len(ds), max(examples, batch_size))
     return [datamodule.collate([ds[i] for i in range(s, min(s + batch_size, n))]) for s in range(0, n, batch_size)]
 
@@ -230,6 +230,57 @@ def export_text_models(
     return export_models(cfg, out_dir, folders, parity)
 
 
+def quantize_text_models(
+    cfg: DictConfig, out_dir: Path, results: dict[str, Any], served: dict[str, dict], sessions: dict[str, Any], datamodule
+) -> dict[str, Any]:
+    """Make the int8 copy of every exported model (``export.quantize``) and score it on the whole test split.
+
+    Static calibration uses the first ``export.calibration_examples`` training examples in
+    batches of 32, padded per batch. Each int8 model's results entry (``<name>-int8``) holds
+    ``quantized_from``, ``quantization`` (litprune.json's record), ``served`` (folder,
+    ``onnx_bytes``, ``size_vs_fp32``: int8 bytes / fp32 bytes), ``metrics`` (test split, from
+    ONNX Runtime's logits, the run's metrics) and ``agreement`` with its fp32 model in ONNX
+    Runtime on the same test batches (:func:`pipelines.quantize.agreement`). Models ONNX Runtime
+    cannot quantize go to ``results["quantize_errors"]``.
+
+    Returns:
+        int8 name -> ONNX Runtime session (timed with the others).
+    """
+    from modules.bert_classifier import build_metrics
+    from pipelines.quantize import agreement, int8_entry, quantize_served, record_failures, run_batches
+    from serving.runtime import MODEL_FILE, make_session
+
+    calibration, source = None, None
+    if cfg.export.quantize == "static":
+        batches = latency_batches(datamodule, 32, int(cfg.export.calibration_examples), split="train")
+        calibration = [{k: v.numpy() for k, v in ExportableBert.feeds(b).items()} for b in batches]
+        n = sum(int(b["input_ids"].shape[0]) for b in batches)
+        source = f"the first {n} training examples in order, batches of 32 padded per batch"
+    folders, errors = quantize_served(cfg, out_dir, served, calibration, source)
+    record_failures(results, errors)
+    if not folders:
+        return {}
+    feeds, labels = [], []
+    for b in datamodule.test_dataloader():
+        feeds.append({k: v.numpy() for k, v in ExportableBert.feeds(b).items()})
+        labels.append(b["labels"])
+    labels_t = torch.cat(labels)
+    out = {}
+    for name, folder in folders.items():
+        source_name = name.removesuffix("-int8")
+        entry = int8_entry(source_name, folder, out_dir)
+        entry["served"]["size_vs_fp32"] = entry["served"]["onnx_bytes"] / served[source_name]["onnx_bytes"]
+        session = make_session(folder / MODEL_FILE, latency_threads(cfg))
+        fp32_logits, int8_logits = run_batches(sessions[source_name], feeds), run_batches(session, feeds)
+        metrics = build_metrics(list(datamodule.metrics), datamodule.num_labels)
+        metrics.update(torch.from_numpy(int8_logits).argmax(dim=-1), labels_t)
+        entry["metrics"] = {k: float(v) for k, v in metrics.compute().items()}
+        entry["agreement"] = {**agreement(fp32_logits, int8_logits), "with": f"{source_name} in ONNX Runtime, whole test split"}
+        results[name] = entry
+        out[name] = session
+    return out
+
+
 def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], models: dict[str, L.LightningModule], datamodule) -> None:
     """Export the served models (when ``export.enabled``), time them in PyTorch and ONNX Runtime, record it all.
 
@@ -237,13 +288,17 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], mode
     ``latency_ms_onnxruntime`` (by batch size), ``speedup`` (dense / model, PyTorch),
     ``speedup_onnxruntime`` and ``speedup_vs_dense_torch``
     (:func:`pipelines.export.add_runtime_speedups`), and the top-level ``latency_protocol``,
-    ``speedup`` (of ``pruned``). Used by a run and by ``export.py`` on a finished run.
+    ``speedup`` (of ``pruned``). With ``export.quantize``, each model's int8 copy is a model of
+    its own (``<name>-int8``, :func:`quantize_text_models`), timed in ONNX Runtime in the same
+    rounds. Used by a run and by ``export.py`` on a finished run.
     """
-    sessions = {}
+    sessions, int8 = {}, {}
     if cfg.export.enabled:
         served, sessions = export_text_models(cfg, out_dir, models, datamodule, results)
         for name, entry in served.items():
             results[name]["served"] = entry
+        int8 = quantize_text_models(cfg, out_dir, results, served, sessions, datamodule)
+        sessions = {**sessions, **int8}
     rounds, proto = time_models_rounds(
         models,
         datamodule,
@@ -260,11 +315,13 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], mode
         entry["latency_ms"] = latency[name]
         if name in sessions:
             entry["latency_ms_onnxruntime"] = latency[f"{name}@onnxruntime"]
+    for name in int8:
+        results[name]["latency_ms_onnxruntime"] = latency[f"{name}@onnxruntime"]
     if sessions:
         proto["onnxruntime"] = (
             "ONNX Runtime CPU session of served/<name>/model.onnx (graph optimisations ORT_ENABLE_ALL, "
             f"sequential, intra-op threads = threads, no spinning), onnxruntime {onnxruntime_version()}; "
-            "timed in the same interleaved rounds on the same batches"
+            "timed in the same interleaved rounds on the same batches (int8 copies, served/<name>-int8/, too)"
         )
     results["latency_protocol"] = proto
     d = results["dense"]
@@ -273,7 +330,7 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], mode
             results[name]["speedup"] = {bs: d["latency_ms"][bs] / results[name]["latency_ms"][bs] for bs in d["latency_ms"]}
     if "pruned" in results:
         results["speedup"] = results["pruned"]["speedup"]
-    add_runtime_speedups(results, list(models))
+    add_runtime_speedups(results, [*models, *int8])
 
 
 def prune_phase(

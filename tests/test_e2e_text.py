@@ -84,6 +84,20 @@ def test_top_main_job_on_a_slice_writes_results_and_reloads(tmp_path):
     assert meta["labels"] == ["rotten", "fresh"] and meta["pruning"]["token_pruning"] is not None
     assert len(meta["pruning"]["kept_tokens_per_layer_test_mean"]) == 6 and 0 < meta["pruning"]["macs_sparsity_test"] < 1
 
+    # int8 copies (export.quantize=dynamic, the default): rows of their own, scored on the whole test split,
+    # timed in ONNX Runtime in the same rounds, dense fp32 the reference; ToP's token selection quantizes too
+    for name in ("dense", "pruned"):
+        e = on_disk[f"{name}-int8"]
+        assert e["quantized_from"] == name and e["quantization"]["mode"] == "dynamic" and e["quantization"]["int8_initializers"] > 0
+        assert e["agreement"]["examples"] == on_disk["splits"]["test"] and 0.0 <= e["agreement"]["equal_predictions"] <= 1.0
+        assert 0.0 <= e["metrics"]["accuracy"] <= 1.0 and "f1" in e["metrics"]
+        assert set(e["latency_ms_onnxruntime"]) == set(e["speedup_onnxruntime"]) == {"1", "4"}
+        assert e["served"]["size_vs_fp32"] < 0.5
+        int8_meta = json.loads((tmp_path / e["served"]["folder"] / "litprune.json").read_text())
+        fp32_meta = json.loads((tmp_path / "served" / name / "litprune.json").read_text())
+        assert int8_meta["quantized_from"] == name and int8_meta["pruning"] == fp32_meta["pruning"]
+    assert on_disk["speedup_onnxruntime_int8"] == on_disk["pruned-int8"]["speedup_onnxruntime"]
+
     # export.py's work on the finished run: the same export and checks, results.json updated
     from omegaconf import OmegaConf
 
@@ -93,6 +107,7 @@ def test_top_main_job_on_a_slice_writes_results_and_reloads(tmp_path):
     OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # what Hydra saves for run.py
     again = reexport(tmp_path, names=["pruned"])
     assert again["pruned"]["served"]["parity_ok"] and again["pruned"]["metrics"] == on_disk["pruned"]["metrics"]
+    assert again["pruned-int8"]["metrics"] == pytest.approx(on_disk["pruned-int8"]["metrics"])  # the same quantization
 
     # The final checkpoint reloads (default torch loading) as the pruned model and reproduces its test accuracy.
     reloaded = BertClassifier.load_from_checkpoint(tmp_path / on_disk["pruned"]["checkpoint"])  # relative to the run dir

@@ -52,6 +52,11 @@ def test_dlrm_d2s_run_writes_results_plot_logs_and_checkpoints(tmp_path):
     assert set(saved["speedup"]) == {"1", "4096"}
     for key in ("dense", "pruned"):  # exported, equal to PyTorch in ONNX Runtime, timed there too
         assert saved[key]["served"]["parity_ok"] and set(saved[key]["latency_ms_onnxruntime"]) == {"1", "4096"}
+    for key in ("dense", "pruned"):  # int8 copies (export.quantize=dynamic, MLPs only), on the second half
+        e = saved[f"{key}-int8"]
+        assert e["quantization"]["op_types"] == ["MatMul", "Gemm"] and set(e["latency_ms_onnxruntime"]) == {"1", "4096"}
+        assert 0.5 < e["metrics"]["auc"] < 1.0 and abs(e["auc_delta_vs_fp32"]) < 0.05  # real signal survives int8
+        assert e["agreement"]["examples"] == 6000 and e["agreement"]["equal_predictions"] > 0.9
     meta = json.loads((tmp_path / "served" / "pruned" / "litprune.json").read_text())
     assert meta["kind"] == "recommender" and meta["features"]["hash_buckets"] > 1
     assert meta["pruning"]["mlp_layers"]["top.1"]["shape"] == saved["pruned"]["mlp_shapes"]["top.1"]

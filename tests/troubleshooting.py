@@ -81,6 +81,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tests"))  # test_bad_input imports its sibling tests/processes.py
     from tests.test_bad_input import CASES
 
     path = ROOT / "README.md"
