@@ -35,13 +35,15 @@ CHANGES = [
     ("optimiser: warm-up (and the minimum of training)", ["model.module.warmup_fraction=0.2"]),
     ("optimiser: gradient clipping", ["trainer.gradient_clip_val=0.5"]),
     ("optimiser: gradient accumulation", ["trainer.accumulate_grad_batches=2"]),
+    ("minimum of training: early_stopping.min_epochs", ["callbacks.early_stopping.min_epochs=2"]),
+    ("minimum of training: early_stopping.min_steps", ["callbacks.early_stopping.min_steps=100"]),
     ("minimum of training: trainer.min_steps", ["trainer.min_steps=40"]),
     ("minimum of training: trainer.min_epochs", ["trainer.min_epochs=2"]),
 ]
 
 #: overrides that change the run but not its dense teacher
 SAME = ["pruner.target_sparsity=0.3", "pruner.pruning_epochs=2", "latency.repeats=3", "export.enabled=false",
-        "trainer.enable_progress_bar=false", "teacher_cache=true", "threads=1"]
+        "trainer.enable_progress_bar=false", "allow_majority_class_teacher=true", "teacher_cache=true", "threads=1"]
 
 
 def key(d: Path, *overrides: str) -> str:
@@ -63,7 +65,8 @@ def inputs(tmp_path) -> Path:
 
 def test_the_key_changes_with_everything_the_teacher_depends_on(inputs):
     """Broken once (``early_stopping`` left out of ``key_material``, as before issue 33): patience,
-    min_delta and ``callbacks.early_stopping=null`` kept the key, and the test failed."""
+    min_delta, ``callbacks.early_stopping=null``, ``callbacks.early_stopping.min_epochs`` and
+    ``.min_steps`` kept the key, and the test failed."""
     base = key(inputs)
     assert key(inputs) == base and key(inputs, *SAME) == base
     same = [what for what, overrides in CHANGES
