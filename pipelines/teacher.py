@@ -31,7 +31,7 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig
 
-from modules.errors import UserError
+from modules.errors import ConfigError, UserError
 from pipelines.common import build_trainer
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,6 @@ class EarlyStoppingAfterMinimum(EarlyStopping):
         check_on_train_epoch_end: Optional[bool] = None,
         log_rank_zero_only: bool = False,
     ):
-        from modules.errors import ConfigError
-
         for key, value in (("min_epochs", min_epochs), ("min_steps", min_steps)):
             if value is None or value < 0:
                 raise ConfigError(f"callbacks.early_stopping.{key}={value} must be >= 0 (training before early stopping counts).")
