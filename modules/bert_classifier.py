@@ -198,7 +198,7 @@ class BertClassifier(L.LightningModule):
         extra = [g for objective in objectives_of(self._trainer) for g in objective.param_groups(self)]
         opt = torch.optim.AdamW(groups + extra, lr=self.hparams.lr)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_fraction * total)
+        warmup = self.warmup_steps()
 
         def schedule(step: int) -> float:
             """LR factor: linear warm-up to 1, then linear decay to 0."""
@@ -233,6 +233,17 @@ class BertClassifier(L.LightningModule):
             torch.nn.utils.clip_grad_value_(params, float(gradient_clip_val))
         else:
             raise ValueError(f"trainer.gradient_clip_algorithm={algorithm!r}: use 'norm' or 'value'.")
+
+    def warmup_steps(self) -> int:
+        """Optimizer steps of the linear LR warm-up of this fit: ``int(warmup_fraction * estimated_stepping_batches)``.
+
+        Read by :meth:`configure_optimizers` and by the dense phase's early stopping
+        (``pipelines.teacher.EarlyStoppingAfterMinimum``), which never ends a fit before it.
+
+        Raises:
+            RuntimeError: the module is not attached to a trainer (Lightning's ``self.trainer``).
+        """
+        return int(self.hparams.warmup_fraction * max(1, int(self.trainer.estimated_stepping_batches)))
 
     # ----------------------------------------------------------------- serving
     def served_model(self) -> "BertClassifier":

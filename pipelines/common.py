@@ -86,7 +86,7 @@ def build_callbacks(
             continue
         if key == "early_stopping":
             if phase == "dense" and monitor is not None:
-                callbacks.append(instantiate(node, monitor=monitor, mode=mode))
+                callbacks.append(build(node, monitor=monitor, mode=mode))  # a bad setting: its own one-line error
             continue
         if key == "model_checkpoint":
             callbacks.append(

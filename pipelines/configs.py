@@ -27,7 +27,7 @@ from typing import Any, Optional
 import lightning as L
 from hydra.core.config_store import ConfigStore
 from hydra_zen import BuildsFn
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import OmegaConf
 
@@ -36,6 +36,7 @@ from modules.dlrm import DLRMModule
 from modules.packages import default_bert_dir
 from modules.stream_data import CriteoStream, CsvStream, MovieLensStream
 from modules.text_data import GlueDataModule, RottenTomatoesDataModule, TextFileDataModule
+from pipelines.teacher import EarlyStoppingAfterMinimum
 from pruners.base import Pruner
 
 
@@ -159,6 +160,9 @@ class RunConfig:
             list of them for a multi-objective search (``hparams_search=top_optuna``).
         teacher_cache: reuse dense teachers across runs (``pipelines.teacher_cache``): None
             (default) in multirun jobs only, True always, False never.
+        allow_majority_class_teacher: prune (and distil from) a dense model whose validation
+            accuracy does not beat the majority-class rate, with a warning; False (default)
+            stops the run before the pruning phase (``pipelines.teacher``).
         latency: how final models are timed.
         export: how final models are exported and served (ONNX, ONNX Runtime).
     """
@@ -169,6 +173,7 @@ class RunConfig:
     threads: Optional[int] = None
     optimized_metric: Any = None
     teacher_cache: Optional[bool] = None
+    allow_majority_class_teacher: bool = False
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     model: Any = None
@@ -204,7 +209,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="base_trainer", node=schema(L.Trainer, zen_exclude=("callbacks", "logger")))
     cs.store(group="callbacks", name="base_model_checkpoint", node=schema(ModelCheckpoint))
     cs.store(group="callbacks", name="base_lr_monitor", node=schema(LearningRateMonitor))
-    cs.store(group="callbacks", name="base_early_stopping", node=schema(EarlyStopping))
+    cs.store(group="callbacks", name="base_early_stopping", node=schema(EarlyStoppingAfterMinimum))
     cs.store(group="logger", name="base_wandb", node=schema(WandbLogger, group=None, job_type=None))
     cs.store(group="logger", name="base_csv", node=schema(CSVLogger))
     cs.store(group="logger", name="base_tensorboard", node=schema(TensorBoardLogger))

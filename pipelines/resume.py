@@ -55,6 +55,7 @@ RESUME_ALLOWED = (
     "trainer.enable_model_summary",
     "logger.",
     "debug",
+    "allow_majority_class_teacher",  # whether a run goes on past a dense model at the majority class, not what it computes
     "hydra.verbose",
     "hydra.job_logging.",
 )

@@ -7,11 +7,19 @@ An entry lives in ``<paths.teacher_cache_dir>/<key>/`` (default
 ``${paths.log_dir}/teacher_cache``): ``teacher.ckpt`` and ``complete.json``, written last,
 holding the checkpoint's size and SHA-256 and what the key was made of. The key is a
 SHA-256 of everything the teacher's weights depend on: the model node (architecture,
-learning rate, pretrained folder and the sizes and times of its files), the data node
-(and the size and time of any file it names), the seed, the teacher's epochs and
-monitored metric, the trainer settings (those that only show or log left out), the
-model's own trainer settings, the checkpoint callback's settings, and the torch,
-Lightning and transformers versions.
+optimiser settings: learning rate, weight decay, warm-up; pretrained folder and the sizes
+and times of its files), the data node (batch size, lengths, ``limit_per_split``, and the
+size and time of any file it names), the seed, the teacher's epochs and monitored metric,
+the trainer settings (limits, gradient clipping and accumulation, ``min_epochs`` /
+``min_steps``, validation interval; those that only show or log left out), the model's own
+trainer settings, the early-stopping callback's settings (``callbacks.early_stopping``:
+patience, ``min_epochs``, ``min_delta``; issue 33), the checkpoint callback's settings, and
+the torch, Lightning and transformers versions.
+
+Only a dense model that beats the majority-class rate (``pipelines.teacher.teacher_check``,
+the ``usable`` argument of :func:`dense_teacher`) is stored or served: a fitted one that does
+not is left out of the cache, and an entry that does not (stored by an older version) is
+deleted and fitted again.
 
 An entry whose record is missing, whose checkpoint is missing or differs in size or
 checksum is stale: it is deleted and rebuilt. Concurrent jobs (joblib, submitit) take a
@@ -103,6 +111,8 @@ def key_material(cfg: DictConfig, epochs: int | None, monitor: str | None) -> di
     plain = lambda node: OmegaConf.to_container(node, resolve=True) if node is not None else None  # noqa: E731
     trainer = {k: v for k, v in (plain(cfg.trainer) or {}).items() if k not in IGNORED_TRAINER_KEYS}
     callback = {k: v for k, v in (plain(OmegaConf.select(cfg, "callbacks.model_checkpoint")) or {}).items() if k != "dirpath"}
+    # when the dense phase stops: its patience, min_delta and minimum of training (None: every epoch)
+    early_stopping = plain(OmegaConf.select(cfg, "callbacks.early_stopping"))
     model, data = plain(cfg.model), plain(cfg.data)
     return {
         "model": model,
@@ -113,6 +123,7 @@ def key_material(cfg: DictConfig, epochs: int | None, monitor: str | None) -> di
         "monitor": monitor,
         "trainer": trainer,
         "checkpoint_callback": callback,
+        "early_stopping": early_stopping,
         "versions": {"torch": torch.__version__, "lightning": lightning.__version__, "transformers": transformers.__version__},
     }
 
@@ -163,7 +174,8 @@ def store(entry: Path, ckpt: Path, material: dict[str, Any]) -> None:
 
 
 def dense_teacher(
-    cfg: DictConfig, out_dir: Path, epochs: int | None, monitor: str | None, fit: Callable[[], str], multirun: bool
+    cfg: DictConfig, out_dir: Path, epochs: int | None, monitor: str | None, fit: Callable[[], str], multirun: bool,
+    usable: Callable[[str], bool] | None = None,
 ) -> tuple[str, dict[str, Any] | None]:
     """The dense checkpoint: from the cache when an entry matches, else ``fit()`` (stored for later runs).
 
@@ -173,9 +185,12 @@ def dense_teacher(
         epochs, monitor: the dense phase's plan.
         fit: runs the dense phase and returns its checkpoint path.
         multirun: whether this is a multirun job (the default uses the cache only then).
+        usable: ``usable(checkpoint path)``: whether that teacher may be stored and served (a text
+            teacher: it beats the majority class); None: every teacher is. Asked only when the cache is on.
 
     Returns:
-        (checkpoint path, the results.json record ``{"key", "hit", "entry"}``, or None when the cache is off).
+        (checkpoint path, the results.json record ``{"key", "hit", "entry", "stored"}``, or None when
+        the cache is off).
     """
     phase_dir = out_dir / "checkpoints" / DENSE_PHASE
     own = read_record(phase_dir) or {}
@@ -191,11 +206,15 @@ def dense_teacher(
     entry = root / key
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{key}.lock")):
+        if valid_entry(entry) and usable is not None and not usable(str(entry / CKPT)):
+            log.warning("teacher cache entry %s holds a dense model at the majority-class rate; deleting it and "
+                        "fitting the teacher again", entry)
+            shutil.rmtree(entry)
         if valid_entry(entry):
             # the run's dense phase is then finished like a fitted one: final.ckpt and its completion
             # record, so a resume of this run restores it instead of fitting the teacher again
             _link_or_copy(entry / CKPT, phase_dir / FINAL_CKPT)
-            cached = {"key": key, "hit": True, "entry": str(entry)}
+            cached = {"key": key, "hit": True, "entry": str(entry), "stored": True}
             write_record(phase_dir, DENSE_PHASE, None, None, teacher_cache=cached)
             log.info("dense teacher from the cache: %s", entry)
             return str(phase_dir / FINAL_CKPT), cached
@@ -203,5 +222,8 @@ def dense_teacher(
             log.warning("teacher cache entry %s is incomplete or corrupt; rebuilding it", entry)
             shutil.rmtree(entry)
         path = fit()
+        if usable is not None and not usable(path):
+            log.warning("the dense model does not beat the majority-class rate: it is not stored in the teacher cache")
+            return path, {"key": key, "hit": False, "entry": str(entry), "stored": False}
         store(entry, Path(path), material)
-        return path, {"key": key, "hit": False, "entry": str(entry)}
+        return path, {"key": key, "hit": False, "entry": str(entry), "stored": True}

@@ -3,12 +3,15 @@
 Phases (each a Lightning fit with its own checkpoints under ``checkpoints/<phase>`` and
 its own logger run, :func:`pipelines.common.fit_phase`):
 
-1. ``dense``: fine-tune the dense model until its validation metric converges
-   (``callbacks.early_stopping``), for at most the pruner's teacher epochs
-   (:meth:`~pruners.base.Pruner.teacher_plan`), or ``trainer.max_epochs`` without a
-   pruner; skipped when the plan names a checkpoint (``pruner.teacher_ckpt``). Its
-   validation accuracy is compared with the majority-class rate
-   (:func:`pipelines.teacher.teacher_check`; ``dense.beats_majority_class``).
+1. ``dense``: fine-tune the dense model for at least its warm-up and
+   ``callbacks.early_stopping.min_epochs``, then until its validation metric converges
+   (``callbacks.early_stopping``, :class:`pipelines.teacher.EarlyStoppingAfterMinimum`), for at
+   most the pruner's teacher epochs (:meth:`~pruners.base.Pruner.teacher_plan`), or
+   ``trainer.max_epochs`` without a pruner; skipped when the plan names a checkpoint
+   (``pruner.teacher_ckpt``). Its validation accuracy is compared with the majority-class rate
+   (:func:`pipelines.teacher.teacher_check`; ``dense.beats_majority_class``): a dense model that
+   does not beat it stops the run before the pruning phase
+   (:class:`pipelines.teacher.MajorityClassTeacherError`) unless ``allow_majority_class_teacher``.
 2. ``pruned``: a copy of the dense checkpoint, the pruner attached as a callback, fitted
    as the pruner's :meth:`~pruners.base.Pruner.fit_plan` says.
 3. one phase per baseline the pruner names (:meth:`~pruners.base.Pruner.baselines`, e.g.
@@ -43,7 +46,7 @@ from modules.text_data import TextClassificationDataModule
 from pipelines.common import build, build_trainer, check_data_kind, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
 from pipelines.sweep import multirun_job
-from pipelines.teacher import teacher_check
+from pipelines.teacher import act_on_teacher_check, teacher_check
 from pipelines.teacher_cache import dense_teacher
 from pipelines.threads import latency_threads
 from pipelines.tracking import finish_loggers, phase_test_loggers
@@ -379,6 +382,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     Raises:
         pruners.base.PrunerConfigError: the pruner cannot prune this model or data (before any training).
         modules.text_data.DataError: unusable data.
+        pipelines.teacher.MajorityClassTeacherError: the dense model does not beat the majority-class
+            rate and a pruner would start from it (after the dense phase, before the pruning phase).
     """
     started = time.time()
     check_data_kind(cfg, TextClassificationDataModule, "text data (data=rotten_tomatoes, data=text_csv or data=glue)")
@@ -392,24 +397,37 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         pruner.check(dense_module, datamodule)
 
     teacher_plan = pruner.teacher_plan() if pruner is not None else None
-    dense_score = None  # the dense phase's best monitored value (None: a given or cached teacher)
     cached = None  # the teacher cache's record (pipelines.teacher_cache), when it is used
+    fitted: dict[str, float | None] = {}  # the dense phase's best monitored value, when it ran or was restored
+    checks: list[dict[str, Any]] = []  # teacher_check of each dense checkpoint looked at, in order
+
+    def check(path: str) -> dict[str, Any]:
+        """The dense checkpoint at ``path`` against the majority-class rate (pipelines.teacher.teacher_check)."""
+        model = module_cls.load_from_checkpoint(path, map_location="cpu").served_model()
+        checks.append(teacher_check(cfg, model, datamodule, fitted.get("score"), cfg.model.monitor))
+        return checks[-1]
+
     if teacher_plan is not None and teacher_plan.checkpoint is not None:
         dense_ckpt = teacher_plan.checkpoint
     else:
         epochs = teacher_plan.epochs if teacher_plan is not None else None
         plan = FitPlan(max_epochs=epochs, monitor=cfg.model.monitor)
-        fitted: dict[str, float | None] = {}
 
         def fit() -> str:
             """Fit the dense phase; remember its best monitored score."""
             path, fitted["score"] = fit_phase(cfg, "dense", dense_module, datamodule, plan)
             return path
 
-        dense_ckpt, cached = dense_teacher(cfg, out_dir, epochs, cfg.model.monitor, fit, multirun_job() is not None)
-        dense_score = fitted.get("score")
+        # only a teacher that beats the majority class is stored in the cache or served from it
+        dense_ckpt, cached = dense_teacher(cfg, out_dir, epochs, cfg.model.monitor, fit, multirun_job() is not None,
+                                           usable=lambda path: check(path)["beats_majority_class"])
     digests = {"dense": memory_digest(dense_module)}  # (no pruning decisions: shapes only)
     del dense_module
+    # the cache checks the teacher it serves or stores (a hit under the entry's path), so its last check is this one
+    dense_check = checks[-1] if checks else check(dense_ckpt)
+    # before anything else is written: a pruner would start from (and distil from) this model
+    act_on_teacher_check(dense_check, prunes=pruner is not None, allowed=bool(cfg.get("allow_majority_class_teacher")),
+                         run_dir=str(out_dir))
     dense = module_cls.load_from_checkpoint(dense_ckpt, map_location="cpu").served_model()
     results: dict[str, Any] = {
         "task": cfg.task_name,
@@ -417,7 +435,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "splits": {s: len(d) for s, d in datamodule.datasets.items()},
         "dense": {"checkpoint": run_relative(dense_ckpt, out_dir), "metrics": evaluate_test_split(cfg, dense, datamodule, "dense")},
     }
-    results["dense"].update(teacher_check(cfg, dense, datamodule, dense_score, cfg.model.monitor))
+    results["dense"].update(dense_check)
     if cached is not None:
         results["teacher_cache"] = cached
     models = {"dense": dense}

@@ -177,17 +177,26 @@ def test_a_d2s_sweep_trains_the_dense_reference_once(tmp_path):
 @pytest.mark.slow
 def test_joblib_sweep_of_two_sparsities_fits_the_teacher_once(tmp_path):
     """Two ToP jobs in parallel worker processes (joblib; the BERT folder resolver registered there) share one
-    dense teacher: one job fits it, the other waits for the cache entry and loads it."""
+    dense teacher: one job fits it, the other waits for the cache entry and loads it. The cache stores only a
+    teacher that beats the majority class (issue 35), so the jobs fit a tiny BERT that learns its data: a
+    sentence is positive when it says "good" (10 epochs of 8 steps reach validation accuracy 1.0)."""
+    from conftest import TINY_BERT_CONFIG
+
+    data = tmp_path / "words.csv"
+    data.write_text("text,label\n" + "".join(f"{w} film number {i},{int(w == 'good')}\n" for i, w in enumerate(["good", "bad"] * 80)))
+    tiny = ",".join(f"{k}:{v}" for k, v in TINY_BERT_CONFIG.items())
     proc, sweep = multirun(
         tmp_path, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "experiment=smoke", "pruner.target_sparsity=0.4,0.6",
-        "pruner.teacher_epochs=1", "pruner.pruning_epochs=1", "threads=1", "latency.batch_sizes=[1]", "latency.repeats=2",
-        "data.limit_per_split=32",
+        "pruner.teacher_epochs=10", "pruner.pruning_epochs=1", "threads=1", "latency.batch_sizes=[1]", "latency.repeats=2",
+        "data=text_csv", f"data.path={data}", "data.limit_per_split=null", "data.batch_size=16", f"model.module.bert_config={{{tiny}}}",
+        "model.module.lr=3e-3", "callbacks.early_stopping=null", "trainer.limit_train_batches=null",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_rows(sweep)
     assert [r["status"] for r in rows] == ["completed", "completed"]
     results = [json.loads((sweep / r["job"] / "results.json").read_text()) for r in rows]
     assert sorted(r["teacher_cache"]["hit"] for r in results) == [False, True]
+    assert all(r["dense"]["beats_majority_class"] and r["teacher_cache"]["stored"] for r in results)
     assert len({r["teacher_cache"]["key"] for r in results}) == 1
     assert sum((sweep / r["job"] / "csv" / "dense").is_dir() for r in rows) == 1  # one dense fit
     for r in results:
