@@ -28,18 +28,25 @@ from modules.structured import shrink_structured
 METRICS = ("accuracy", "f1", "mcc")
 
 
-def build_metrics(names: tuple[str, ...] | list[str], num_labels: int) -> torchmetrics.MetricCollection:
+def build_metrics(
+    names: tuple[str, ...] | list[str], num_labels: int, sync_on_compute: bool = True
+) -> torchmetrics.MetricCollection:
     """A MetricCollection with the named torchmetrics (binary for 2 labels, else macro multiclass).
+
+    ``sync_on_compute=False`` for figures one process computes alone (rank 0 scoring an
+    exported model): with True, ``compute()`` under DDP waits for every rank.
 
     Raises:
         ValueError: an unknown metric name.
     """
     task = "binary" if num_labels == 2 else "multiclass"
-    kw = {"task": task} if task == "binary" else {"task": task, "num_classes": num_labels, "average": "macro"}
+    kw = {"task": task, "sync_on_compute": sync_on_compute}
+    if task == "multiclass":
+        kw.update(num_classes=num_labels, average="macro")
     makers = {
         "accuracy": lambda: torchmetrics.Accuracy(**{k: v for k, v in kw.items() if k != "average"}),
         "f1": lambda: torchmetrics.F1Score(**kw),
-        "mcc": lambda: torchmetrics.MatthewsCorrCoef(task=task, num_classes=num_labels),
+        "mcc": lambda: torchmetrics.MatthewsCorrCoef(task=task, num_classes=num_labels, sync_on_compute=sync_on_compute),
     }
     unknown = [n for n in names if n not in makers]
     if unknown:

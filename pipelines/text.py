@@ -275,7 +275,8 @@ def quantize_text_models(
         entry["served"]["size_vs_fp32"] = entry["served"]["onnx_bytes"] / served[source_name]["onnx_bytes"]
         session = make_session(folder / MODEL_FILE, latency_threads(cfg))
         fp32_logits, int8_logits = run_batches(sessions[source_name], feeds), run_batches(session, feeds)
-        metrics = build_metrics(list(datamodule.metrics), datamodule.num_labels)
+        # rank 0 alone scores the int8 models (the other ranks are done): no sync across ranks
+        metrics = build_metrics(list(datamodule.metrics), datamodule.num_labels, sync_on_compute=False)
         metrics.update(torch.from_numpy(int8_logits).argmax(dim=-1), labels_t)
         entry["metrics"] = {k: float(v) for k, v in metrics.compute().items()}
         entry["agreement"] = {**agreement(fp32_logits, int8_logits), "with": f"{source_name} in ONNX Runtime, whole test split"}

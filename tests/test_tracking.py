@@ -29,7 +29,7 @@ TINY_BERT = ("model.module.bert_config={vocab_size:30522,hidden_size:32,num_hidd
              "intermediate_size:64,max_position_embeddings:128}")
 TINY_TEXT = [TINY_BERT, "data.limit_per_split=32", "trainer.val_check_interval=1.0", "trainer.num_sanity_val_steps=0",
              "latency.batch_sizes=[1,8]", "latency.examples=8", "latency.repeats=2", "latency.warmup=1", "threads=1",
-             "trainer.enable_progress_bar=false"]
+             "trainer.enable_progress_bar=false", "allow_majority_class_teacher=true"]
 TINY_D2S = ["model=dlrm", "pruner=d2s", "data.window=1000", "data.limit_rows=3000", "pruner.update_every=5",
             "threads=1", "latency.repeats=2", "latency.warmup=1", "latency.batch_sizes=[1]", "trainer.enable_progress_bar=false"]
 
@@ -129,7 +129,9 @@ def test_default_text_run_shows_its_conclusions_in_wandb_and_a_resumed_run_conti
     assert json.loads((res["dir"] / "files" / "results.json").read_text()) == results
 
     lat = table(res, "latency")
-    assert lat["columns"] == ["model", "runtime", "batch_size", "ms", "speedup_vs_dense"] and len(lat["data"]) == 8
+    # dense and pruned in both runtimes at 2 batch sizes, and their int8 copies (export.quantize=dynamic) in ONNX Runtime
+    assert lat["columns"] == ["model", "runtime", "batch_size", "ms", "speedup_vs_dense"] and len(lat["data"]) == 12
+    assert {row[0] for row in lat["data"] if row[1] == "onnxruntime"} == {"dense", "pruned", "dense-int8", "pruned-int8"}
     for model, runtime, bs, ms, _ in lat["data"]:
         key = "latency_ms" if runtime == "pytorch" else "latency_ms_onnxruntime"
         assert ms == pytest.approx(results[model][key][str(bs)])
@@ -142,8 +144,8 @@ def test_default_text_run_shows_its_conclusions_in_wandb_and_a_resumed_run_conti
     assert len(kinds) == sum(len(k) for m in ("dense", "pruned") for k in results[m]["kept_token_kinds_per_layer"])
 
     models = {a["name"]: a for a in res["artifacts"] if a["type"] == "model"}
-    assert set(models) == {"bert-top-dense", "bert-top-pruned"}
-    for name in ("dense", "pruned"):
+    assert set(models) == {"bert-top-dense", "bert-top-pruned", "bert-top-dense-int8", "bert-top-pruned-int8"}
+    for name in ("dense", "pruned", "dense-int8", "pruned-int8"):
         meta = json.loads((run_dir / "served" / name / "litprune.json").read_text())
         assert json.loads(models[f"bert-top-{name}"]["metadata"]) == meta
         assert {c["path"] for c in models[f"bert-top-{name}"]["manifest"]["contents"]} >= {"model.onnx", "litprune.json"}
@@ -188,7 +190,8 @@ def test_a_multirun_job_has_its_own_group_plots_as_images_and_the_sweep_its_run(
         image = res["summary"][f"plots/{role}"]
         assert image["_type"] == "image-file" and (res["dir"] / "files" / image["path"]).stat().st_size > 0
         assert image["path"] in res["files"]
-    assert {a["name"] for a in res["artifacts"] if a["type"] == "model"} == {"dlrm-d2s-dense", "dlrm-d2s-pruned"}
+    assert {a["name"] for a in res["artifacts"] if a["type"] == "model"} == {
+        "dlrm-d2s-dense", "dlrm-d2s-pruned", "dlrm-d2s-dense-int8", "dlrm-d2s-pruned-int8"}  # export.quantize=dynamic
 
     (sweep_run,) = read_offline_runs(sweep / "wandb").values()
     assert sweep_run[0]["run"]["job_type"] == "sweep" and sweep_run[0]["run"]["tags"] == [f"sweep-{sweep.name}"]
