@@ -11,7 +11,7 @@ Guards run once broken (issue 31): with the pipeline starting every phase from t
 (``start`` not advanced in ``pipelines.text.run``), the stage-order test failed (the tokens phase
 started from ``checkpoints/dense``); with ``_check_composable`` returning at once, the refused-pair
 tests failed (DID NOT RAISE); with ``on_load_checkpoint`` not dropping layers, the layer-drop
-checkpoint round trip failed (unexpected keys ``model.bert.encoder.layer.2...``).
+checkpoint round trip failed (``RuntimeError: Error(s) in loading state_dict for BertClassifier``).
 """
 
 from __future__ import annotations
