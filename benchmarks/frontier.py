@@ -81,7 +81,7 @@ PLANS: dict[str, dict] = {
                    "latency.examples=32", "export.parity_examples=32"],
         "jobs": [
             ("top_0.30", "top", ["pruner.target_sparsity=0.3", "pruner.pruning_epochs=2", "pruner.bin_count=4"], True),
-            ("swiftpruner_1000ms", "swiftpruner", [*(f"pruner.{s}" for s in SMOKE_SWIFT), "pruner.latency.budget_ms=1000"], True),
+            ("swiftpruner_1000ms", "swiftpruner", [*(f"pruner.{s}" for s in SMOKE_SWIFT), "pruner.latency.budget_ms=1000"], False),
             ("layerdrop_k1", "layerdrop", ["pruner.layers=1"], False),
             ("swiftpruner_top", "swiftpruner_top", [*(f"pruner.stages.structure.{s}" for s in SMOKE_SWIFT),
                                                     "pruner.stages.structure.latency.budget_ms=1000",

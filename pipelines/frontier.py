@@ -122,7 +122,7 @@ def plot(groups: list[dict[str, Any]], batches: list[str], path: str | Path, tit
                         xytext=(3, 3), textcoords="offset points")
         front = {g["label"]: g for g in groups}
         line = [(front[l]["relative_latency"][b], front[l]["accuracy"]) for l in pareto(groups, b)]
-        ax.plot(*zip(*line), "-", color="black", lw=1, alpha=0.6, label="Pareto front")
+        ax.plot(*zip(*line), "o--", color="black", lw=1, ms=12, mfc="none", alpha=0.7, label="Pareto front")
         ax.set_xlabel(f"ONNX Runtime latency, fraction of dense (batch {b})")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)

@@ -80,7 +80,7 @@ def test_the_frontier_benchmark_runs_its_smoke_plan_and_resumes_without_rerunnin
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((tmp_path / "out" / "frontier.json").read_text())
     assert [j["job"] for j in summary["jobs"]] == ["top_0.30_seed42", "top_0.30_seed43", "swiftpruner_1000ms_seed42",
-                                                   "layerdrop_k1_seed42", "swiftpruner_top_seed42"]
+                                                   "layerdrop_k1_seed42", "swiftpruner_top_seed42"]  # seeds: default points
     groups = {g["label"]: g for g in summary["groups"]}
     assert groups["top_0.30"]["n"] == 2 and groups["top_0.30"]["accuracy_se"] is not None
     assert "swiftpruner_1000ms / uniform" in groups and "swiftpruner_top / structure" in groups
