@@ -51,7 +51,7 @@ from pipelines.sweep import STATUS_FILE, write_summary  # noqa: E402
 #: method's default point, run with every seed)
 TINY_BERT = ("model.module.bert_config={vocab_size:30522,hidden_size:32,num_hidden_layers:3,num_attention_heads:4,"
              "intermediate_size:64,max_position_embeddings:128}")
-SMOKE_SWIFT = ["head_choices=[0,2,4]", "ffn_fractions=[0,0.5,1]", "search.generations=1", "search.population_size=4",
+SMOKE_SWIFT = ["head_choices=[2,4]", "ffn_fractions=[0,0.5,1]", "search.generations=1", "search.population_size=4",
                "search.parents=2", "proxy.examples=16", "importance.examples=16", "latency.repeats=2",
                "latency.seq_len=16", "latency.verify_rounds=0", "latency.calibration_models=2"]
 PLANS: dict[str, dict] = {

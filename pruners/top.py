@@ -388,7 +388,8 @@ class ToPPruner(TeacherPruner):
                 layers = [l for l in default_pruning_layers(n_layers) if l - 1 not in headless]
                 if not layers:
                     raise PrunerConfigError(f"Token pruning: every layer that could score tokens has no attention head "
-                                            f"left (layers {sorted(headless)}); keep heads in them.")
+                                            f"left (layers {sorted(headless)}); keep heads in them (a structure stage's "
+                                            "head_choices without 0).")
             else:
                 layers = self.pruning_layers
                 bad = [l for l in layers if l - 1 in headless]
