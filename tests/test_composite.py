@@ -300,6 +300,18 @@ def test_swiftpruner_top_runs_its_stages_in_order_each_from_the_previous_model(t
     assert meta["ffn_neurons_per_layer"] == chosen["ffn_neurons_kept"]
     assert pruned["macs_per_sample"] < results["structure"]["macs_per_sample"] <= results["dense"]["macs_per_sample"]
     assert (tmp_path / "structure" / "search_history.json").is_file()
+    # predict's path (ONNX Runtime only) gives the combined model's probabilities
+    from modules.bert_classifier import BertClassifier
+    from serving.runtime import load_served
+    from serving.text import TextClassifier
+
+    classifier = TextClassifier(load_served(tmp_path / "served" / "pruned"))
+    texts = ["good film", "bad acting and a boring plot , really bad", "the plot is fun"]
+    encoded = classifier.encode(texts)
+    served = BertClassifier.load_from_checkpoint(tmp_path / pruned["checkpoint"], map_location="cpu").served_model()
+    with torch.no_grad():
+        expected = torch.softmax(served({k: torch.from_numpy(v) for k, v in encoded.items()}).logits, dim=-1)
+    assert torch.allclose(torch.from_numpy(classifier.predict_proba(texts)).float(), expected, atol=1e-4)
 
 
 @pytest.mark.slow
