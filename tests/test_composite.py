@@ -278,7 +278,8 @@ def test_swiftpruner_top_runs_its_stages_in_order_each_from_the_previous_model(t
         return real(cfg, phase, pruner, start, *args, **kwargs)
 
     monkeypatch.setattr(text, "prune_phase", spy)
-    results = run.train(compose_config(*COMPOSITE, output_dir=tmp_path))
+    cfg = compose_config(*COMPOSITE, output_dir=tmp_path)
+    results = run.train(cfg)
     ckpts = tmp_path / "checkpoints"
     assert starts == [("structure", (ckpts / "dense" / "final.ckpt").resolve()),
                       ("tokens", (ckpts / "structure" / "final.ckpt").resolve())]
@@ -300,6 +301,13 @@ def test_swiftpruner_top_runs_its_stages_in_order_each_from_the_previous_model(t
     assert meta["ffn_neurons_per_layer"] == chosen["ffn_neurons_kept"]
     assert pruned["macs_per_sample"] < results["structure"]["macs_per_sample"] <= results["dense"]["macs_per_sample"]
     assert (tmp_path / "structure" / "search_history.json").is_file()
+    # export.py on the finished run re-exports both stages' models from their checkpoints, at parity
+    from pipelines.reexport import reexport
+
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")  # as run.py saves it (this run ran in-process)
+    again = reexport(tmp_path, names=["structure", "pruned"], quantize="none")
+    assert again["pruned"]["served"]["parity_ok"] and again["structure"]["served"]["parity_ok"]
     # predict's path (ONNX Runtime only) gives the combined model's probabilities
     from modules.bert_classifier import BertClassifier
     from serving.runtime import load_served
