@@ -247,6 +247,20 @@ def test_layerdrop_refuses_more_layers_than_the_model_has(tiny_setup):
         LayerDrop(layers=4).check(tiny_classifier(3), tiny_setup[0])
 
 
+def test_layerdrop_setup_keeps_the_choice_a_killed_fit_wrote(tmp_path, tiny_setup, monkeypatch):
+    """A resumed fit reads ``layerdrop_choice.json`` from its checkpoint folder instead of timing again."""
+    from types import SimpleNamespace
+
+    from pruners.layerdrop import CHOICE_FILE, LayerDrop
+    from pruners.swiftpruner.latency import LatencyMeter
+
+    (tmp_path / CHOICE_FILE).write_text(json.dumps({"layers_kept": 2, "layers_total": 3, "chosen_by": "a budget"}))
+    monkeypatch.setattr(LatencyMeter, "reference", lambda self, dense: pytest.fail("timed again"))
+    module, pruner = tiny_classifier(3), LayerDrop(teacher_ckpt=str(tiny_setup[1]))
+    pruner.setup(SimpleNamespace(checkpoint_callback=SimpleNamespace(dirpath=str(tmp_path))), module, "fit")
+    assert len(module.model.bert.encoder.layer) == 2 and pruner.results()["layers_kept"] == 2
+
+
 # ------------------------------------------------------------------ end to end
 TINY = ("model.module.bert_config={vocab_size:30522,hidden_size:32,num_hidden_layers:3,num_attention_heads:4,"
         "intermediate_size:64,max_position_embeddings:128,hidden_dropout_prob:0.1,attention_probs_dropout_prob:0.1}")
@@ -349,3 +363,22 @@ def test_a_composite_run_killed_in_its_second_stage_resumes_to_the_uninterrupted
             for key in sa:
                 if "mask" in key or "gates" in key:
                     assert torch.equal(sa[key], sb[key]), (phase, key)
+
+
+@pytest.mark.slow
+def test_layerdrop_for_a_budget_serves_the_k_it_chose(tmp_path):
+    """``pruner=layerdrop`` with a budget: k is chosen by timing (written to the phase's folder), the served and
+    exported model has k layers, and the final model is timed against the budget."""
+    import run
+
+    args = [a for a in COMPOSITE if not a.startswith("pruner")] + [
+        "pruner=layerdrop", "pruner.teacher_epochs=1", "pruner.latency.budget_fraction=0.8", "pruner.latency.seq_len=16",
+        "pruner.latency.repeats=3", "pruner.latency.verify_rounds=1", "export.quantize=none"]
+    results = run.train(compose_config(*args, output_dir=tmp_path))
+    choice = json.loads((tmp_path / "checkpoints" / "pruned" / "layerdrop_choice.json").read_text())
+    k = results["pruner"]["layers_kept"]
+    assert choice["layers_kept"] == k and choice["timed_ms"][str(k)] <= choice["search_budget_ms"]
+    assert all(ms > choice["search_budget_ms"] for n, ms in choice["timed_ms"].items() if int(n) > k)  # the largest k within
+    meta = json.loads((tmp_path / "served" / "pruned" / "litprune.json").read_text())["pruning"]
+    assert len(meta["heads_per_layer"]) == k and results["pruned"]["served"]["parity_ok"]
+    assert results["pruner"]["final_served"]["final_model_latency"]["budget_ms"] == pytest.approx(choice["budget_ms"])
