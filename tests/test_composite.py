@@ -365,7 +365,6 @@ def test_a_composite_run_killed_in_its_second_stage_resumes_to_the_uninterrupted
                     assert torch.equal(sa[key], sb[key]), (phase, key)
 
 
-@pytest.mark.slow
 def test_layerdrop_for_a_budget_serves_the_k_it_chose(tmp_path):
     """``pruner=layerdrop`` with a budget: k is chosen by timing (written to the phase's folder), the served and
     exported model has k layers, and the final model is timed against the budget."""
