@@ -534,7 +534,7 @@ class PrunableBertForSequenceClassification(nn.Module):
             remove_pruned: gather out tokens whose (bool) keep mask is False, so later
                 sublayers run on shorter sequences. Requires the pruner to return bool masks.
             return_scores: also return the per-layer token scores, always (B, N) in the
-                input's token positions (removed tokens score 0, as masked ones do).
+                input's token positions (removed tokens score 0, as masked ones do; all 0 in a headless layer).
             return_kept_masks: also return the per-layer masks of the tokens present
                 (``kept_masks``), in the input's token positions.
 
@@ -542,7 +542,7 @@ class PrunableBertForSequenceClassification(nn.Module):
             :class:`EncoderOutput`.
 
         Raises:
-            ValueError: ``remove_pruned`` with a pruner that returns soft masks.
+            ValueError: ``remove_pruned`` with a pruner that returns soft masks; a pruning layer scored by a headless layer.
         """
         b, n = input_ids.shape
         present = (
@@ -579,11 +579,11 @@ class PrunableBertForSequenceClassification(nn.Module):
                         present if weight is None else weight * present,
                         attn.head_mask if attn.head_mask_applied else None,
                     )
-                except ValueError as err:
-                    raise ValueError(
-                        f"Encoder layer {i} has every attention head removed or masked, so it gives no token "
-                        "scores; token pruning right after it (or return_scores=True) needs them."
-                    ) from err
+                except ValueError as err:  # a headless layer scores no token: zeros, unless a layer prunes by them
+                    if prunes_next:
+                        raise ValueError(f"Encoder layer {i} has every attention head removed or masked, so it gives "
+                                         "no token scores; token pruning right after it needs them.") from err
+                    scores = torch.zeros_like(present, dtype=hidden.dtype)
                 if return_scores:
                     if positions is None:
                         out.scores.append(scores)

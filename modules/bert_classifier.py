@@ -19,11 +19,11 @@ import torch.nn.functional as F
 import torchmetrics
 from transformers import BertConfig
 
-from modules.bert import EncoderOutput, PrunableBertForSequenceClassification
+from modules.bert import EncoderOutput, PrunableBertForSequenceClassification, layer_macs
 from modules.errors import ConfigError
 from modules.gates import TokenGates
 from modules.objective import objectives_of, log_objective_metrics
-from modules.structured import shrink_structured
+from modules.structured import keep_lowest_layers, shrink_structured
 
 METRICS = ("accuracy", "f1", "mcc")
 
@@ -136,7 +136,9 @@ class BertClassifier(L.LightningModule):
     def dense_macs_per_sample(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) MACs of the unpruned model on each sample's real (unpadded) length."""
         n = batch["attention_mask"].sum(dim=1).to(torch.float32)
-        return self.model.macs([n] * len(self.model.bert.encoder.layer))
+        c = self.model.config
+        dropped = c.num_hidden_layers - len(self.model.bert.encoder.layer)  # layers a layer-dropping pruner removed
+        return self.model.macs([n] * len(self.model.bert.encoder.layer)) + dropped * layer_macs(n, c.hidden_size, c.intermediate_size)
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -283,12 +285,18 @@ class BertClassifier(L.LightningModule):
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the token gates' constructor arguments so the module can rebuild them on load."""
+        """Store the token gates' constructor arguments, and the encoder layers present when fewer than
+        the architecture's (a layer-dropped model), so the module can rebuild them on load."""
         if self.token_gates is not None:
             checkpoint["token_gates_config"] = self.token_gates.config()
+        if len(self.model.bert.encoder.layer) < self.model.config.num_hidden_layers:
+            checkpoint["encoder_layers"] = len(self.model.bert.encoder.layer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild the token gates (if the checkpoint has them) before the state dict is loaded."""
+        """Drop the layers a layer-dropped checkpoint lacks and rebuild the token gates (if the checkpoint
+        has them) before the state dict is loaded."""
+        if "encoder_layers" in checkpoint:
+            keep_lowest_layers(self.model, int(checkpoint["encoder_layers"]))
         # Rebuild the gates before Lightning loads the state dict, so load_from_checkpoint
         # returns the pruned model.
         if "token_gates_config" in checkpoint and self.token_gates is None:

@@ -66,6 +66,30 @@ def shrink_structured(model: PrunableBertForSequenceClassification) -> PrunableB
     return small
 
 
+def keep_lowest_layers(model: PrunableBertForSequenceClassification, k: int) -> None:
+    """Drop every encoder layer above the lowest ``k`` of ``model``, in place (layer dropping).
+
+    The kept layers' parameters, masks and outputs are unchanged; the pooler reads the
+    ``k``-th layer's output. ``model.config`` keeps describing the unpruned architecture
+    (``num_hidden_layers``; dense MACs are counted from it), and the layer count a checkpoint
+    needs to rebuild the model is the number of layers present (``len(model.bert.encoder.layer)``;
+    :class:`modules.bert_classifier.BertClassifier` stores it). Layer dropping as the simplest
+    structured baseline: Sajjad et al. 2023 (arXiv 2004.03844, "top-layer dropping").
+
+    Args:
+        model: the model (full-size or already shrunk); layers ``k, k + 1, ...`` are removed.
+        k: layers to keep, 1 <= k <= layers present.
+
+    Raises:
+        ValueError: ``k`` out of range.
+    """
+    layers = model.bert.encoder.layer
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(layers):
+        raise ValueError(f"keep {k!r} encoder layers: the model has {len(layers)}; keep between 1 and {len(layers)}.")
+    if k < len(layers):
+        model.bert.encoder.layer = torch.nn.ModuleList(list(layers)[:k])
+
+
 class UnitImportance(NamedTuple):
     """First-order Taylor importance of the structured units (larger = more important).
 

@@ -296,6 +296,13 @@ def format_table(results: dict[str, Any]) -> str:
             out.append(f"PARITY: {k} in ONNX Runtime differs from PyTorch by {served['max_abs_diff']:.2e} (see results.json).")
     if "macs_reduction" in results:
         out.append(f"MACs reduction: {results['macs_reduction']:.2f}x")
+    final = (results.get("pruner") or {}).get("final_served") or {}
+    for where, figures in ([("", final)] if "final_model_latency" in final else list(final.items())):
+        f = figures.get("final_model_latency") if isinstance(figures, dict) else None
+        if f:
+            out.append(f"final model against the latency budget{' of ' + where if where else ''}: {f['served_ms']:.3f} ms "
+                       f"({f['runtime']}, {f['shape']} tokens; dense {f['dense_ms']:.3f} ms), budget {f['budget_ms']:.3f} ms: "
+                       + ("within" if f["within_budget"] else "OVER BUDGET"))
     if results.get("dense", {}).get("beats_majority_class") is False:
         out.append("DENSE MODEL AT THE MAJORITY CLASS: its validation accuracy does not beat always answering the most "
                    "frequent class (see results.json 'dense'); train it longer.")

@@ -10,7 +10,8 @@ figures from its ``results.json``) after every job and at the end of the sweep, 
 sweep with failed jobs (Hydra stops after the batch that holds them) still has its
 summary. When ``optimized_metric`` lists two or more figures (a multi-objective search,
 ``hparams_search=top_optuna``) the summary also marks the Pareto front and plots it
-(``pareto.png``).
+(``pareto.png``). When the jobs differ in pruner, ``frontier.png`` plots every final model's
+test accuracy against its ONNX Runtime latency (:mod:`pipelines.frontier`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ STATUS_FILE = "job_status.json"
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
 PARETO_PNG = "pareto.png"
+FRONTIER_PNG = "frontier.png"
 
 
 def multirun_job() -> dict[str, str] | None:
@@ -207,10 +209,33 @@ def write_summary(sweep_dir: str | Path, objectives: list[str] | None = None, di
         md += [f"- job {rows[i]['job']}: `{shown[i]['overrides']}`: " + ", ".join(_fmt(rows[i][k]) for k in keys) for i in front]
         if front and plot_pareto(rows, keys, objectives, front, sweep_dir / PARETO_PNG):
             md += ["", f"![Pareto front]({PARETO_PNG})"]
+    if write_frontier(sweep_dir, rows, [" ".join(t for t in ts if t not in common) for ts in tokens]):
+        md += ["", "## Accuracy vs latency across pruners", "",
+               f"Every final model's test accuracy vs its ONNX Runtime latency as a fraction of its run's dense model "
+               f"(pipelines.frontier), Pareto front joined: ![frontier]({FRONTIER_PNG})"]
     tmp = sweep_dir / f".{SUMMARY_MD}.{os.getpid()}.tmp"
     tmp.write_text("\n".join(md) + "\n")
     tmp.replace(sweep_dir / SUMMARY_MD)
     return {"rows": rows, "pareto": front}
+
+
+def write_frontier(sweep_dir: Path, rows: list[dict], labels: list[str]) -> bool:
+    """``frontier.png`` in ``sweep_dir`` when its completed jobs differ in pruner (their results' ``task``):
+    every final model, labelled ``<pruner> <job's own overrides>`` (:mod:`pipelines.frontier`). Returns
+    whether it was written."""
+    from pipelines.frontier import group_points, plot, run_points
+
+    runs = {}
+    for r, label in zip(rows, labels):
+        res = sweep_dir / r["job"] / "results.json"
+        if r["status"] == "completed" and res.is_file():
+            runs[r["job"]] = (json.loads(res.read_text()), label)
+    if len({results.get("task") for results, _ in runs.values()}) < 2:
+        return False
+    points = [p for results, label in runs.values()
+              for p in run_points(results, f"{str(results.get('task', '')).split('-', 1)[-1]} {label}".strip())]
+    batches = sorted({b for p in points for b in p["relative_latency"]}, key=int)
+    return plot(group_points(points), batches, sweep_dir / FRONTIER_PNG, title=f"sweep {sweep_dir.name}")
 
 
 def plot_pareto(rows: list[dict], keys: list[str], labels: list[str], front: list[int], path: Path) -> bool:

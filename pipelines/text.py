@@ -12,8 +12,13 @@ its own logger run, :func:`pipelines.common.fit_phase`):
    (:func:`pipelines.teacher.teacher_check`; ``dense.beats_majority_class``): a dense model that
    does not beat it stops the run before the pruning phase
    (:class:`pipelines.teacher.MajorityClassTeacherError`) unless ``allow_majority_class_teacher``.
-2. ``pruned``: a copy of the dense checkpoint, the pruner attached as a callback, fitted
-   as the pruner's :meth:`~pruners.base.Pruner.fit_plan` says.
+2. the pruner's phases (:meth:`~pruners.base.Pruner.phases`): ``pruned`` for a plain
+   pruner, one per stage for a composite (``pruners.composite``), in order; each starts from
+   a copy of the previous phase's kept checkpoint (the first from the dense one), has its
+   pruner attached as a callback and is fitted as that pruner's
+   :meth:`~pruners.base.Pruner.fit_plan` says. The last phase's model is the pruned model
+   (``pruned`` in the results); an earlier phase's model is a final model of its own, under
+   the phase's name (``results["phases"]``: phase -> results entry, in order).
 3. one phase per baseline the pruner names (:meth:`~pruners.base.Pruner.baselines`, e.g.
    SwiftPruner's ``uniform``), run the same way.
 
@@ -340,13 +345,14 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], mode
 def prune_phase(
     cfg: DictConfig, phase: str, pruner: Pruner, dense_ckpt: str, teacher: torch.nn.Module, datamodule, out_dir: Path
 ) -> tuple[dict[str, Any], L.LightningModule, str]:
-    """Prune a copy of the dense checkpoint with ``pruner`` in its own phase; test its served copy.
+    """Prune a copy of a checkpoint with ``pruner`` in its own phase; test its served copy.
 
     Args:
         cfg: the run's config.
-        phase: phase name (``pruned`` or a baseline's name).
+        phase: phase name (``pruned``, a composite's stage or a baseline's name).
         pruner: the pruner (a callback), asked through its protocol only.
-        dense_ckpt: the dense checkpoint the student starts from.
+        dense_ckpt: the checkpoint the student starts from: the dense one, or the previous
+            phase's (a composite's later stage starts from the model, and the decisions, of the one before).
         teacher: the dense network, handed over when the pruner asks for a teacher.
         datamodule: a set-up text data module.
         out_dir: the run dir (checkpoint paths are recorded relative to it).
@@ -443,11 +449,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     files: dict[str, str] = {}
 
     if pruner is not None:
-        results["pruned"], models["pruned"], digests["pruned"] = prune_phase(
-            cfg, "pruned", pruner, dense_ckpt, dense.model, datamodule, out_dir)
+        start, phases, met = dense_ckpt, pruner.phases(), True
+        for i, (phase, stage) in enumerate(phases):
+            name = "pruned" if i == len(phases) - 1 else phase
+            results[name], models[name], digests[name] = prune_phase(cfg, phase, stage, start, dense.model, datamodule, out_dir)
+            results[name].pop("pruner")  # the pruner's results (a composite's: every stage's) come once, below
+            start = str(Path(out_dir) / results[name]["checkpoint"])  # the next phase starts from this one's model
+            met = met and results[name]["checkpoint_met_target"]
+        if len(phases) > 1:
+            results["phases"] = {p: ("pruned" if i == len(phases) - 1 else p) for i, (p, _) in enumerate(phases)}
         results["dense"].update(kept_tokens_per_layer(dense, datamodule))
-        results["pruner"] = results["pruned"].pop("pruner")
-        results["target_met"] = results["pruned"]["checkpoint_met_target"] and results["pruner"].get("target_met", True)
+        results["pruner"] = pruner.results()
+        results["target_met"] = met and results["pruner"].get("target_met", True)
         if is_global_zero():
             files.update(pruner.write_files(out_dir))
         for name, baseline in pruner.baselines().items():
@@ -478,6 +491,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         for name in models:
             if name not in ("dense", "pruned"):
                 results[f"pruned_minus_{name}_points"] = 100.0 * (p["metrics"]["accuracy"] - results[name]["metrics"]["accuracy"])
+    if pruner is not None:
+        figures = pruner.served_figures(models["pruned"], dense)  # e.g. the final model against a latency budget
+        if figures:
+            results["pruner"]["final_served"] = figures
     serve_and_time(cfg, out_dir, results, models, datamodule)
     if files:
         results["files"] = files

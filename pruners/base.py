@@ -10,12 +10,19 @@ phases and asks it, only through the methods below:
   teacher come from (a checkpoint, or a dense fit of some epochs)?
   :meth:`Pruner.set_teacher` hands the teacher over.
 * :meth:`Pruner.fit_plan`: how its fit phase runs (epochs, checkpoint metric, learning rate).
+* :meth:`Pruner.phases`: its fit phases in order, each starting from the previous one's
+  model (one, ``pruned``, for a plain pruner; one per stage for a composite,
+  :class:`pruners.composite.CompositePruner`).
 * :meth:`Pruner.baselines`: further pruners the pipeline runs the same way after it
   (SwiftPruner's uniform model), by result name.
+* :meth:`Pruner.served_figures`: figures of the final served model that its own criterion is
+  about (SwiftPruner: that model's latency against the budget), measured after training.
 * :meth:`Pruner.results` and :meth:`Pruner.write_files`: what it adds to results.json and
   which files it writes into the run dir.
 * ``state_dict`` / ``load_state_dict`` (Lightning's callback state): plain values and
   tensors only (torch >= 2.6 loads checkpoints with ``weights_only=True``).
+* :attr:`Pruner.prunes_model` and :attr:`Pruner.decisions`: which model it prunes and which kinds
+  of decision it leaves in it, so that a composite can refuse stages that cannot compose.
 
 The served model is not the pruner's business: the pruner leaves its decisions in the
 model's state (token gates, head/neuron masks, weight masks) and the LightningModule builds
@@ -130,6 +137,11 @@ class Pruner(TrainingObjective):
     #: constructor arguments that are components, configured by nested ``_target_`` nodes:
     #: argument name -> the component's class (its constructor is the node's schema)
     components: dict[str, type] = {}
+    #: the model config this pruner prunes (``bert``, ``dlrm``), as ``model=<name>``; None: any
+    prunes_model: str | None = None
+    #: kinds of decision the pruner leaves in the model's state (``heads``, ``neurons``, ``tokens``,
+    #: ``layers``, ``weights``); a composite refuses two stages deciding the same kind
+    decisions: frozenset[str] = frozenset()
 
     @property
     def state_key(self) -> str:
@@ -160,6 +172,26 @@ class Pruner(TrainingObjective):
     def fit_plan(self) -> FitPlan:
         """How the pipeline runs this pruner's fit (epochs, checkpoint metric, learning rate)."""
         return FitPlan()
+
+    def phases(self) -> list[tuple[str, "Pruner"]]:
+        """The fit phases, in order, as (phase name, the pruner attached in it): ``[("pruned", self)]``.
+
+        The pipeline runs them one after the other, each from the previous phase's kept
+        checkpoint (the first from the dense model); the last phase's model is the pruned model.
+        """
+        return [("pruned", self)]
+
+    def served_figures(self, served: nn.Module, dense: nn.Module) -> dict[str, Any]:
+        """Figures of the final served model that this pruner's criterion is about, measured after training.
+
+        Args:
+            served: the final pruned model's served copy (a LightningModule in eval mode).
+            dense: the dense model's served copy.
+
+        Returns:
+            JSON-serialisable figures added to the pruner's results (none by default).
+        """
+        return {}
 
     def baselines(self) -> dict[str, "Pruner"]:
         """Further pruners to run the same way after this one's fit, by result name (e.g. ``uniform``)."""

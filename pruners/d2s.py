@@ -117,6 +117,8 @@ class D2SPruner(Pruner):
 
     name = "d2s"
     config_name = "d2s"
+    prunes_model = "dlrm"
+    decisions = frozenset({"weights"})
 
     def __init__(
         self,

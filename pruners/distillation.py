@@ -85,6 +85,8 @@ def check_teacher_matches(path: str | Path, pl_module: BertClassifier) -> None:
     if not isinstance(theirs, dict) or "state_dict" not in ckpt:
         raise PrunerConfigError(f"pruner.teacher_ckpt={path} is not a checkpoint of a BertClassifier (model=bert) run.")
     masks = [k for k, v in ckpt["state_dict"].items() if k.endswith(("head_mask", "neuron_mask")) and bool((v == 0).any())]
+    if "encoder_layers" in ckpt:
+        masks.append(f"{ckpt['encoder_layers']} encoder layers kept")
     if "token_gates_config" in ckpt or masks:
         raise PrunerConfigError(
             f"pruner.teacher_ckpt={path} is a pruned model ({'token gates' if 'token_gates_config' in ckpt else masks[0]}), "
@@ -118,6 +120,7 @@ class TeacherPruner(Pruner):
     teacher: nn.Module | None = None
     teacher_ckpt: str | None = None
     teacher_epochs: int = 3
+    prunes_model = "bert"
 
     def check(self, pl_module, datamodule) -> None:
         """The model must be a :class:`~modules.bert_classifier.BertClassifier`, and ``teacher_ckpt``, if set,

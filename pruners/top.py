@@ -281,6 +281,7 @@ class ToPPruner(TeacherPruner):
 
     name = "top"
     config_name = "top"
+    decisions = frozenset({"tokens"})
 
     def __init__(
         self,
@@ -369,10 +370,32 @@ class ToPPruner(TeacherPruner):
         return layers
 
     def attach(self, pl_module: L.LightningModule) -> TokenGates:
-        """Give the module its token gates (kept if already there, e.g. when resuming)."""
+        """Give the module its token gates (kept if already there, e.g. when resuming).
+
+        On a model an earlier stage pruned (:class:`pruners.composite.CompositePruner`), the
+        gates fit the layers it has (a layer-dropped model has fewer), and a layer whose heads
+        were all removed scores no token: by default no token pruning follows it.
+
+        Raises:
+            PrunerConfigError: ``pruning_layers`` names a layer right after a headless layer,
+                or no default pruning layer is left.
+        """
         n_layers = len(pl_module.model.bert.encoder.layer)
         if pl_module.token_gates is None:
-            layers = self.pruning_layers if self.pruning_layers is not None else default_pruning_layers(n_layers)
+            heads, _ = pl_module.model.structured_masks()
+            headless = {i for i, m in enumerate(heads) if not bool((m != 0).any())}
+            if self.pruning_layers is None:
+                layers = [l for l in default_pruning_layers(n_layers) if l - 1 not in headless]
+                if not layers:
+                    raise PrunerConfigError(f"Token pruning: every layer that could score tokens has no attention head "
+                                            f"left (layers {sorted(headless)}); keep heads in them (a structure stage's "
+                                            "head_choices without 0).")
+            else:
+                layers = self.pruning_layers
+                bad = [l for l in layers if l - 1 in headless]
+                if bad:
+                    raise PrunerConfigError(f"pruner.pruning_layers={layers}: layers {[l - 1 for l in bad]} have no "
+                                            "attention head left to score tokens; choose other pruning layers.")
             # ToP's initialisation (TokenGates' defaults): token gates open, layer gates off.
             pl_module.token_gates = TokenGates(n_layers, layers, self.bin_count)
         gates = pl_module.token_gates

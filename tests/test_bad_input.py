@@ -236,6 +236,14 @@ def teacher_of_another_size(d: Path) -> Path:
     return path
 
 
+def user_composite(d: Path, name: str, stages: list[str]) -> list[str]:
+    """Overrides selecting a composite pruner ``name`` from a user's config folder (``hydra.searchpath``) whose
+    defaults list places ``stages`` (e.g. ``d2s@stages.weights``)."""
+    lines = "".join(f"  - {s}\n" for s in stages)
+    write(d / "conf" / "pruner", f"{name}.yaml", f"defaults:\n  - base_composite\n{lines}  - _self_\n\nname: {name}\n")
+    return [f"hydra.searchpath=[file://{d / 'conf'}]", f"pruner={name}"]
+
+
 def without_package(name: str, load: Callable[[], object]) -> Callable[[Path, Path], object]:
     """A case run: ``load()`` while the data package ``name`` looks uninstalled."""
 
@@ -529,6 +537,20 @@ CASES: list[Case] = [
          cli=cli_of(["pruner=top"], base=stream_run)),
     Case("dlrm-with-swiftpruner", X, "`model=dlrm pruner=swiftpruner`", settings(["pruner=swiftpruner"], base=stream_run),
          r"pruner=swiftpruner prunes a BERT classifier \(model=bert\), not a DLRMModule"),
+    Case("composite-d2s-top", X, "a composite of `d2s` and `top` (a user's `conf/pruner/d2s_top.yaml`)",
+         settings(lambda d: user_composite(d, "d2s_top", ["d2s@stages.weights", "top@stages.tokens"])),
+         r"pruner\.stages\.weights \(d2s\) and pruner\.stages\.tokens \(top\) cannot compose: d2s prunes model=dlrm, "
+         r"top prunes model=bert",
+         cli=cli_of(lambda d: user_composite(d, "d2s_top", ["d2s@stages.weights", "top@stages.tokens"]))),
+    Case("dlrm-with-swiftpruner_top", X, "`model=dlrm pruner=swiftpruner_top`", settings(["pruner=swiftpruner_top"], base=stream_run),
+         r"pruner\.stages\.structure \(swiftpruner\): pruner=swiftpruner prunes a BERT classifier \(model=bert\), not a DLRMModule",
+         cli=cli_of(["pruner=swiftpruner_top"], base=stream_run)),
+    Case("composite-stage-teacher", X, "a composite stage with its own teacher (`pruner.stages.tokens.teacher_epochs=1`)",
+         settings(["pruner=swiftpruner_top", "pruner.stages.tokens.teacher_epochs=1"]),
+         r"pruner\.stages\.tokens \(top\) distils from teacher_ckpt=None \(teacher_epochs=1\), but the composite's one "
+         r"dense teacher is pruner\.teacher_ckpt=None \(pruner\.teacher_epochs=3\)"),
+    Case("layerdrop-too-many-layers", X, "`pruner=layerdrop pruner.layers=7` (the model has 6)",
+         settings(["pruner=layerdrop", "pruner.layers=7"]), r"pruner\.layers=7: the model has 6 encoder layers; keep 1 to 6"),
     Case("bert-with-stream-data", X, "`model=bert data=movielens`", settings(["data=movielens", "pruner=none"], base=lambda d: ["logger=none", "threads=1"]),
          r"model=bert needs text data \(data=rotten_tomatoes, .*data\._target_ is modules\.stream_data\.MovieLensStream"),
     Case("dlrm-with-text-data", X, "`model=dlrm data=rotten_tomatoes`", settings(lambda d: ["data=rotten_tomatoes"], base=lambda d: ["model=dlrm", "logger=none"]),

@@ -136,12 +136,19 @@ def test_shrunk_model_works_with_token_removal(tiny_bert_config):
 
 
 def test_headless_layer_cannot_give_token_scores(tiny_bert_config):
+    """A headless layer scores no token: its returned scores are zeros, and token pruning right after it is refused.
+    (A composite's token stage may follow a structure stage that left a layer without heads.)"""
     model = _model(tiny_bert_config)
     model.set_structured_masks(*_masks(model.config, empty_heads_layer=0))
     ids, mask, types = bert_inputs(model.config.vocab_size)
-    for m in (model, shrink_structured(model)):
+    gates = TokenGates(num_layers=3, pruning_layers=[1], bin_count=4)
+    gates.freeze()
+    for m in (model.eval(), shrink_structured(model).eval()):
+        with torch.no_grad():
+            out = m(ids, mask, types, return_scores=True)
+        assert torch.equal(out.scores[0], torch.zeros_like(out.scores[0])) and out.scores[1].abs().sum() > 0
         with pytest.raises(ValueError, match="layer 0 has every attention head"):
-            m(ids, mask, types, return_scores=True)
+            m(ids, mask, types, token_pruner=gates.eval())
 
 
 def test_shrunk_macs_equal_analytic_count(tiny_bert_config):

@@ -45,6 +45,7 @@ class MaskedDistillation(TeacherPruner):
     """
 
     name = "masked_kd"
+    decisions = frozenset({"heads", "neurons"})
     #: the ``method`` entry of :meth:`results`
     method = "masked_distillation"
     monitor = "val/accuracy"

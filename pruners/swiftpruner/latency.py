@@ -212,6 +212,43 @@ class LatencyMeter:
         self._sessions[shape] = session
         return session
 
+    def time_served(self, served: nn.Module) -> float:
+        """Median ms of one forward of a *served* LightningModule (``served_model()``: heads, neurons and layers
+        removed, token gates in-graph) at the budget's shape, in :attr:`runtime`; in ONNX Runtime the model is
+        exported as a run exports it (``served.exportable()``), token selection included."""
+        inputs = synthetic_inputs(self.batch_size, self.seq_len, served.model.config.vocab_size)
+        if self.runtime == "torch":
+            with torch.no_grad():
+                return measure_latency_ms({"model": lambda: served(inputs)}, warmup=self.warmup, repeats=self.repeats)["model"]
+        exportable = served.exportable()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(exportable, exportable.feeds(inputs), Path(tmp) / "model.onnx", exportable.dynamic_axes(), ["logits"])
+            session = make_session(path, torch.get_num_threads())
+        feeds = graph_feeds(session, {k: v.numpy() for k, v in exportable.feeds(inputs).items()})
+        warmup = max(self.warmup, ORT_MIN_WARMUP)
+        return measure_latency_ms({"model": lambda: session.run(None, feeds)}, warmup=warmup, repeats=self.repeats)["model"]
+
+    def served_budget(self, served: nn.Module, dense: nn.Module, budget_ms: float | None) -> dict[str, float | bool | str]:
+        """The final served model's latency against the budget: both models timed by :meth:`time_served`
+        alternately, ``max(verify_rounds, 1)`` times, medians.
+
+        Args:
+            served, dense: served LightningModules (the pruned and the dense model).
+            budget_ms: the budget in ms (the search's, at its start); None: ``budget_fraction`` of the dense
+                model measured now.
+
+        Returns:
+            ``runtime``, ``shape`` ("B x N"), ``budget_ms``, ``dense_ms``, ``served_ms``,
+            ``fraction_of_dense`` (served / dense), ``within_budget`` (served ms <= budget ms).
+        """
+        rounds = [(self.time_served(dense), self.time_served(served)) for _ in range(max(self.verify_rounds, 1))]
+        dense_ms = statistics.median(d for d, _ in rounds)
+        served_ms = statistics.median(m for _, m in rounds)
+        budget = float(budget_ms) if budget_ms is not None else self.budget_fraction * dense_ms
+        return {"runtime": self.runtime, "shape": f"{self.batch_size} x {self.seq_len}", "budget_ms": budget,
+                "dense_ms": dense_ms, "served_ms": served_ms, "fraction_of_dense": served_ms / dense_ms,
+                "within_budget": served_ms <= budget}
+
     def reference(self, dense: nn.Module) -> DenseReference:
         """A :class:`DenseReference` timer against ``dense`` (timed once now)."""
         return DenseReference(self, dense)

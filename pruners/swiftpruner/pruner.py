@@ -233,6 +233,13 @@ class SwiftPruner(MaskedDistillation):
         out["lut"] = {k: self.result["lut"][k] for k in ("attention_ms", "ffn_ms", "fixed_ms", "head_choices", "neuron_choices")}
         return out
 
+    def served_figures(self, served, dense) -> dict[str, Any]:
+        """The final served model's latency against the search's budget, at the budget's shape and runtime
+        (:meth:`LatencyMeter.served_budget`); in a composite, the model after every stage. ``{}`` before the search."""
+        if self.result is None:
+            return {}
+        return {"final_model_latency": self.latency.served_budget(served, dense, self.result["budget_ms"])}
+
     def write_files(self, out_dir: Path) -> dict[str, str]:
         """Write ``search_history.json`` (every evaluated candidate and uniform configuration, the
         picks), ``latency_table.json`` (reusable as ``pruner.latency.table``) and ``search_pareto.png``.
