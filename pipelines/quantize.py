@@ -364,15 +364,17 @@ def quantize_served(
     return folders, errors
 
 
-def int8_entry(source: str, folder: Path, out_dir: Path) -> dict[str, Any]:
-    """The results entry of an int8 model before it is scored and timed: its source, folder, size and litprune.json record."""
+def int8_entry(source: str, folder: Path, out_dir: Path, fp32_bytes: int) -> dict[str, Any]:
+    """The results entry of an int8 model before it is scored and timed: its source, folder, size
+    (``onnx_bytes``, and ``size_vs_fp32``: int8 bytes / ``fp32_bytes``) and litprune.json record."""
     from pipelines.common import run_relative
 
     meta = json.loads((folder / META_FILE).read_text())
+    size = (folder / MODEL_FILE).stat().st_size
     return {
         "quantized_from": source,
         "quantization": meta["quantization"],
-        "served": {"folder": run_relative(folder, out_dir), "onnx_bytes": (folder / MODEL_FILE).stat().st_size},
+        "served": {"folder": run_relative(folder, out_dir), "onnx_bytes": size, "size_vs_fp32": size / fp32_bytes},
     }
 
 

@@ -179,8 +179,7 @@ def quantize_stream_models(
     out = {}
     for name, folder in folders.items():
         source_name = name.removesuffix("-int8")
-        entry = int8_entry(source_name, folder, out_dir)
-        entry["served"]["size_vs_fp32"] = entry["served"]["onnx_bytes"] / exported[source_name]["onnx_bytes"]
+        entry = int8_entry(source_name, folder, out_dir, exported[source_name]["onnx_bytes"])
         session = make_session(folder / MODEL_FILE, latency_threads(cfg))
         per = {"fp32": [], "int8": []}
         logits = {"fp32": [], "int8": []}

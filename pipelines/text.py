@@ -276,8 +276,7 @@ def quantize_text_models(
     out = {}
     for name, folder in folders.items():
         source_name = name.removesuffix("-int8")
-        entry = int8_entry(source_name, folder, out_dir)
-        entry["served"]["size_vs_fp32"] = entry["served"]["onnx_bytes"] / served[source_name]["onnx_bytes"]
+        entry = int8_entry(source_name, folder, out_dir, served[source_name]["onnx_bytes"])
         session = make_session(folder / MODEL_FILE, latency_threads(cfg))
         fp32_logits, int8_logits = run_batches(sessions[source_name], feeds), run_batches(session, feeds)
         # rank 0 alone scores the int8 models (the other ranks are done): no sync across ranks
