@@ -97,10 +97,6 @@ class BertClassifier(L.LightningModule):
             raise ConfigError("BertClassifier needs model.pretrained (a local BERT folder) or a bert_config.")
         self.save_hyperparameters({**locals_to_hparams(locals()), "bert_config": bert_config})
         self.token_gates: torch.nn.Module | None = None
-        #: set by a pruner: checkpoints only count once validation sparsity reaches it (ToP Sec. 4.1)
-        self.checkpoint_sparsity_floor: float | None = None
-        #: set by a pruner: checkpoints only count once the token gates are frozen
-        self.checkpoint_requires_frozen_gates = False
         self.val_metrics = build_metrics(list(metrics), num_labels).clone(prefix="val/")
         self.test_metrics = build_metrics(list(metrics), num_labels).clone(prefix="test/")
         # MACs per sample of the model as run (pruned) and of the dense model, same inputs
@@ -132,6 +128,26 @@ class BertClassifier(L.LightningModule):
         if self.token_gates is None or not self.hparams.remove_pruned_at_eval:
             return False
         return not self.training or bool(getattr(self.token_gates, "frozen", False))
+
+    # ------------------------------------------------------- pruning decisions
+    def attach_token_gates(self, gates: torch.nn.Module) -> None:
+        """Make ``gates`` (a :class:`modules.gates.TokenGates`) the model's token gates, saved in its state dict.
+
+        The gates are left out of DDP's gradient reduction (frozen gates receive no gradient,
+        which DDP's reducer refuses): whoever trains them averages their gradients over the
+        ranks itself (ToP's ``on_before_optimizer_step``).
+        """
+        self.token_gates = gates
+        self._ddp_params_and_buffers_to_ignore = [f"token_gates.{n}" for n, _ in gates.named_parameters()]
+
+    def freeze_embeddings(self) -> None:
+        """Stop training the embedding layer (word, position, segment embeddings and their LayerNorm)."""
+        self.model.bert.embeddings.requires_grad_(False)
+
+    def keep_lowest_layers(self, k: int) -> None:
+        """Remove every encoder layer above the lowest ``k`` (:func:`modules.structured.keep_lowest_layers`);
+        checkpoints record the layers kept and reload into a ``k``-layer model."""
+        keep_lowest_layers(self.model, k)
 
     def dense_macs_per_sample(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B,) MACs of the unpruned model on each sample's real (unpadded) length."""
@@ -178,14 +194,12 @@ class BertClassifier(L.LightningModule):
         return values
 
     def on_validation_epoch_end(self) -> None:
-        """Log val metrics, MACs, sparsity, and ``val/accuracy_at_target``: -1 until the sparsity
-        floor is met (and, if a pruner requires it, the token gates are frozen)."""
+        """Log val metrics, MACs and sparsity, then what each attached training objective derives from
+        them (:meth:`modules.objective.TrainingObjective.validation_metrics`, e.g. a pruner's checkpoint metric)."""
         values = self._log_eval(self.val_metrics, self.val_macs, "val")
-        if self.checkpoint_sparsity_floor is not None:
-            ok = values["val/sparsity"] >= self.checkpoint_sparsity_floor
-            if self.checkpoint_requires_frozen_gates:
-                ok = ok and self.token_gates is not None and self.token_gates.frozen
-            self.log("val/accuracy_at_target", values["val/accuracy"] if ok else torch.tensor(-1.0))
+        for objective in objectives_of(self._trainer):
+            for key, value in objective.validation_metrics(self, values).items():
+                self.log(key, value)
 
     def on_test_epoch_end(self) -> None:
         """Log test metrics, MACs per sample and sparsity."""

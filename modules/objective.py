@@ -5,7 +5,9 @@ pruners -> modules). Instead they define the small interface they call, and prun
 implement it: :class:`TrainingObjective` is a ``lightning.Callback`` whose
 :meth:`~TrainingObjective.training_loss` turns the task loss into the training loss and
 whose :meth:`~TrainingObjective.param_groups` adds optimizer groups (gates, Lagrange
-multipliers). :func:`objectives_of` finds them among a trainer's callbacks.
+multipliers); :meth:`~TrainingObjective.validation_metrics` derives metrics from each
+validation's figures (a pruner's checkpoint-selection metric). :func:`objectives_of` finds
+them among a trainer's callbacks.
 """
 
 from __future__ import annotations
@@ -43,6 +45,25 @@ class TrainingObjective(L.Callback):
         (and restored from a checkpoint) are the ones optimised.
         """
         return []
+
+    def validation_metrics(self, pl_module: L.LightningModule, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Metrics derived from this validation's figures, logged by the module under the returned names.
+
+        The module calls it at the end of every validation epoch (sanity check included), after
+        computing its own figures and before ``ModelCheckpoint`` decides, so a pruner can log the
+        metric its checkpoints are chosen by (and name it in its ``FitPlan.monitor``). Lightning
+        runs callbacks' ``on_validation_epoch_end`` before the module's, when these figures do
+        not exist yet: hence this call.
+
+        Args:
+            pl_module: the module being validated.
+            values: the module's validation figures of this epoch, by logged name (e.g.
+                ``val/accuracy``, ``val/sparsity``), synced across ranks.
+
+        Returns:
+            logged name -> scalar (none by default).
+        """
+        return {}
 
 
 def objectives_of(trainer: L.Trainer | None) -> list[TrainingObjective]:

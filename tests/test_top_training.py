@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -71,6 +73,72 @@ def test_gates_train_and_checkpoint_round_trip_restores_pruner_state(tiny_setup,
     assert probe.seen["has_state"]
 
 
+class RecordSelection(L.Callback):
+    """Per validation: the gates' state the module saw, its accuracy and sparsity, and ToP's selection metric.
+
+    Placed before the pruner, so its ``on_validation_end`` reads the metrics before ToP may freeze the gates.
+    """
+
+    def __init__(self, pruner: ToPPruner):
+        self.pruner = pruner
+        self.records: list[dict] = []
+        self._frozen = False
+
+    def on_validation_epoch_end(self, trainer, pl_module):  # callbacks run before the module's hook
+        self._frozen = bool(pl_module.token_gates is not None and pl_module.token_gates.frozen)
+
+    def on_validation_end(self, trainer, pl_module):
+        m = trainer.callback_metrics
+        sparsity = float(m["val/sparsity"])
+        met = self._frozen and sparsity >= self.pruner.target_sparsity - ToPPruner.SPARSITY_TOLERANCE
+        self.records.append({"step": trainer.global_step, "accuracy": float(m["val/accuracy"]), "met": met,
+                             "selection": float(m[ToPPruner.SELECTION_METRIC])})
+
+
+def test_top_selection_metric_counts_only_models_at_the_target_under_frozen_gates():
+    """ToP's checkpoint rule (``validation_metrics``): the accuracy once ``val/sparsity >= target - tolerance`` and,
+    with a fine-tuning window, the gates are frozen; -inf before. Run broken once (the frozen-gates condition
+    dropped from ``ToPPruner.validation_metrics``): the unfrozen case failed."""
+    from types import SimpleNamespace
+
+    values = {"val/accuracy": torch.tensor(0.8), "val/sparsity": torch.tensor(0.495)}
+    module = SimpleNamespace(token_gates=SimpleNamespace(frozen=False))
+    key = ToPPruner.SELECTION_METRIC
+    window = ToPPruner(target_sparsity=0.5, finetune_fraction=0.5)
+    assert ToPPruner.SPARSITY_TOLERANCE == 0.01
+    assert window.fit_plan().monitor == key and window.fit_plan().mode == "max"
+    assert window.validation_metrics(module, values)[key] == -math.inf  # at the target, gates not frozen
+    module.token_gates.frozen = True
+    assert window.validation_metrics(module, values)[key] == pytest.approx(0.8)
+    below = {**values, "val/sparsity": torch.tensor(0.489)}
+    assert window.validation_metrics(module, below)[key] == -math.inf  # frozen, below target - tolerance
+    no_window = ToPPruner(target_sparsity=0.5, finetune_fraction=0.0)
+    module.token_gates.frozen = False
+    assert no_window.validation_metrics(module, values)[key] == pytest.approx(0.8)  # no window: sparsity alone
+    assert no_window.validation_metrics(module, below)[key] == -math.inf
+
+
+def test_the_pipeline_keeps_the_last_checkpoint_when_none_met_the_criterion(tmp_path):
+    """``chosen_checkpoint``: a non-finite best score (the pruner's -inf) means no checkpoint met the rule: the last
+    is kept with score None; a finite best is kept with its score. Run broken once (the finiteness test
+    removed from ``chosen_checkpoint``): the -inf case kept best.ckpt and failed."""
+    from types import SimpleNamespace
+
+    from pipelines.common import chosen_checkpoint
+    from pruners.base import FitPlan
+
+    (tmp_path / "last.ckpt").write_text("x")
+    plan = FitPlan(monitor=ToPPruner.SELECTION_METRIC)
+
+    def trainer(score):
+        cb = SimpleNamespace(best_model_score=torch.tensor(score), best_model_path=str(tmp_path / "best.ckpt"),
+                             dirpath=str(tmp_path))
+        return SimpleNamespace(checkpoint_callback=cb)
+
+    assert chosen_checkpoint(trainer(-math.inf), "pruned", plan) == (str(tmp_path / "last.ckpt"), None)
+    assert chosen_checkpoint(trainer(0.0), "pruned", plan) == (str(tmp_path / "best.ckpt"), 0.0)
+
+
 def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
     pruner = ToPPruner(teacher_ckpt=str(tmp_path / "none.ckpt"))
     with pytest.raises(FileNotFoundError, match="pruner.teacher_ckpt"):
@@ -85,10 +153,16 @@ def test_gates_freeze_at_the_target_at_the_first_validation_in_the_window(tiny_s
     # Two epochs, window = the second half: freezing happens at the first validation in it (end of epoch 1),
     # projected to the target however far the stochastic gates got in one short epoch.
     pruner = ToPPruner(target_sparsity=0.3, teacher_ckpt=str(teacher_ckpt), bin_count=4, finetune_fraction=0.5)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/accuracy_at_target", mode="max", save_last=True)
+    plan = pruner.fit_plan()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=plan.monitor, mode=plan.mode, save_last=True)
+    seen = RecordSelection(pruner)
     trainer = L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, callbacks=[pruner, ckpt], num_sanity_val_steps=0)
+                        default_root_dir=tmp_path, callbacks=[seen, pruner, ckpt], num_sanity_val_steps=0)
     trainer.fit(student, datamodule=dm)
+    # ToP's own rule, as logged: the accuracy once at the target with frozen gates, else -inf (never kept).
+    assert [r["met"] for r in seen.records] == [False, False, True]
+    for r in seen.records:
+        assert r["selection"] == (r["accuracy"] if r["met"] else -math.inf)
     steps_per_epoch = trainer.num_training_batches
     assert pruner.frozen_at_step == 2 * steps_per_epoch  # first validation with step >= half of 3 epochs
     assert student.token_gates.frozen

@@ -90,11 +90,10 @@ class MaskedDistillation(TeacherPruner):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Load the teacher if none was set (fit only); checkpoints count at any sparsity (the masks are fixed)."""
+        """Load the teacher if none was set (fit only)."""
         if stage != "fit":
             return
         self.ensure_teacher()
-        pl_module.checkpoint_sparsity_floor = None
 
     def apply_masks(self, pl_module: L.LightningModule) -> None:
         """Set this pruner's masks on ``pl_module.model`` (nothing to do when it holds none)."""
