@@ -66,6 +66,96 @@ def check_data_kind(cfg: DictConfig, base: type, needs: str) -> None:
         raise ConfigError(f"model={cfg.model.name} needs {needs}, but data._target_ is {target}; choose one of those data configs.")
 
 
+#: callback arguments the run sets itself, by callback key: argument -> why (the schemas in
+#: ``pipelines.configs`` leave them unset; :func:`build_callbacks` refuses a value)
+RUN_SET_CALLBACK_KEYS: dict[str, dict[str, str]] = {
+    "model_checkpoint": {
+        "dirpath": "each phase writes its checkpoints to checkpoints/<phase>/ of the run dir",
+        "monitor": "each phase's fit plan names the metric its checkpoint is chosen by (the pruner's own, "
+                   "model.monitor for the dense phase)",
+        "mode": "each phase's fit plan gives the mode of the metric its checkpoint is chosen by",
+        "save_top_k": "a phase keeps its one best checkpoint (none when nothing is monitored)",
+        "save_last": "the run writes the resumable last.ckpt itself (pipelines.resume.LastCheckpoint)",
+        "save_weights_only": "the best checkpoint is kept for its weights; last.ckpt holds the resumable state",
+        "save_on_train_epoch_end": "the best is decided at each validation's end, before last.ckpt is written, so a "
+                                   "kill between the two cannot lose that decision",
+    },
+    "early_stopping": {
+        "monitor": "the dense phase stops on model.monitor; set that instead",
+        "mode": "the dense phase stops on model.monitor, maximised",
+    },
+}
+
+
+def check_run_set_callback_keys(cfg: DictConfig) -> None:
+    """Refuse a value for a callback argument the run sets itself (:data:`RUN_SET_CALLBACK_KEYS`).
+
+    Raises:
+        modules.errors.ConfigError: one line naming the key and why the run sets it.
+    """
+    from modules.errors import ConfigError
+
+    for name, keys in RUN_SET_CALLBACK_KEYS.items():
+        node = (cfg.get("callbacks") or {}).get(name)
+        for key, why in keys.items():
+            if node is not None and node.get(key) is not None:
+                raise ConfigError(f"callbacks.{name}.{key} is not a setting: {why}; remove the override.")
+
+
+def user_overrides() -> list[str]:
+    """The keys set on the command line of this Hydra run (its task overrides, ``+``/``~`` stripped);
+    empty outside a Hydra run (tests, the Python API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+
+
+def check_settings_apply(cfg: DictConfig, pruner: Any | None) -> None:
+    """Refuse a command-line setting the chosen model or pruner replaces, naming the setting that applies.
+
+    * ``trainer.<key>`` that the model's own trainer settings set (``model.trainer``, e.g.
+      DLRM's one prequential pass): the run uses ``model.trainer.<key>``;
+    * ``trainer.max_epochs`` when no phase of the run uses it: the dense teacher fits for
+      ``pruner.teacher_epochs`` (or is loaded), and each pruner phase for its plan's epochs
+      (:attr:`pruners.base.FitPlan.epochs_setting`, e.g. ToP's ``pruner.pruning_epochs``).
+
+    Args:
+        pruner: the run's pruner (a :class:`pruners.base.Pruner`), or None (``pruner=none``).
+
+    Raises:
+        modules.errors.ConfigError: one line naming the refused key and the setting to use.
+    """
+    from modules.errors import ConfigError
+
+    check_run_set_callback_keys(cfg)
+    user = user_overrides()
+    model_trainer = cfg.model.get("trainer") or {}
+    for key in user:
+        if key.startswith("trainer.") and key.removeprefix("trainer.") in model_trainer:
+            inner = key.removeprefix("trainer.")
+            raise ConfigError(f"{key} does not apply to model={cfg.model.name}: its fits run model.trainer.{inner}="
+                              f"{model_trainer[inner]} (the {cfg.model.pipeline} pipeline needs it); set that instead.")
+    if "trainer.max_epochs" not in user or pruner is None:
+        return
+    teacher = pruner.teacher_plan()
+    if teacher is None:
+        return  # the dense phase fits for trainer.max_epochs
+    settings = [] if teacher.checkpoint is not None else ["pruner.teacher_epochs (the dense teacher)"]
+    phases = pruner.phases() + list(pruner.baselines().items())
+    for phase, stage in phases:
+        plan = stage.fit_plan()
+        if plan.max_epochs is None or plan.epochs_setting is None:
+            return  # this phase fits for trainer.max_epochs
+        nested = len(pruner.phases()) > 1 and phase in dict(pruner.phases())
+        name = plan.epochs_setting.replace("pruner.", f"pruner.stages.{phase}.", 1) if nested else plan.epochs_setting
+        if name not in settings:
+            settings.append(name)
+    raise ConfigError(f"trainer.max_epochs does not apply to pruner={cfg.pruner.name}: its phases run "
+                      f"{' and '.join(settings)}; set {'that' if len(settings) == 1 else 'those'} instead.")
+
+
 def build_callbacks(
     cfg: DictConfig, phase: str, monitor: str | None, mode: str = "max", has_logger: bool = True
 ) -> list[L.Callback]:
@@ -78,6 +168,7 @@ def build_callbacks(
         monitor: metric that picks the best checkpoint (None: keep only the last).
         has_logger: False drops callbacks that need a logger (LearningRateMonitor).
     """
+    check_run_set_callback_keys(cfg)
     callbacks = []
     for key, node in (cfg.get("callbacks") or {}).items():
         if node is None or "_target_" not in node:

@@ -21,7 +21,7 @@ import importlib
 import pkgutil
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
 import lightning as L
@@ -36,6 +36,7 @@ from modules.dlrm import DLRMModule
 from modules.packages import default_bert_dir
 from modules.stream_data import CriteoStream, CsvStream, MovieLensStream
 from modules.text_data import GlueDataModule, RottenTomatoesDataModule, TextFileDataModule
+from pipelines.common import RUN_SET_CALLBACK_KEYS
 from pipelines.teacher import EarlyStoppingAfterMinimum
 from pruners.base import Pruner
 
@@ -56,15 +57,23 @@ class _Builds(BuildsFn):
         return super()._sanitized_type(type_, *args, **kwargs)
 
 
-def schema(target: Any, **fields: Any) -> Any:
-    """A structured config (dataclass type) of ``target``'s full constructor signature.
+def schema(target: Any, exclude: tuple[str, ...] = (), run_set: tuple[str, ...] = (), **fields: Any) -> Any:
+    """A structured config (dataclass type) of ``target``'s constructor signature: the user's settings.
 
     Args:
         target: a class or function; every parameter becomes a typed field with its default
             (no default: ``???``, which the YAML or the caller must fill in).
+        exclude: parameters that are no setting: what the run passes itself (sizes from the data)
+            and test-only hooks; they are not keys (an override fails at compose time).
+        run_set: parameters the run sets itself that users might try to set
+            (``pipelines.common.RUN_SET_CALLBACK_KEYS``): untyped keys, null, and refused with
+            the reason when given a value.
         fields: fields to set or add, e.g. nested ``schema(...)`` nodes for component arguments.
     """
-    return _Builds.builds(target, populate_full_signature=True, **fields)
+    if not exclude and not run_set:
+        return _Builds.builds(target, populate_full_signature=True, **fields)
+    bases = (make_dataclass(f"RunSet{target.__name__}", [(k, Any, None) for k in run_set]),) if run_set else ()
+    return _Builds.builds(target, populate_full_signature=True, zen_exclude=(*exclude, *run_set), builds_bases=bases, **fields)
 
 
 @dataclass
@@ -191,9 +200,12 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("litprune.bert_dir", default_bert_dir)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=RunConfig)
+    # sizes and metrics come from the data; remove_pruned_at_eval and keep_predictions are test-only hooks
     cs.store(group="model", name="base_bert", package="model",
-             node=ModelConfig(module=schema(BertClassifier, hydra_convert="all")))
-    cs.store(group="model", name="base_dlrm", package="model", node=ModelConfig(module=schema(DLRMModule)))
+             node=ModelConfig(module=schema(BertClassifier, exclude=("num_labels", "metrics", "remove_pruned_at_eval"),
+                                            hydra_convert="all")))
+    cs.store(group="model", name="base_dlrm", package="model", node=ModelConfig(
+        module=schema(DLRMModule, exclude=("num_dense", "num_embeddings", "multi_num_embeddings", "keep_predictions"))))
     for name, target in (
         ("rotten_tomatoes", RottenTomatoesDataModule),
         ("text_csv", TextFileDataModule),
@@ -207,9 +219,11 @@ def register_configs() -> None:
     for cls in selectable_pruners():
         cs.store(group="pruner", name=f"base_{cls.config_name}", node=pruner_schema(cls))
     cs.store(group="trainer", name="base_trainer", node=schema(L.Trainer, zen_exclude=("callbacks", "logger")))
-    cs.store(group="callbacks", name="base_model_checkpoint", node=schema(ModelCheckpoint))
+    cs.store(group="callbacks", name="base_model_checkpoint",
+             node=schema(ModelCheckpoint, run_set=tuple(RUN_SET_CALLBACK_KEYS["model_checkpoint"])))
     cs.store(group="callbacks", name="base_lr_monitor", node=schema(LearningRateMonitor))
-    cs.store(group="callbacks", name="base_early_stopping", node=schema(EarlyStoppingAfterMinimum))
+    cs.store(group="callbacks", name="base_early_stopping",
+             node=schema(EarlyStoppingAfterMinimum, run_set=tuple(RUN_SET_CALLBACK_KEYS["early_stopping"])))
     cs.store(group="logger", name="base_wandb", node=schema(WandbLogger, group=None, job_type=None))
     cs.store(group="logger", name="base_csv", node=schema(CSVLogger))
     cs.store(group="logger", name="base_tensorboard", node=schema(TensorBoardLogger))

@@ -40,7 +40,7 @@ from modules.dlrm import count_nonzero_params
 from modules.latency import measure_latency_ms, protocol
 from modules.served_dlrm import ExportableDLRM
 from modules.stream_data import StreamDataModule
-from pipelines.common import build, check_data_kind, fit_phase, run_relative
+from pipelines.common import build, check_data_kind, check_settings_apply, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
 from pipelines.sweep import multirun_job
 from pipelines.teacher_cache import dense_teacher
@@ -299,6 +299,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """
     check_data_kind(cfg, StreamDataModule, "a stream (data=movielens, data=stream_csv or data=criteo)")
     pruner: Pruner | None = build(cfg.pruner, _convert_="all") if cfg.pruner.get("_target_") else None
+    check_settings_apply(cfg, pruner)  # a setting the model or pruner replaces is refused, naming the one that applies
     dm = build(cfg.data, _convert_="all")
     dm.setup("fit")
     if pruner is not None:

@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from modules.latency import measure_latency_rounds, protocol
 from modules.served_bert import ExportableBert
 from modules.text_data import TextClassificationDataModule
-from pipelines.common import build, build_trainer, check_data_kind, fit_phase, run_relative
+from pipelines.common import build, build_trainer, check_data_kind, check_settings_apply, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
 from pipelines.sweep import multirun_job
 from pipelines.teacher import act_on_teacher_check, teacher_check
@@ -394,6 +394,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     started = time.time()
     check_data_kind(cfg, TextClassificationDataModule, "text data (data=rotten_tomatoes, data=text_csv or data=glue)")
     pruner: Pruner | None = build(cfg.pruner) if cfg.pruner.get("_target_") else None  # validates settings first
+    check_settings_apply(cfg, pruner)  # a setting the model or pruner replaces is refused, naming the one that applies
     datamodule = build(cfg.data)
     datamodule.setup("fit")
     module_kwargs = {"num_labels": datamodule.num_labels, "metrics": list(datamodule.metrics)}

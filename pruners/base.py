@@ -115,12 +115,15 @@ class FitPlan:
         mode: ``max`` or ``min`` for ``monitor``.
         model_lr: peak learning rate of the model's weights during the fit; None keeps
             the model's own ``lr``.
+        epochs_setting: the pruner setting ``max_epochs`` comes from, as the user writes it
+            (``pruner.pruning_epochs``), named when a ``trainer.max_epochs`` override is refused.
     """
 
     max_epochs: int | None = None
     monitor: str | None = None
     mode: str = "max"
     model_lr: float | None = None
+    epochs_setting: str | None = None
 
 
 class Pruner(TrainingObjective):

@@ -612,7 +612,8 @@ class ToPPruner(TeacherPruner):
     def fit_plan(self) -> FitPlan:
         """``pruning_epochs`` at ``model_lr``; the checkpoint is the best :attr:`SELECTION_METRIC`
         (see :meth:`validation_metrics`: -inf until the criterion is met)."""
-        return FitPlan(max_epochs=self.pruning_epochs, monitor=self.SELECTION_METRIC, mode="max", model_lr=self.model_lr)
+        return FitPlan(max_epochs=self.pruning_epochs, monitor=self.SELECTION_METRIC, mode="max", model_lr=self.model_lr,
+                       epochs_setting="pruner.pruning_epochs")
 
     def validation_metrics(self, pl_module: L.LightningModule, values: dict[str, torch.Tensor]) -> dict[str, Any]:
         """ToP's checkpoint-selection metric, :attr:`SELECTION_METRIC`: the validation accuracy of a model that

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from conftest import CONF, compose_config
-from pipelines.common import build
+from pipelines.common import RUN_SET_CALLBACK_KEYS, build
 from pipelines.configs import selectable_pruners
 from pruners.base import PrunerConfigError
 
@@ -103,3 +104,108 @@ def test_target_sparsity_out_of_range_is_a_config_error():
     cfg = compose_config("pruner=top", "pruner.target_sparsity=1.2")
     with pytest.raises(PrunerConfigError, match=r"pruner\.target_sparsity=1\.2 is out of range"):
         build(cfg.pruner)
+
+
+# ----------------------------------------------------------------------------- settings the run decides
+def _command_line(*overrides: str):
+    """The config of ``python run.py <overrides>`` with Hydra's run state set, as inside ``run.py``'s main
+    (so :func:`pipelines.common.user_overrides` sees the command line); the caller clears it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def hydra_run_state():
+    """Clears Hydra's run state (:func:`_command_line`) after the test."""
+    from hydra.core.hydra_config import HydraConfig
+
+    yield
+    HydraConfig.instance().cfg = None
+
+
+RUN_SET_VALUES = {"dirpath": "/tmp/elsewhere", "monitor": "val/f1", "mode": "min", "save_top_k": 3, "save_last": False,
+                  "save_weights_only": False, "save_on_train_epoch_end": True}
+
+
+@pytest.mark.parametrize("callback, key", [(c, k) for c, keys in RUN_SET_CALLBACK_KEYS.items() for k in keys])
+def test_a_callback_key_the_run_sets_is_refused_with_the_reason(callback, key):
+    from modules.errors import ConfigError
+    from pipelines.common import build_callbacks, check_settings_apply
+
+    cfg = compose_config(f"callbacks.{callback}.{key}={RUN_SET_VALUES[key]}")
+    why = re.escape(RUN_SET_CALLBACK_KEYS[callback][key])
+    with pytest.raises(ConfigError, match=rf"^callbacks\.{callback}\.{key} is not a setting: {why}; remove the override\.$"):
+        check_settings_apply(cfg, None)
+    with pytest.raises(ConfigError, match=rf"callbacks\.{callback}\.{key} is not a setting"):
+        build_callbacks(cfg, "dense", "val/accuracy")
+    assert compose_config().callbacks[callback][key] is None  # not set by the shipped YAML
+
+
+def test_the_checkpoint_callback_is_what_the_run_sets(tmp_path):
+    from pipelines.common import build_callbacks
+
+    cfg = compose_config(output_dir=tmp_path)
+    (ckpt,) = [c for c in build_callbacks(cfg, "pruned", "val/accuracy_at_target", "max") if hasattr(c, "save_top_k")]
+    assert (ckpt.monitor, ckpt.mode, ckpt.save_top_k, ckpt.save_last, ckpt.save_weights_only) == (
+        "val/accuracy_at_target", "max", 1, False, True)
+    assert ckpt.dirpath == str(tmp_path / "checkpoints" / "pruned")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["pruner=top", "trainer.max_epochs=1"], r"^trainer\.max_epochs does not apply to pruner=top: its phases run "
+         r"pruner\.teacher_epochs \(the dense teacher\) and pruner\.pruning_epochs; set those instead\.$"),
+        (["pruner=top", "pruner.teacher_ckpt=/x.ckpt", "trainer.max_epochs=1"],
+         r"pruner=top: its phases run pruner\.pruning_epochs; set that instead\.$"),
+        (["pruner=swiftpruner", "trainer.max_epochs=1"], r"pruner\.teacher_epochs \(the dense teacher\) and "
+         r"pruner\.finetune_epochs; set those instead"),
+        (["pruner=layerdrop", "trainer.max_epochs=1"], r"pruner=layerdrop: its phases run .*pruner\.finetune_epochs"),
+        (["pruner=swiftpruner_top", "trainer.max_epochs=1"], r"pruner=swiftpruner_top: its phases run pruner\.teacher_epochs "
+         r"\(the dense teacher\) and pruner\.stages\.structure\.finetune_epochs and pruner\.stages\.tokens\.pruning_epochs"),
+        (["model=dlrm", "pruner=d2s", "trainer.max_epochs=2"], r"^trainer\.max_epochs does not apply to model=dlrm: "
+         r"its fits run model\.trainer\.max_epochs=1 \(the stream pipeline needs it\); set that instead\.$"),
+        (["model=dlrm", "pruner=none", "trainer.gradient_clip_val=0.5"], r"^trainer\.gradient_clip_val does not apply "
+         r"to model=dlrm: its fits run model\.trainer\.gradient_clip_val=None"),
+    ],
+)
+def test_a_setting_the_model_or_pruner_replaces_is_refused_naming_the_one_that_applies(overrides, match, hydra_run_state):
+    from modules.errors import ConfigError
+    from pipelines.common import check_settings_apply
+
+    cfg = _command_line(*overrides)
+    pruner = build(cfg.pruner, _convert_="all") if cfg.pruner.get("_target_") else None
+    with pytest.raises(ConfigError, match=match):
+        check_settings_apply(cfg, pruner)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["pruner=none", "trainer.max_epochs=1"],  # plain fine-tuning fits for trainer.max_epochs
+        ["pruner=top", "pruner.pruning_epochs=null", "trainer.max_epochs=1"],  # ToP's phase then uses it
+        ["pruner=top", "pruner.pruning_epochs=1", "trainer.limit_train_batches=2"],
+        ["model=dlrm", "pruner=d2s", "model.trainer.max_epochs=2"],
+    ],
+)
+def test_a_setting_that_applies_is_accepted(overrides, hydra_run_state):
+    from pipelines.common import check_settings_apply
+
+    cfg = _command_line(*overrides)
+    check_settings_apply(cfg, build(cfg.pruner, _convert_="all") if cfg.pruner.get("_target_") else None)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["model.module.num_labels=3", "model.module.metrics=[f1]", "model.module.remove_pruned_at_eval=false"],
+)
+def test_data_sizes_and_test_hooks_are_no_user_settings(override):
+    with pytest.raises(ConfigCompositionException, match=override.split("=")[0].rsplit(".", 1)[1]):
+        compose_config(override)
+    with pytest.raises(ConfigCompositionException, match="keep_predictions"):
+        compose_config("model=dlrm", "pruner=d2s", "model.module.keep_predictions=true")

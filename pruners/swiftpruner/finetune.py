@@ -81,7 +81,8 @@ class MaskedDistillation(TeacherPruner):
     # ------------------------------------------------------------------ protocol
     def fit_plan(self) -> FitPlan:
         """``finetune_epochs`` epochs, the checkpoint with the best ``val/accuracy``, at ``model_lr``."""
-        return FitPlan(max_epochs=self.finetune_epochs, monitor=self.monitor, mode="max", model_lr=self.model_lr)
+        return FitPlan(max_epochs=self.finetune_epochs, monitor=self.monitor, mode="max", model_lr=self.model_lr,
+                       epochs_setting="pruner.finetune_epochs")
 
     def results(self) -> dict[str, Any]:
         """``method``, heads and FFN neurons kept per layer (None: the model's own masks) and :attr:`info`."""
