@@ -1,8 +1,11 @@
 """Knowledge distillation from the frozen dense teacher, shared by the pruners.
 
 * :func:`kd_loss`: KL divergence of temperature-softened logits (Hinton et al. 2015,
-  arXiv 1503.02531), used by ToP (arXiv 2306.14393 Sec. 3.5) and by SwiftPruner's
-  fine-tuning of the searched model.
+  arXiv 1503.02531).
+* :class:`Distillation`: the one distillation component (``pruner.distillation``: temperature,
+  weights, their validation and the loss), taken as one argument by every pruner that distils:
+  ToP (arXiv 2306.14393 Sec. 3.5), SwiftPruner's fine-tuning of the searched model and its
+  uniform baseline, layer dropping.
 * :func:`load_teacher_model`: the frozen dense model from a ``BertClassifier`` checkpoint.
 * :class:`TeacherPruner`: the base of pruners that distil from that teacher (its part of
   the pruner protocol: :meth:`~TeacherPruner.teacher_plan`, :meth:`~TeacherPruner.set_teacher`).
@@ -10,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -18,7 +22,7 @@ from torch import nn
 
 from modules.bert_classifier import BertClassifier
 from modules.errors import MissingFileError
-from pruners.base import Pruner, PrunerConfigError, TeacherPlan
+from pruners.base import Pruner, PrunerConfigError, TeacherPlan, check_range
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -27,6 +31,40 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(
         F.log_softmax(student_logits / t, dim=-1), F.softmax(teacher_logits.detach() / t, dim=-1), reduction="batchmean"
     ) * (t * t)
+
+
+class Distillation:
+    """Logits distillation from the frozen dense teacher: ``task_weight * task + kd_weight * KL`` (``pruner.distillation``).
+
+    The KL term is :func:`kd_loss` at ``temperature`` (Hinton et al. 2015, arXiv 1503.02531).
+    A pruner that distils takes one of these as its ``distillation`` argument (a component:
+    ``components = {"distillation": Distillation}``), so the settings and their defaults are
+    defined here once, e.g. ``python run.py pruner=top pruner.distillation.temperature=4``.
+
+    Args:
+        temperature: softening temperature T of both distributions (> 0).
+        kd_weight: weight of the KL term (>= 0).
+        task_weight: weight of the task loss (>= 0).
+
+    Raises:
+        PrunerConfigError: a setting out of range (named ``pruner.distillation.<key>``).
+    """
+
+    def __init__(self, temperature: float = 2.0, kd_weight: float = 1.0, task_weight: float = 1.0):
+        self.temperature = check_range("pruner.distillation.temperature", temperature, 0.0, math.inf, low_open=True)
+        self.kd_weight = check_range("pruner.distillation.kd_weight", kd_weight, 0.0, math.inf)
+        self.task_weight = check_range("pruner.distillation.task_weight", task_weight, 0.0, math.inf)
+
+    def loss(
+        self, task_loss: torch.Tensor, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(``task_weight * task_loss + kd_weight * KL``, the KL term) for (B, C) logits; scalars."""
+        kd = kd_loss(student_logits, teacher_logits, self.temperature)
+        return self.task_weight * task_loss + self.kd_weight * kd, kd
+
+    def settings(self) -> dict[str, float]:
+        """The settings, as plain values (for results.json)."""
+        return {"temperature": self.temperature, "kd_weight": self.kd_weight, "task_weight": self.task_weight}
 
 
 def load_teacher_model(path: str | Path) -> nn.Module:
@@ -121,6 +159,9 @@ class TeacherPruner(Pruner):
     teacher_ckpt: str | None = None
     teacher_epochs: int = 3
     prunes_model = "bert"
+    components = {"distillation": Distillation}
+    #: the loss against the teacher (``pruner.distillation``)
+    distillation: Distillation
 
     def check(self, pl_module, datamodule) -> None:
         """The model must be a :class:`~modules.bert_classifier.BertClassifier`, and ``teacher_ckpt``, if set,

@@ -30,6 +30,7 @@ import torch
 from modules.distributed import on_rank_zero
 from modules.structured import keep_lowest_layers
 from pruners.base import PrunerConfigError, check_positive_int
+from pruners.distillation import Distillation
 from pruners.swiftpruner.finetune import MaskedDistillation
 from pruners.swiftpruner.latency import LatencyMeter
 
@@ -58,7 +59,7 @@ class LayerDrop(MaskedDistillation):
 
     name = "layerdrop"
     config_name = "layerdrop"
-    components = {"latency": LatencyMeter}
+    components = {"latency": LatencyMeter, **MaskedDistillation.components}
     decisions = frozenset({"layers"})
     method = "layerdrop"
 
@@ -69,15 +70,12 @@ class LayerDrop(MaskedDistillation):
         teacher_ckpt: str | None = None,
         teacher_epochs: int = 3,
         finetune_epochs: int = 1,
-        kd_weight: float = 1.0,
-        task_weight: float = 1.0,
-        kd_temperature: float = 2.0,
+        distillation: Distillation | None = None,
         model_lr: float | None = 5e-5,
         name: str = "layerdrop",
     ):
         super().__init__(teacher_ckpt=teacher_ckpt, teacher_epochs=teacher_epochs, finetune_epochs=finetune_epochs,
-                         kd_weight=kd_weight, task_weight=task_weight, kd_temperature=kd_temperature, model_lr=model_lr,
-                         name=name)
+                         distillation=distillation, model_lr=model_lr, name=name)
         self.layers = None if layers is None else check_positive_int("pruner.layers", layers)
         self.latency = latency if latency is not None else LatencyMeter()
         #: the chosen k and, when timed, the timings (None until the fit starts)

@@ -33,7 +33,7 @@ from torch import nn
 from modules.bert import layer_macs
 from modules.distributed import gather_rows, mean_
 from pruners.base import FitPlan, PrunerConfigError, check_positive_int, check_range
-from pruners.distillation import TeacherPruner, kd_loss
+from pruners.distillation import Distillation, TeacherPruner
 from modules.gates import TokenGates, bin_of_rank
 
 
@@ -261,8 +261,8 @@ class ToPPruner(TeacherPruner):
         rank_relevance: ``score`` (relevance = the teacher's scores, both sides scaled by the
             sentence length) or ``rank`` (ToP's reference: integer rank inside the teacher's
             top-K, raw student scores); see :func:`arp2_loss`.
-        kd_temperature: logits distillation temperature.
-        kd_weight, task_weight: weights of the KL and task losses.
+        distillation: the logits distillation and the task loss's weight (``pruner.distillation``,
+            :class:`~pruners.distillation.Distillation`); None: its defaults (T = 2, both weights 1).
         model_lr: learning rate of the model weights while pruning; None keeps ``model.lr``.
         finetune_fraction: at the first validation in the last ``finetune_fraction`` of
             training, the gates are frozen at their deterministic evaluation values,
@@ -302,9 +302,7 @@ class ToPPruner(TeacherPruner):
         rank_alpha: float = 0.01,
         rank_top_k: int = 20,
         rank_relevance: str = "score",
-        kd_temperature: float = 2.0,
-        kd_weight: float = 1.0,
-        task_weight: float = 1.0,
+        distillation: Distillation | None = None,
         model_lr: float | None = 3e-5,
         finetune_fraction: float = 0.6,
         pruning_epochs: int | None = 5,
@@ -325,9 +323,7 @@ class ToPPruner(TeacherPruner):
         if rank_relevance not in RANK_RELEVANCES:
             raise PrunerConfigError(f"pruner.rank_relevance={rank_relevance!r}: use one of {list(RANK_RELEVANCES)}.")
         self.rank_relevance = rank_relevance
-        self.kd_temperature = check_range("pruner.kd_temperature", kd_temperature, 0.0, math.inf, low_open=True)
-        self.kd_weight = check_range("pruner.kd_weight", kd_weight, 0.0, math.inf)
-        self.task_weight = check_range("pruner.task_weight", task_weight, 0.0, math.inf)
+        self.distillation = distillation if distillation is not None else Distillation()
         self.model_lr = None if model_lr is None else check_range("pruner.model_lr", model_lr, 0.0, math.inf, low_open=True)
         self.finetune_fraction = check_range("pruner.finetune_fraction", finetune_fraction, 0.0, 1.0, high_open=False)
         self.pruning_epochs = None if pruning_epochs is None else check_positive_int("pruner.pruning_epochs", pruning_epochs)
@@ -503,14 +499,14 @@ class ToPPruner(TeacherPruner):
         target, alpha = self.schedule(pl_module.trainer.global_step)
         # Frozen gates get no gradient, so the constraint has nothing left to act on.
         lag = torch.zeros((), device=sparsity.device) if gates.frozen else lagrangian(sparsity, target, self.lambda1, self.lambda2)
-        kd = kd_loss(outputs.logits, teacher_logits, self.kd_temperature)
+        distilled, kd = self.distillation.loss(task_loss, outputs.logits, teacher_logits)
         valid = batch["attention_mask"].bool().clone()
         valid[:, 0] = False
         rank = sum(
             arp2_loss(outputs.scores[l], teacher_scores, valid, self.rank_top_k, relevance=self.rank_relevance)
             for l in self.distill_layers
         )
-        loss = self.task_weight * task_loss + self.kd_weight * kd + lag + alpha * rank
+        loss = distilled + lag + alpha * rank
         logs = {
             "expected_sparsity": sparsity.detach(),
             "target_sparsity": target,

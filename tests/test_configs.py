@@ -161,7 +161,7 @@ def test_the_checkpoint_callback_is_what_the_run_sets(tmp_path):
     [
         (["pruner=top", "trainer.max_epochs=1"], r"^trainer\.max_epochs does not apply to pruner=top: its phases run "
          r"pruner\.teacher_epochs \(the dense teacher\) and pruner\.pruning_epochs; set those instead\.$"),
-        (["pruner=top", "pruner.teacher_ckpt=/x.ckpt", "trainer.max_epochs=1"],
+        (["pruner=top", f"pruner.teacher_ckpt={CONF / 'config.yaml'}", "trainer.max_epochs=1"],  # an existing file
          r"pruner=top: its phases run pruner\.pruning_epochs; set that instead\.$"),
         (["pruner=swiftpruner", "trainer.max_epochs=1"], r"pruner\.teacher_epochs \(the dense teacher\) and "
          r"pruner\.finetune_epochs; set those instead"),

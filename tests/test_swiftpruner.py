@@ -13,6 +13,7 @@ from hydra.errors import ConfigCompositionException
 from transformers import BertConfig
 
 import pruners.swiftpruner as package
+from pruners.distillation import Distillation
 from conftest import build_pruner, compose_config, recount_served
 from pipelines.common import build
 from modules.bert import PrunableBertForSequenceClassification
@@ -115,7 +116,7 @@ def test_component_settings_are_set_from_the_command_line():
         (lambda: Search(seed=-1), "pruner.search.seed"),
         (lambda: SwiftPruner(ffn_fractions=[0.5, 1.5]), "pruner.ffn_fractions"),
         (lambda: SwiftPruner(head_choices=[]), "pruner.head_choices"),
-        (lambda: SwiftPruner(kd_temperature=0.0), "pruner.kd_temperature"),
+        (lambda: SwiftPruner(distillation=Distillation(temperature=0.0)), "pruner.distillation.temperature"),
     ],
 )
 def test_bad_settings_are_config_errors_naming_the_setting(build, name):

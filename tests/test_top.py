@@ -638,3 +638,40 @@ def test_kept_tokens_per_layer_equal_the_tokens_each_served_layer_receives(tiny_
     counted = [sum(col) / len(per_sample) for col in zip(*per_sample)]
     assert counted[0] > counted[1] > counted[2]  # both pruning layers remove tokens
     assert kept_tokens_per_layer(served, dm)["kept_tokens_per_layer"] == pytest.approx(counted, rel=1e-6)
+
+
+def test_one_distillation_component_gives_the_known_loss_and_every_distilling_pruner_takes_it():
+    """``pruner.distillation`` (:class:`pruners.distillation.Distillation`): ``task_weight * task + kd_weight * T^2 KL``
+    by value (for logits (1, 0) against the teacher's (0, 1) at T = 2 the KL is tanh(1/4) / 2), the same
+    value through MaskedDistillation's training loss, one config node per distilling pruner, settings checked once."""
+    import math
+    from types import SimpleNamespace
+
+    from conftest import build_pruner
+    from pruners.base import PrunerConfigError
+    from pruners.distillation import Distillation
+    from pruners.swiftpruner.finetune import MaskedDistillation
+
+    student, teacher = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    task = torch.tensor(0.3)
+    dist = Distillation(temperature=2.0, kd_weight=2.0, task_weight=0.5)
+    loss, kd = dist.loss(task, student, teacher)
+    assert float(kd) == pytest.approx(4 * math.tanh(0.25) / 2, rel=1e-6)
+    assert float(loss) == pytest.approx(0.5 * 0.3 + 2.0 * 2 * math.tanh(0.25), rel=1e-6)
+
+    pruner = MaskedDistillation(distillation=dist)
+    pruner.teacher = lambda ids, mask, types: SimpleNamespace(logits=teacher)
+    batch = {"input_ids": torch.zeros(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 3)}
+    got, logs = pruner.training_loss(None, batch, SimpleNamespace(logits=student), task)
+    assert torch.equal(got, loss) and torch.equal(logs["kd_loss"], kd)
+
+    for name in ("top", "swiftpruner", "layerdrop"):
+        built = build_pruner(f"pruner={name}", "pruner.distillation.temperature=4")
+        assert isinstance(built.distillation, Distillation) and built.distillation.temperature == 4.0
+        assert built.distillation.settings() == {"temperature": 4.0, "kd_weight": 1.0, "task_weight": 1.0}
+    composite = build_pruner("pruner=swiftpruner_top", "pruner.stages.tokens.distillation.kd_weight=0.5")
+    assert composite.stages["tokens"].distillation.kd_weight == 0.5
+    with pytest.raises(PrunerConfigError, match=r"pruner\.distillation\.temperature=0\.0 is out of range"):
+        Distillation(temperature=0.0)
+    with pytest.raises(PrunerConfigError, match=r"pruner\.distillation\.kd_weight=-1"):
+        Distillation(kd_weight=-1)

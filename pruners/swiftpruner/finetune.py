@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from pruners.base import FitPlan, check_positive_int, check_range
-from pruners.distillation import TeacherPruner, kd_loss
+from pruners.distillation import Distillation, TeacherPruner
 
 
 def kept_per_layer(masks: torch.Tensor | None) -> list[int] | None:
@@ -22,9 +22,8 @@ class MaskedDistillation(TeacherPruner):
 
     The masks (from a search, or a uniform baseline) are set on the module's model at the
     start of fit; parameter shapes stay put (the served model removes the masked units). The
-    loss is ``task_weight * CE + kd_weight * KL(teacher || student)`` at temperature
-    ``kd_temperature`` (Hinton et al. 2015, arXiv 1503.02531), the teacher being the frozen
-    dense model. Checkpoints are picked by ``val/accuracy`` (the masks, hence the MACs, are fixed).
+    loss is ``distillation``'s, ``task_weight * CE + kd_weight * KL(teacher || student)``
+    (Hinton et al. 2015, arXiv 1503.02531), the teacher being the frozen dense model. Checkpoints are picked by ``val/accuracy`` (the masks, hence the MACs, are fixed).
 
     Args:
         head_masks: (L, A) float 0/1 per layer and head; None keeps the model's masks.
@@ -34,8 +33,8 @@ class MaskedDistillation(TeacherPruner):
         teacher_epochs: most epochs of that in-run dense fine-tuning (it stops earlier once the
             validation metric has converged: ``callbacks.early_stopping``).
         finetune_epochs: epochs of fine-tuning under the masks.
-        kd_weight, task_weight: loss weights (>= 0).
-        kd_temperature: distillation temperature (> 0).
+        distillation: the loss against the teacher (``pruner.distillation``,
+            :class:`~pruners.distillation.Distillation`); None: its defaults.
         model_lr: peak learning rate of the model while fine-tuning; None keeps the model's ``lr``.
         info: JSON-serialisable facts added to :meth:`results` (e.g. the uniform candidate's search record).
         name: metric and state name.
@@ -57,9 +56,7 @@ class MaskedDistillation(TeacherPruner):
         teacher_ckpt: str | None = None,
         teacher_epochs: int = 3,
         finetune_epochs: int = 1,
-        kd_weight: float = 1.0,
-        task_weight: float = 1.0,
-        kd_temperature: float = 2.0,
+        distillation: Distillation | None = None,
         model_lr: float | None = 5e-5,
         info: dict[str, Any] | None = None,
         name: str = "masked_kd",
@@ -70,9 +67,7 @@ class MaskedDistillation(TeacherPruner):
         self.teacher_ckpt = teacher_ckpt
         self.teacher_epochs = check_positive_int("pruner.teacher_epochs", teacher_epochs)
         self.finetune_epochs = check_positive_int("pruner.finetune_epochs", finetune_epochs)
-        self.kd_weight = check_range("pruner.kd_weight", kd_weight, 0.0, math.inf)
-        self.task_weight = check_range("pruner.task_weight", task_weight, 0.0, math.inf)
-        self.kd_temperature = check_range("pruner.kd_temperature", kd_temperature, 0.0, math.inf, low_open=True)
+        self.distillation = distillation if distillation is not None else Distillation()
         self.model_lr = None if model_lr is None else check_range("pruner.model_lr", model_lr, 0.0, math.inf, low_open=True)
         self.info = dict(info or {})
         self.name = name
@@ -107,11 +102,11 @@ class MaskedDistillation(TeacherPruner):
         self.apply_masks(pl_module)
 
     def training_loss(self, pl_module, batch, outputs, task_loss):
-        """``task_weight * task + kd_weight * KL`` against the frozen dense teacher's logits."""
+        """``distillation``'s loss, ``task_weight * task + kd_weight * KL``, against the frozen dense teacher's logits."""
         with torch.no_grad():
             teacher_logits = self.teacher(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")).logits
-        kd = kd_loss(outputs.logits, teacher_logits, self.kd_temperature)
-        return self.task_weight * task_loss + self.kd_weight * kd, {"kd_loss": kd.detach()}
+        loss, kd = self.distillation.loss(task_loss, outputs.logits, teacher_logits)
+        return loss, {"kd_loss": kd.detach()}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from modules.distributed import broadcast, is_global_zero, on_rank_zero
 from modules.structured import UnitImportance, top_unit_masks
 from pruners.base import PrunerConfigError, check_positive_int, check_range
 from pruners.swiftpruner.evolution import EvolutionarySearch, SearchSpace
+from pruners.distillation import Distillation
 from pruners.swiftpruner.finetune import MaskedDistillation
 from pruners.swiftpruner.importance import Importance
 from pruners.swiftpruner.latency import LatencyMeter
@@ -86,7 +87,8 @@ class SwiftPruner(MaskedDistillation):
 
     name = "swiftpruner"
     config_name = "swiftpruner"
-    components = {"latency": LatencyMeter, "proxy": Proxy, "importance": Importance, "search": Search}
+    components = {"latency": LatencyMeter, "proxy": Proxy, "importance": Importance, "search": Search,
+                  **MaskedDistillation.components}
     method = "swiftpruner"
 
     def __init__(
@@ -100,15 +102,12 @@ class SwiftPruner(MaskedDistillation):
         teacher_ckpt: str | None = None,
         teacher_epochs: int = 3,
         finetune_epochs: int = 1,
-        kd_weight: float = 1.0,
-        task_weight: float = 1.0,
-        kd_temperature: float = 2.0,
+        distillation: Distillation | None = None,
         model_lr: float | None = 5e-5,
         name: str = "swiftpruner",
     ):
         super().__init__(teacher_ckpt=teacher_ckpt, teacher_epochs=teacher_epochs, finetune_epochs=finetune_epochs,
-                         kd_weight=kd_weight, task_weight=task_weight, kd_temperature=kd_temperature, model_lr=model_lr,
-                         name=name)
+                         distillation=distillation, model_lr=model_lr, name=name)
         self.latency = latency if latency is not None else LatencyMeter()
         self.proxy = proxy if proxy is not None else Proxy()
         self.importance = importance if importance is not None else Importance()
@@ -216,8 +215,8 @@ class SwiftPruner(MaskedDistillation):
             return {}
         uniform = MaskedDistillation(
             *self.masks_of(self.result["uniform"]["genes"]), teacher_ckpt=self.teacher_ckpt,
-            teacher_epochs=self.teacher_epochs, finetune_epochs=self.finetune_epochs, kd_weight=self.kd_weight,
-            task_weight=self.task_weight, kd_temperature=self.kd_temperature, model_lr=self.model_lr,
+            teacher_epochs=self.teacher_epochs, finetune_epochs=self.finetune_epochs, distillation=self.distillation,
+            model_lr=self.model_lr,
             info={"search": self.result["uniform"]}, name="uniform",
         )
         uniform.teacher = self.teacher
