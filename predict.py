@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from modules.errors import UserError
+from modules.core.errors import UserError
 
 USER_ERROR_STATUS = 2
 
@@ -27,7 +27,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     """Predictions for every request in ``cfg.input`` (see conf/predict.yaml), as a frame.
 
     Raises:
-        modules.errors.UserError: an unusable served folder, input file or setting.
+        modules.core.errors.UserError: an unusable served folder, input file or setting.
     """
     from tqdm import tqdm
 

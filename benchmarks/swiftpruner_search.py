@@ -290,7 +290,7 @@ def toy_problem(seed: int, table, importance_noise: float = 0.5, quality_noise: 
     subset). The mutator gets the true importances times log-normal noise (``importance_noise``),
     as Taylor importance is only an estimate.
     """
-    from modules.structured import UnitImportance
+    from modules.nn.structured import UnitImportance
     from pruners.swiftpruner.evolution import SearchSpace
 
     space = SearchSpace(table.num_layers, tuple(table.head_choices), tuple(table.neuron_choices))

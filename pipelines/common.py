@@ -59,7 +59,7 @@ def check_data_kind(cfg: DictConfig, base: type, needs: str) -> None:
     """
     from hydra.utils import get_class
 
-    from modules.errors import ConfigError
+    from modules.core.errors import ConfigError
 
     target = OmegaConf.select(cfg, "data._target_")
     if target is None or not issubclass(get_class(target), base):

@@ -23,7 +23,7 @@ through :class:`AtomicCheckpointIO` (temp file in the same folder, fsync, rename
 load with ``torch.load(weights_only=True)``.
 
 Overrides on resume: only settings that cannot change the result are accepted
-(:data:`RESUME_ALLOWED`); any other is refused with a :class:`~modules.errors.ConfigError`
+(:data:`RESUME_ALLOWED`); any other is refused with a :class:`~modules.core.errors.ConfigError`
 naming it.
 """
 
@@ -42,7 +42,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from modules.errors import ConfigError, UserError
+from modules.core.errors import ConfigError, UserError
 
 RECORD_FILE = "complete.json"
 FINAL_CKPT = "final.ckpt"

@@ -42,7 +42,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from modules.distributed import is_global_zero
+from modules.lit.distributed import is_global_zero
 from pipelines.sweep import get_path, headline_figures, multirun_job
 
 

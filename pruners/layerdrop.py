@@ -3,7 +3,7 @@
 The simplest structured baseline users try first (Sajjad et al., "On the effect of dropping
 layers of pre-trained transformer models", arXiv 2004.03844, Sec. 3: top-layer dropping;
 ``../shared/notes/algorithms.md`` section 4). The layers above the lowest ``k`` are removed
-from the module's model at the start of the fit (:func:`modules.structured.keep_lowest_layers`),
+from the module's model at the start of the fit (:func:`modules.nn.structured.keep_lowest_layers`),
 so the model trained, checkpointed (the module records the layers present), served and
 exported really has ``k`` layers. The fine-tuning is SwiftPruner's
 (:class:`~pruners.swiftpruner.finetune.MaskedDistillation`: task loss + logits distillation from
@@ -27,8 +27,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from modules.distributed import on_rank_zero
-from modules.structured import keep_lowest_layers
+from modules.lit.distributed import on_rank_zero
+from modules.nn.structured import keep_lowest_layers
 from pruners.base import PrunerConfigError, check_positive_int
 from pruners.swiftpruner.finetune import MaskedDistillation
 from pruners.swiftpruner.latency import LatencyMeter

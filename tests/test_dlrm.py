@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from modules.dlrm import (
+from modules.nn.dlrm import (
     DLRM,
     DenseArch,
     InteractionArch,
@@ -15,9 +15,9 @@ from modules.dlrm import (
     OverArch,
     SparseArch,
     export_served,
-    window_metrics,
     wrap_ids,
 )
+from modules.lit.dlrm import window_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # set per test and restored (tests/conftest.py)
 

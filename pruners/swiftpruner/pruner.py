@@ -7,7 +7,7 @@ latency-aware reward, with latency predicted by a lookup table. No code is publi
 package implements the project's specification:
 
 * units that really lower CPU latency: attention heads and FFN neurons per layer (masks
-  while training, physically removed for timing and serving, :mod:`modules.structured`);
+  while training, physically removed for timing and serving, :mod:`modules.nn.structured`);
 * a candidate = per layer, the number of heads and of FFN neurons kept, from
   ``head_choices`` and ``ffn_fractions``; it keeps the layer's most important units
   (``pruner.importance``, :mod:`.importance`);
@@ -38,8 +38,8 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 
-from modules.distributed import broadcast, is_global_zero, on_rank_zero
-from modules.structured import UnitImportance, top_unit_masks
+from modules.lit.distributed import broadcast, is_global_zero, on_rank_zero
+from modules.nn.structured import UnitImportance, top_unit_masks
 from pruners.base import PrunerConfigError, check_positive_int, check_range
 from pruners.swiftpruner.evolution import EvolutionarySearch, SearchSpace
 from pruners.swiftpruner.finetune import MaskedDistillation

@@ -1,7 +1,7 @@
 """Write a served model to ONNX and check the file (``torch.onnx.export``, ``onnx.checker``).
 
 The models passed here are the exportable forms of the served models
-(:class:`modules.served_bert.ExportableBert`, :class:`modules.served_dlrm.ExportableDLRM`):
+(:class:`modules.served.served_bert.ExportableBert`, :class:`modules.served.served_dlrm.ExportableDLRM`):
 plain tensor functions whose data-dependent steps (ToP's kept-token count) are graph
 ops, so one file serves every batch size and sequence length.
 """
