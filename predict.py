@@ -19,6 +19,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from modules.core.errors import UserError
+from modules.core.files import atomic_path
 
 USER_ERROR_STATUS = 2
 
@@ -74,9 +75,8 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_STATUS)
     if cfg.output:
-        tmp = f"{cfg.output}.tmp"
-        out.to_csv(tmp, index=False)
-        os.replace(tmp, cfg.output)
+        with atomic_path(cfg.output) as tmp:
+            out.to_csv(tmp, index=False)
     else:
         out.to_csv(sys.stdout, index=False)
 

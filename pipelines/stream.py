@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from modules.core.plots import pyplot, save_figure
 from modules.nn.dlrm import count_nonzero_params
 from modules.served.latency import measure_latency_ms, protocol
 from modules.served.served_dlrm import ExportableDLRM
@@ -266,11 +267,7 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], serv
 
 def plot_stream(results: dict[str, Any], names: list[str], path: Path) -> Path:
     """PNG: ROC AUC per window of each model in ``names`` (prequential: scored before training on it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, style in zip(names, ("-", "--", ":", "-.")):
         pw = results[name]["per_window"]
@@ -282,11 +279,7 @@ def plot_stream(results: dict[str, Any], names: list[str], path: Path) -> Path:
     ax.set_title("AUC per window (headline metrics: second half, right of the dotted line)")
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(path)  # atomic: an earlier plot is never left half-written
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from modules.core.plots import pyplot, save_figure
 from modules.lit.distributed import mean_
 from modules.lit.dlrm import DLRMModule
 from modules.nn.dlrm import neuron_alive
@@ -484,11 +485,7 @@ class D2SPruner(Pruner):
         """``sparsity_history.png``: achieved per-layer MLP sparsity and the schedule over the optimizer steps."""
         if not self.history:
             return {}
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         steps = [h["step"] for h in self.history]
         fig, ax = plt.subplots(figsize=(7, 4))
         for layer in self.history[-1]["layers"]:
@@ -501,10 +498,7 @@ class D2SPruner(Pruner):
         ax.legend(fontsize=7)
         fig.tight_layout()
         name = "sparsity_history.png"
-        tmp = Path(out_dir) / f"{name}.tmp"
-        fig.savefig(tmp, dpi=100, format="png")
-        tmp.replace(Path(out_dir) / name)  # atomic replace
-        plt.close(fig)
+        save_figure(fig, Path(out_dir) / name, dpi=100)
         return {"sparsity_history": name}
 
     def state_dict(self) -> dict[str, Any]:

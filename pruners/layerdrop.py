@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from modules.core.files import write_json
 from modules.lit.distributed import on_rank_zero
 from modules.nn.structured import keep_lowest_layers
 from pruners.base import PrunerConfigError, check_positive_int
@@ -149,10 +149,7 @@ class LayerDrop(MaskedDistillation):
             def decide() -> dict[str, Any]:
                 choice = self.choose(pl_module.model)
                 if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(path.name + ".tmp")
-                    tmp.write_text(json.dumps(choice, indent=1))
-                    os.replace(tmp, path)
+                    write_json(path, choice, indent=1)
                 return choice
 
             self.choice = on_rank_zero(decide)
