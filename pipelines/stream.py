@@ -349,7 +349,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if not is_global_zero():  # rank 0 builds the served copies, times them and writes; the others are done
         return results
     # served copies, equivalence check, latency
-    served = {name: module.served_model() for name, module in modules.items()}
+    served = {name: module.served_model().model for name, module in modules.items()}  # the served networks
     x = latency_inputs(dm, min(4096, len(dm.stream)))
     for name in served:
         if name == "dense":

@@ -258,7 +258,9 @@ class BertClassifier(L.LightningModule):
     def served_model(self) -> "BertClassifier":
         """The model as served, in eval mode: what testing, latency, MACs and export run.
 
-        Masked attention heads and FFN neurons are physically removed
+        The same contract as every LightningModule here (``DLRMModule.served_model``): a
+        :class:`BertClassifier` in eval mode whose ``.model`` is the served network, a plain
+        ``nn.Module``. Masked attention heads and FFN neurons are physically removed
         (:func:`modules.nn.structured.shrink_structured`, on a copy; the module itself is
         unchanged), and the token gates, if any, run deterministically with pruned tokens
         gathered out before each pruning layer (``remove_pruned_at_eval``). With nothing
@@ -266,7 +268,8 @@ class BertClassifier(L.LightningModule):
         logits (tested).
 
         Returns:
-            a :class:`BertClassifier` in eval mode.
+            a :class:`BertClassifier` in eval mode; ``.model`` is the served
+            :class:`modules.nn.bert.PrunableBertForSequenceClassification`.
         """
         layers = self.model.bert.encoder.layer
         if not any(l.attention.self.head_mask_applied or l.intermediate.neuron_mask_applied for l in layers):

@@ -8,6 +8,7 @@ minibatches. Its served copy is :func:`modules.nn.dlrm.export_served`.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -74,12 +75,12 @@ def rank_share(idx: torch.Tensor, ranks: int, rank: int) -> tuple[torch.Tensor, 
 class DLRMModule(L.LightningModule):
     """Prequential training of a :class:`DLRM` on a stream of time windows.
 
-    Each training batch is one window (from ``modules.stream_data``): a dict with ``dense``
+    Each training batch is one window (from ``modules.data.stream_data``): a dict with ``dense``
     ``(N, K)``, ``sparse`` ``(N, F_s)``, ``multi`` ``(N, F_m, L)``, ``label`` ``(N,)``,
     ``window`` (int) and ``minibatch_size`` (int). ``training_step`` first scores the whole
     window with the model as it stands (eval mode, no gradient) and records the window's
     AUC / log loss / NE in :attr:`window_records`, then trains on it in minibatches (manual
-    optimization, one Adam step per minibatch). Pruners (``modules.objective.TrainingObjective``) see every
+    optimization, one Adam step per minibatch). Pruners (``modules.lit.objective.TrainingObjective``) see every
     optimizer step through Lightning's ``on_before_optimizer_step`` hook and may change the
     loss through ``training_loss`` (called with the minibatch: ``dense``, ``sparse``,
     ``multi``, ``label``).
@@ -219,16 +220,27 @@ class DLRMModule(L.LightningModule):
             opt.step()
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, batch_size=len(labels))
 
-    def served_model(self) -> DLRM:
-        """The model as served (:func:`export_served`): masks folded into plain layers, dead hidden
-        neurons physically removed, eval mode, no gradients. The module is unchanged."""
-        return export_served(self.model, remove_neurons=True)
+    def served_model(self) -> "DLRMModule":
+        """The model as served, in eval mode: what testing, latency, MACs and export run.
+
+        The same contract as every LightningModule here (``BertClassifier.served_model``): a
+        :class:`DLRMModule` in eval mode whose ``.model`` is the served network, a plain
+        ``nn.Module`` (:func:`modules.nn.dlrm.export_served`: masks folded into plain layers, dead
+        hidden neurons physically removed, no gradients). The module itself is unchanged, and
+        its training network is not copied, only rebuilt served.
+
+        Returns:
+            a :class:`DLRMModule` in eval mode; ``.model`` is the served :class:`modules.nn.dlrm.DLRM`.
+        """
+        served = copy.deepcopy(self, {id(self.model): None})  # everything but the training network
+        served.model = export_served(self.model, remove_neurons=True)
+        return served.eval()
 
     def exportable(self) -> "ExportableDLRM":
-        """The served model for ONNX export (:class:`modules.served_dlrm.ExportableDLRM`)."""
-        from modules.served_dlrm import ExportableDLRM
+        """The served model for ONNX export (:class:`modules.served.served_dlrm.ExportableDLRM`)."""
+        from modules.served.served_dlrm import ExportableDLRM
 
-        return ExportableDLRM(self.served_model())
+        return ExportableDLRM(self.served_model().model)
 
     def configure_optimizers(self):
         """Adam over all parameters; weight decay only on MLP weights."""
