@@ -129,5 +129,5 @@ def reexport(
 
         dm = build(cfg.data, _convert_="all")
         dm.setup("fit")
-        serve_and_time(cfg, run_dir, results, {k: m.served_model() for k, m in modules.items()}, dm)
+        serve_and_time(cfg, run_dir, results, {k: m.served_model().model for k, m in modules.items()}, dm)
     return results
