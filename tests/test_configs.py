@@ -134,7 +134,7 @@ RUN_SET_VALUES = {"dirpath": "/tmp/elsewhere", "monitor": "val/f1", "mode": "min
 
 @pytest.mark.parametrize("callback, key", [(c, k) for c, keys in RUN_SET_CALLBACK_KEYS.items() for k in keys])
 def test_a_callback_key_the_run_sets_is_refused_with_the_reason(callback, key):
-    from modules.errors import ConfigError
+    from modules.core.errors import ConfigError
     from pipelines.common import build_callbacks, check_settings_apply
 
     cfg = compose_config(f"callbacks.{callback}.{key}={RUN_SET_VALUES[key]}")
@@ -175,7 +175,7 @@ def test_the_checkpoint_callback_is_what_the_run_sets(tmp_path):
     ],
 )
 def test_a_setting_the_model_or_pruner_replaces_is_refused_naming_the_one_that_applies(overrides, match, hydra_run_state):
-    from modules.errors import ConfigError
+    from modules.core.errors import ConfigError
     from pipelines.common import check_settings_apply
 
     cfg = _command_line(*overrides)
