@@ -137,7 +137,8 @@ class ModelConfig:
         module: the LightningModule's node (``_target_`` and constructor settings).
         pretrained: text: local Hugging Face BERT folder (default: the shipped MiniLM).
         monitor: text: the metric that picks the dense model's checkpoint.
-        trainer: trainer settings the pipeline needs, applied over ``cfg.trainer``.
+        trainer: trainer settings the pipeline needs, applied over ``cfg.trainer``; a command-line
+            ``trainer.<key>`` for one of them is refused (``pipelines.common.check_settings_apply``).
     """
 
     name: str = "???"

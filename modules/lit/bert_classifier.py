@@ -317,7 +317,7 @@ class BertClassifier(L.LightningModule):
         # Rebuild the gates before Lightning loads the state dict, so load_from_checkpoint
         # returns the pruned model.
         if "token_gates_config" in checkpoint and self.token_gates is None:
-            self.token_gates = TokenGates(**checkpoint["token_gates_config"])
+            self.attach_token_gates(TokenGates(**checkpoint["token_gates_config"]))
 
 
 def locals_to_hparams(local_vars: dict[str, Any]) -> dict[str, Any]:
