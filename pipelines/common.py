@@ -115,8 +115,8 @@ def user_overrides() -> list[str]:
 def check_settings_apply(cfg: DictConfig, pruner: Any | None) -> None:
     """Refuse a command-line setting the chosen model or pruner replaces, naming the setting that applies.
 
-    * ``trainer.<key>`` that the model's own trainer settings set (``model.trainer``, e.g.
-      DLRM's one prequential pass): the run uses ``model.trainer.<key>``;
+    * ``trainer.<key>`` that the model's own trainer settings set to another value
+      (``model.trainer``, e.g. DLRM's one prequential pass): the run uses ``model.trainer.<key>``;
     * ``trainer.max_epochs`` when no phase of the run uses it: the dense teacher fits for
       ``pruner.teacher_epochs`` (or is loaded), and each pruner phase for its plan's epochs
       (:attr:`pruners.base.FitPlan.epochs_setting`, e.g. ToP's ``pruner.pruning_epochs``).
@@ -133,8 +133,8 @@ def check_settings_apply(cfg: DictConfig, pruner: Any | None) -> None:
     user = user_overrides()
     model_trainer = cfg.model.get("trainer") or {}
     for key in user:
-        if key.startswith("trainer.") and key.removeprefix("trainer.") in model_trainer:
-            inner = key.removeprefix("trainer.")
+        inner = key.removeprefix("trainer.")
+        if key.startswith("trainer.") and inner in model_trainer and cfg.trainer.get(inner) != model_trainer[inner]:
             raise ConfigError(f"{key} does not apply to model={cfg.model.name}: its fits run model.trainer.{inner}="
                               f"{model_trainer[inner]} (the {cfg.model.pipeline} pipeline needs it); set that instead.")
     if "trainer.max_epochs" not in user or pruner is None:

@@ -191,6 +191,7 @@ def test_a_setting_the_model_or_pruner_replaces_is_refused_naming_the_one_that_a
         ["pruner=top", "pruner.pruning_epochs=null", "trainer.max_epochs=1"],  # ToP's phase then uses it
         ["pruner=top", "pruner.pruning_epochs=1", "trainer.limit_train_batches=2"],
         ["model=dlrm", "pruner=d2s", "model.trainer.max_epochs=2"],
+        ["model=dlrm", "pruner=d2s", "trainer.enable_progress_bar=false"],  # what model.trainer sets anyway
     ],
 )
 def test_a_setting_that_applies_is_accepted(overrides, hydra_run_state):

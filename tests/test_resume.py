@@ -33,8 +33,9 @@ COMMON = ["threads=1", "logger=csv", "trainer.enable_progress_bar=false", "train
           "trainer.log_every_n_steps=1",  # every training batch in the CSV logs (counted by check_resumed)
           "latency.batch_sizes=[1]", "latency.repeats=1", "latency.warmup=0"]
 # a tiny random BERT on 48 examples trains no real teacher: these runs check resuming (issue 35)
+# (trainer.max_epochs applies to pruner=none only: a pruner's phases run its own epoch settings)
 TEXT = ["model=bert", TINY_BERT, "allow_majority_class_teacher=true", "data.limit_per_split=48", "data.batch_size=8",
-        "trainer.max_epochs=2", "trainer.val_check_interval=0.5", "trainer.num_sanity_val_steps=0", "latency.examples=2"]
+        "trainer.val_check_interval=0.5", "trainer.num_sanity_val_steps=0", "latency.examples=2"]
 STREAM = ["model=dlrm", "data.limit_rows=6000", "data.window=1000", "model.module.bottom_mlp=[16,8]",
           "model.module.top_mlp=[32,16]", "model.module.embedding_dim=8"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
@@ -203,11 +204,12 @@ def assert_same_run(a: dict, b: dict, dir_a: Path, dir_b: Path, models: list[str
 
 
 CASES = {
-    "none": (TEXT + ["pruner=none"], ["dense"], ["checkpoints/dense/last.ckpt", "checkpoints/dense/final.ckpt"]),
+    "none": (TEXT + ["trainer.max_epochs=2", "pruner=none"], ["dense"],
+             ["checkpoints/dense/last.ckpt", "checkpoints/dense/final.ckpt"]),
     # validating once per epoch: the first last.ckpt is written at epoch 0's end, so the resumed run starts by
     # ending that epoch (where early stopping must not look for a validation metric that is not there yet)
     "none_epoch_end": ([a for a in TEXT if not a.startswith("trainer.val_check_interval")]
-                       + ["trainer.val_check_interval=1.0", "pruner=none"], ["dense"],
+                       + ["trainer.val_check_interval=1.0", "trainer.max_epochs=2", "pruner=none"], ["dense"],
                        ["checkpoints/dense/last.ckpt", "checkpoints/dense/final.ckpt"]),
     "d2s": (STREAM + ["pruner=d2s", "pruner.update_every=5"], ["dense", "pruned"],
             ["checkpoints/dense/last.ckpt", "checkpoints/pruned/last.ckpt"]),
@@ -215,7 +217,7 @@ CASES = {
             ["dense", "pruned"], ["checkpoints/dense/last.ckpt", "checkpoints/pruned/last.ckpt"]),
     # a fixed latency table and a budget every candidate meets: the search is deterministic (timings only break
     # ties of equal proxy quality); the second kill lands mid-search (after a generation's search checkpoint)
-    "swiftpruner": (TEXT[:-1] + ["trainer.max_epochs=1", "pruner=swiftpruner", "pruner.head_choices=[0,2,4]",
+    "swiftpruner": (TEXT[:-1] + ["pruner=swiftpruner", "pruner.head_choices=[0,2,4]",
                                  "pruner.ffn_fractions=[0,0.5,1]", "pruner.search.generations=4",
                                  "pruner.search.population_size=4", "pruner.search.parents=2", "pruner.proxy.examples=16",
                                  "pruner.proxy.metric=auroc", "pruner.importance.examples=16",
