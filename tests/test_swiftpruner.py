@@ -136,7 +136,8 @@ def test_protocol_before_the_search(tiny_setup):
     dm, teacher_ckpt, _ = tiny_setup
     pruner = _pruner(teacher_ckpt, finetune_epochs=3, model_lr=1e-4)
     assert pruner.teacher_plan() == TeacherPlan(str(teacher_ckpt), 3)  # at most 3 epochs (early stopping)
-    assert pruner.fit_plan() == FitPlan(max_epochs=3, monitor="val/accuracy", mode="max", model_lr=1e-4)
+    assert pruner.fit_plan() == FitPlan(max_epochs=3, monitor="val/accuracy", mode="max", model_lr=1e-4,
+                                        epochs_setting="pruner.finetune_epochs")
     assert pruner.baselines() == {} and pruner.write_files("unused") == {}
     assert pruner.results()["method"] == "swiftpruner"
     module = BertClassifier.load_from_checkpoint(teacher_ckpt)
@@ -153,7 +154,8 @@ def test_masked_distillation_results_describe_its_masks_and_info():
     ft = MaskedDistillation(heads, neurons, finetune_epochs=2, info={"search": {"genes": [1, 0, 2, 1]}}, name="uniform")
     assert ft.results() == {"method": "masked_distillation", "heads_kept": [2, 0], "ffn_neurons_kept": [3, 1],
                             "search": {"genes": [1, 0, 2, 1]}}
-    assert ft.fit_plan() == FitPlan(max_epochs=2, monitor="val/accuracy", mode="max", model_lr=5e-5)
+    assert ft.fit_plan() == FitPlan(max_epochs=2, monitor="val/accuracy", mode="max", model_lr=5e-5,
+                                    epochs_setting="pruner.finetune_epochs")
     fresh = MaskedDistillation()
     fresh.load_state_dict(ft.state_dict())
     assert fresh.results() == ft.results()
