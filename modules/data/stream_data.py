@@ -394,7 +394,7 @@ def movielens_frame(inter: pd.DataFrame, users: pd.DataFrame, items: pd.DataFram
     bad = df["rating"].isna() | df["timestamp"].isna()
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"ml-100k.inter line {_line_of(values.index[i])}: rating and timestamp must be numbers.")
+        raise DataError(f"ml-100k.inter line {_line_of(df.index[i])}: rating and timestamp must be numbers.")
     df = df.merge(users, on="user_id", how="left").merge(items[["item_id", "release_year", "class"]], on="item_id", how="left")
     df = df.sort_values("timestamp", kind="mergesort").reset_index(drop=True)
     df["label"] = (df["rating"] >= 4).astype(np.float32)
@@ -496,14 +496,14 @@ def timestamp_seconds(values: pd.Series, path: str | Path, column: str) -> np.nd
     """
     if values.isna().any():
         i = int(np.flatnonzero(values.isna().to_numpy())[0])
-        raise DataError(f"{path} line {_line_of(values.index[i])}: timestamp column {column!r} is empty.")
+        raise DataError(f"{path} line {_line_of(df.index[i])}: timestamp column {column!r} is empty.")
     num = pd.to_numeric(values, errors="coerce")
     if num.notna().mean() >= 0.5:  # mostly numbers: Unix seconds, and a value that is not one is the bad line
         bad = (num.isna() | np.isinf(num.to_numpy(dtype=float, na_value=np.nan))).to_numpy()
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise DataError(
-                f"{path} line {_line_of(values.index[i])}: timestamp column {column!r} has {str(values.iloc[i])!r}, but the column "
+                f"{path} line {_line_of(df.index[i])}: timestamp column {column!r} has {str(values.iloc[i])!r}, but the column "
                 "holds Unix seconds; give a finite number for every row."
             )
         return num.to_numpy(dtype=float)
@@ -513,7 +513,7 @@ def timestamp_seconds(values: pd.Series, path: str | Path, column: str) -> np.nd
     if parsed.isna().any():
         i = int(np.flatnonzero(parsed.isna().to_numpy())[0])
         raise DataError(
-            f"{path} line {_line_of(values.index[i])}: cannot parse timestamp {str(values.iloc[i])!r} in column {column!r}; "
+            f"{path} line {_line_of(df.index[i])}: cannot parse timestamp {str(values.iloc[i])!r} in column {column!r}; "
             "use Unix seconds or ISO dates (2024-05-01 12:00:00)."
         )
     return (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=float)
