@@ -496,14 +496,14 @@ def timestamp_seconds(values: pd.Series, path: str | Path, column: str) -> np.nd
     """
     if values.isna().any():
         i = int(np.flatnonzero(values.isna().to_numpy())[0])
-        raise DataError(f"{path} line {_line_of(df.index[i])}: timestamp column {column!r} is empty.")
+        raise DataError(f"{path} line {_line_of(values.index[i])}: timestamp column {column!r} is empty.")
     num = pd.to_numeric(values, errors="coerce")
     if num.notna().mean() >= 0.5:  # mostly numbers: Unix seconds, and a value that is not one is the bad line
         bad = (num.isna() | np.isinf(num.to_numpy(dtype=float, na_value=np.nan))).to_numpy()
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise DataError(
-                f"{path} line {_line_of(df.index[i])}: timestamp column {column!r} has {str(values.iloc[i])!r}, but the column "
+                f"{path} line {_line_of(values.index[i])}: timestamp column {column!r} has {str(values.iloc[i])!r}, but the column "
                 "holds Unix seconds; give a finite number for every row."
             )
         return num.to_numpy(dtype=float)
@@ -513,7 +513,7 @@ def timestamp_seconds(values: pd.Series, path: str | Path, column: str) -> np.nd
     if parsed.isna().any():
         i = int(np.flatnonzero(parsed.isna().to_numpy())[0])
         raise DataError(
-            f"{path} line {_line_of(df.index[i])}: cannot parse timestamp {str(values.iloc[i])!r} in column {column!r}; "
+            f"{path} line {_line_of(values.index[i])}: cannot parse timestamp {str(values.iloc[i])!r} in column {column!r}; "
             "use Unix seconds or ISO dates (2024-05-01 12:00:00)."
         )
     return (parsed - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=float)
