@@ -394,7 +394,7 @@ def movielens_frame(inter: pd.DataFrame, users: pd.DataFrame, items: pd.DataFram
     bad = df["rating"].isna() | df["timestamp"].isna()
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"ml-100k.inter line {_line_of(values.index[i])}: rating and timestamp must be numbers.")
+        raise DataError(f"ml-100k.inter line {_line_of(df.index[i])}: rating and timestamp must be numbers.")
     df = df.merge(users, on="user_id", how="left").merge(items[["item_id", "release_year", "class"]], on="item_id", how="left")
     df = df.sort_values("timestamp", kind="mergesort").reset_index(drop=True)
     df["label"] = (df["rating"] >= 4).astype(np.float32)
