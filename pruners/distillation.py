@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +160,7 @@ class TeacherPruner(Pruner):
     teacher_ckpt: str | None = None
     teacher_epochs: int = 3
     prunes_model = "bert"
-    components = {"distillation": Distillation}
+    components: ClassVar[dict[str, type]] = {"distillation": Distillation}
     #: the loss against the teacher (``pruner.distillation``)
     distillation: Distillation
 

@@ -159,19 +159,22 @@ def test_the_checkpoint_callback_is_what_the_run_sets(tmp_path):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["pruner=top", "trainer.max_epochs=1"], r"^trainer\.max_epochs does not apply to pruner=top: its phases run "
-         r"pruner\.teacher_epochs \(the dense teacher\) and pruner\.pruning_epochs; set those instead\.$"),
+        (["pruner=top", "trainer.max_epochs=1"],
+         (r"^trainer\.max_epochs does not apply to pruner=top: its phases run "
+          r"pruner\.teacher_epochs \(the dense teacher\) and pruner\.pruning_epochs; set those instead\.$")),
         (["pruner=top", f"pruner.teacher_ckpt={CONF / 'config.yaml'}", "trainer.max_epochs=1"],  # an existing file
          r"pruner=top: its phases run pruner\.pruning_epochs; set that instead\.$"),
-        (["pruner=swiftpruner", "trainer.max_epochs=1"], r"pruner\.teacher_epochs \(the dense teacher\) and "
-         r"pruner\.finetune_epochs; set those instead"),
+        (["pruner=swiftpruner", "trainer.max_epochs=1"],
+         r"pruner\.teacher_epochs \(the dense teacher\) and pruner\.finetune_epochs; set those instead"),
         (["pruner=layerdrop", "trainer.max_epochs=1"], r"pruner=layerdrop: its phases run .*pruner\.finetune_epochs"),
-        (["pruner=swiftpruner_top", "trainer.max_epochs=1"], r"pruner=swiftpruner_top: its phases run pruner\.teacher_epochs "
-         r"\(the dense teacher\) and pruner\.stages\.structure\.finetune_epochs and pruner\.stages\.tokens\.pruning_epochs"),
-        (["model=dlrm", "pruner=d2s", "trainer.max_epochs=2"], r"^trainer\.max_epochs does not apply to model=dlrm: "
-         r"its fits run model\.trainer\.max_epochs=1 \(the stream pipeline needs it\); set that instead\.$"),
-        (["model=dlrm", "pruner=none", "trainer.gradient_clip_val=0.5"], r"^trainer\.gradient_clip_val does not apply "
-         r"to model=dlrm: its fits run model\.trainer\.gradient_clip_val=None"),
+        (["pruner=swiftpruner_top", "trainer.max_epochs=1"],
+         (r"pruner=swiftpruner_top: its phases run pruner\.teacher_epochs \(the dense teacher\) and "
+          r"pruner\.stages\.structure\.finetune_epochs and pruner\.stages\.tokens\.pruning_epochs")),
+        (["model=dlrm", "pruner=d2s", "trainer.max_epochs=2"],
+         (r"^trainer\.max_epochs does not apply to model=dlrm: "
+          r"its fits run model\.trainer\.max_epochs=1 \(the stream pipeline needs it\); set that instead\.$")),
+        (["model=dlrm", "pruner=none", "trainer.gradient_clip_val=0.5"],
+         r"^trainer\.gradient_clip_val does not apply to model=dlrm: its fits run model\.trainer\.gradient_clip_val=None"),
     ],
 )
 def test_a_setting_the_model_or_pruner_replaces_is_refused_naming_the_one_that_applies(overrides, match, hydra_run_state):

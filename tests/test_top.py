@@ -648,6 +648,7 @@ def test_one_distillation_component_gives_the_known_loss_and_every_distilling_pr
     from types import SimpleNamespace
 
     from conftest import build_pruner
+
     from pruners.base import PrunerConfigError
     from pruners.distillation import Distillation
     from pruners.swiftpruner.finetune import MaskedDistillation

@@ -41,8 +41,8 @@ from modules.core.files import atomic_path
 from modules.lit.distributed import broadcast, is_global_zero, on_rank_zero
 from modules.nn.structured import UnitImportance, top_unit_masks
 from pruners.base import PrunerConfigError, check_positive_int, check_range
-from pruners.swiftpruner.evolution import EvolutionarySearch, SearchSpace
 from pruners.distillation import Distillation
+from pruners.swiftpruner.evolution import EvolutionarySearch, SearchSpace
 from pruners.swiftpruner.finetune import MaskedDistillation
 from pruners.swiftpruner.importance import Importance
 from pruners.swiftpruner.latency import LatencyMeter
