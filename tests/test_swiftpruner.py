@@ -65,7 +65,9 @@ def _dense(teacher_ckpt):
 # ------------------------------------------------------------------ the shipped config
 def test_the_shipped_config_composes_and_builds_the_constructor_defaults():
     pruner = build_pruner("model=bert", "pruner=swiftpruner")
-    components = {"latency": LatencyMeter, "proxy": Proxy, "importance": Importance, "search": Search}
+    components = {"latency": LatencyMeter, "proxy": Proxy, "importance": Importance, "search": Search,
+                  "distillation": Distillation}
+    assert SwiftPruner.components == components
     for key, cls in components.items():
         component = getattr(pruner, key)
         assert type(component) is cls
