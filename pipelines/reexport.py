@@ -16,7 +16,7 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from modules.errors import ConfigError, MissingFileError, UserError
+from modules.core.errors import ConfigError, MissingFileError, UserError
 from pipelines.common import RESULTS_FILE, build
 
 
@@ -129,5 +129,5 @@ def reexport(
 
         dm = build(cfg.data, _convert_="all")
         dm.setup("fit")
-        serve_and_time(cfg, run_dir, results, {k: m.served_model() for k, m in modules.items()}, dm)
+        serve_and_time(cfg, run_dir, results, {k: m.served_model().model for k, m in modules.items()}, dm)
     return results

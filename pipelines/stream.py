@@ -14,7 +14,7 @@
    :mod:`pipelines.tracking`);
 4. builds each model's served copy (``served_model()``: masks folded, dead neurons
    removed), checks it computes the same logits, measures their latency interleaved
-   (``modules.latency``), with an A/A control (the dense copy timed twice;
+   (``modules.served.latency``), with an A/A control (the dense copy timed twice;
    ``latency_aa_ratio`` near 1 says the machine was quiet enough for the speedups to
    mean something);
 5. plots AUC per window of every model (``stream_auc.png``) and returns the results dict
@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from modules.dlrm import count_nonzero_params
-from modules.latency import measure_latency_ms, protocol
-from modules.served_dlrm import ExportableDLRM
-from modules.stream_data import StreamDataModule
+from modules.core.plots import pyplot, save_figure
+from modules.nn.dlrm import count_nonzero_params
+from modules.served.latency import measure_latency_ms, protocol
+from modules.served.served_dlrm import ExportableDLRM
+from modules.data.stream_data import StreamDataModule
 from pipelines.common import build, check_data_kind, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
 from pipelines.sweep import multirun_job
@@ -150,7 +151,7 @@ def quantize_stream_models(
     Returns:
         int8 name -> ONNX Runtime session (timed with the others).
     """
-    from modules.dlrm import window_metrics
+    from modules.lit.dlrm import window_metrics
     from pipelines.quantize import agreement, int8_entry, quantize_served, record_failures, run_batches
     from serving.runtime import MODEL_FILE, make_session
 
@@ -245,7 +246,7 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], serv
         results.setdefault("latency_aa_ratio", {})[str(b)] = ms["dense"] / ms["dense_again"]
     results["latency_protocol"] = protocol(
         threads, int(lat.warmup), int(lat.repeats),
-        "served copies (modules.dlrm.export_served: masks folded into nn.Linear/nn.EmbeddingBag, hidden "
+        "served copies (modules.nn.dlrm.export_served: masks folded into nn.Linear/nn.EmbeddingBag, hidden "
         "neurons whose weights are all masked physically removed, so only neuron-level pruning shrinks the "
         "MLPs; unstructured zeros stay in dense kernels)",
     )
@@ -266,11 +267,7 @@ def serve_and_time(cfg: DictConfig, out_dir: Path, results: dict[str, Any], serv
 
 def plot_stream(results: dict[str, Any], names: list[str], path: Path) -> Path:
     """PNG: ROC AUC per window of each model in ``names`` (prequential: scored before training on it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, style in zip(names, ("-", "--", ":", "-.")):
         pw = results[name]["per_window"]
@@ -282,18 +279,14 @@ def plot_stream(results: dict[str, Any], names: list[str], path: Path) -> Path:
     ax.set_title("AUC per window (headline metrics: second half, right of the dotted line)")
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(path)  # atomic: an earlier plot is never left half-written
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Dense reference and pruned model on the same stream and seed (then any baselines); returns the results dict.
 
     Raises:
-        modules.text_data.DataError: unusable data.
+        modules.core.errors.DataError: unusable data.
         pruners.base.PrunerConfigError: bad pruner settings, or a pruner that cannot prune this
             model (raised before any training).
     """
@@ -356,7 +349,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if not is_global_zero():  # rank 0 builds the served copies, times them and writes; the others are done
         return results
     # served copies, equivalence check, latency
-    served = {name: module.served_model() for name, module in modules.items()}
+    served = {name: module.served_model().model for name, module in modules.items()}  # the served networks
     x = latency_inputs(dm, min(4096, len(dm.stream)))
     for name in served:
         if name == "dense":

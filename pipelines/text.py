@@ -45,9 +45,9 @@ import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from modules.latency import measure_latency_rounds, protocol
-from modules.served_bert import ExportableBert
-from modules.text_data import TextClassificationDataModule
+from modules.served.latency import measure_latency_rounds, protocol
+from modules.served.served_bert import ExportableBert
+from modules.data.text_data import TextClassificationDataModule
 from pipelines.common import build, build_trainer, check_data_kind, fit_phase, run_relative
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
 from pipelines.sweep import multirun_job
@@ -105,7 +105,7 @@ def time_models_rounds(
         models: name -> served module; each runs in eval mode (pruned tokens removed).
         datamodule: a set-up text data module; inputs come from its test split.
         batch_sizes: batch sizes to time.
-        warmup, repeats, threads: see :func:`modules.latency.measure_latency_rounds`.
+        warmup, repeats, threads: see :func:`modules.served.latency.measure_latency_rounds`.
         examples: inputs are the first ``max(examples, batch size)`` test examples.
         sessions: name -> ONNX Runtime session of the exported model, timed in the same
             rounds on the same inputs under the key ``<name>@onnxruntime``.
@@ -173,7 +173,7 @@ def kept_tokens_per_layer(module: L.LightningModule, datamodule) -> dict[str, An
         ``kept_tokens_per_layer``: per layer, the mean tokens per sentence (CLS included,
         padding excluded) its attention computes on; ``kept_token_kinds_per_layer``: per
         layer, ``{kind: mean tokens per sentence}`` for the kinds of
-        :meth:`modules.text_data.TextClassificationDataModule.token_kinds` ([CLS], [SEP],
+        :meth:`modules.data.text_data.TextClassificationDataModule.token_kinds` ([CLS], [SEP],
         punctuation, subword pieces, other words), summing to the layer's kept tokens.
     """
     module.eval()
@@ -254,7 +254,7 @@ def quantize_text_models(
     Returns:
         int8 name -> ONNX Runtime session (timed with the others).
     """
-    from modules.bert_classifier import build_metrics
+    from modules.lit.bert_classifier import build_metrics
     from pipelines.quantize import agreement, int8_entry, quantize_served, record_failures, run_batches
     from serving.runtime import MODEL_FILE, make_session
 
@@ -387,7 +387,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     Raises:
         pruners.base.PrunerConfigError: the pruner cannot prune this model or data (before any training).
-        modules.text_data.DataError: unusable data.
+        modules.core.errors.DataError: unusable data.
         pipelines.teacher.MajorityClassTeacherError: the dense model does not beat the majority-class
             rate and a pruner would start from it (after the dense phase, before the pruning phase).
     """

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from modules.dlrm import DLRMModule
-from modules.packages import package_file
-from modules.stream_data import (
+from modules.lit.dlrm import DLRMModule
+from modules.core.packages import package_file
+from modules.data.stream_data import (
     CriteoStream,
     CsvStream,
     MovieLensStream,
@@ -22,7 +22,7 @@ from modules.stream_data import (
     past_history,
     read_recbole_table,
 )
-from modules.text_data import DataError
+from modules.core.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # set per test and restored (tests/conftest.py)
 
@@ -249,3 +249,12 @@ def test_bad_settings():
         MovieLensStream(batch_size=0)
     with pytest.raises(DataError, match="hash_buckets"):
         MovieLensStream(hash_buckets=1)
+
+
+def test_movielens_non_numeric_rating_names_its_file_line(movielens_tables):
+    """A malformed rating is a DataError naming the file line (it was a NameError before ruff's F821 found it)."""
+    inter, users, items = movielens_tables
+    broken = inter.iloc[:50].reset_index(drop=True).copy()
+    broken.loc[7, "rating"] = "four"
+    with pytest.raises(DataError, match=r"ml-100k.inter line 9: rating and timestamp must be numbers"):
+        movielens_frame(broken, users, items)
