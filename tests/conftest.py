@@ -162,7 +162,7 @@ def recheck_stream_run(run_dir: str | Path, saved: dict, datamodule, name: str) 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from modules.dlrm import DLRMModule
+    from modules.lit.dlrm import DLRMModule
     from serving.runtime import load_served
 
     run_dir = Path(run_dir)
@@ -180,7 +180,7 @@ def recheck_stream_run(run_dir: str | Path, saved: dict, datamodule, name: str) 
     batch, feeds = rows(half, len(s))
     ort = torch.from_numpy(fp32.run(feeds)).reshape(-1)
     out = {"rows": len(s) - half, "max_abs_diff": float((ort - module.score(batch)).abs().max())}
-    served = module.served_model()
+    served = module.served_model().model  # the served network (modules.nn.dlrm.DLRM)
     multi = batch["multi"] if batch["multi"].shape[1] else None
     with torch.no_grad(), FlopCounterMode(display=False) as flops:
         served(batch["dense"][:16], batch["sparse"][:16], None if multi is None else multi[:16])

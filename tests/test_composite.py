@@ -34,7 +34,7 @@ def assert_exported_graph_equals_the_checkpoint(run_dir: Path, entry: dict, feed
     the exported graph's logits scaled by 1.01 (``ExportableBert.forward``) and the run's parity check disabled
     (``pipelines.export.max_abs_diff`` returning 0), the layer-drop test failed here (diff 2.6e-3) where
     ``parity_ok`` had passed."""
-    from modules.bert_classifier import BertClassifier
+    from modules.lit.bert_classifier import BertClassifier
     from serving.runtime import load_served
 
     ort = load_served(run_dir / entry["served"]["folder"]).run(feeds)
