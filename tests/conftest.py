@@ -16,8 +16,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,8 +41,6 @@ CONF = ROOT / "conf"
 def compose_config(*overrides: str, output_dir: str | Path | None = None):
     """The shipped config composed with ``overrides`` (as ``python run.py <overrides>``), outputs under ``output_dir``."""
     from hydra import compose, initialize_config_dir
-
-    import pipelines.configs  # noqa: F401  (registers the schemas and resolvers)
 
     out = output_dir if output_dir is not None else ROOT / "outputs" / "tests"
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
