@@ -16,8 +16,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,8 +41,6 @@ CONF = ROOT / "conf"
 def compose_config(*overrides: str, output_dir: str | Path | None = None):
     """The shipped config composed with ``overrides`` (as ``python run.py <overrides>``), outputs under ``output_dir``."""
     from hydra import compose, initialize_config_dir
-
-    import pipelines.configs  # noqa: F401  (registers the schemas and resolvers)
 
     out = output_dir if output_dir is not None else ROOT / "outputs" / "tests"
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
@@ -130,6 +132,73 @@ def recount_served(checkpoint: str | Path, datamodule) -> tuple[float, float, li
     for h in hooks:
         h.remove()
     return correct / len(ds), sum(macs) / len(ds), [sum(c) / len(ds) for c in zip(*tokens)], (padded, padded_logits)
+
+
+def pairwise_auc(scores, labels) -> float:
+    """ROC AUC as the Mann-Whitney statistic, counted over every (click, no-click) pair: the fraction of pairs whose
+    click scores higher, ties counting one half (NaN with a single class). Independent of torchmetrics."""
+    import numpy as np
+
+    s, y = np.asarray(scores), np.asarray(labels).astype(bool)
+    pos, neg = s[y], s[~y]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))
+
+
+def recheck_stream_run(run_dir: str | Path, saved: dict, datamodule, name: str) -> dict:
+    """A stream run's served model ``name`` checked independently of the run's own code.
+
+    The phase's checkpoint is reloaded; its module's own (masked, training-path) logits on the stream's second
+    half are compared with ONNX Runtime's on the exported ``served/<name>`` graph, fed by the input names its
+    litprune.json lists; the reloaded served copy's MACs per sample are counted by
+    torch.utils.flop_counter.FlopCounterMode (half its FLOPs: MLP products and the dot interaction; embedding
+    lookups count none); the int8 copy, when there is one, is run on the second half's windows beside the fp32
+    graph: its prediction agreement (logit > 0) and mean window AUC (:func:`pairwise_auc` of its sigmoid).
+
+    Returns:
+        ``max_abs_diff`` (ONNX Runtime vs the reloaded module, logits), ``rows`` (how many were compared),
+        ``macs`` (per sample), and with an int8 copy ``int8_equal_predictions`` and ``int8_auc``.
+    """
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modules.lit.dlrm import DLRMModule
+    from serving.runtime import load_served
+
+    run_dir = Path(run_dir)
+    s = datamodule.stream
+    module = DLRMModule.load_from_checkpoint(run_dir / saved[name]["checkpoint"], map_location="cpu")
+    fp32 = load_served(run_dir / saved[name]["served"]["folder"])
+    names = [i["name"] for i in fp32.meta["inputs"]]
+
+    def rows(start: int, end: int) -> tuple[dict, dict]:
+        batch = {"dense": s.dense[start:end], "sparse": s.sparse[start:end], "multi": s.multi[start:end],
+                 "label": s.label[start:end]}
+        return batch, {k: batch[k].numpy() for k in names}
+
+    half = len(s) // 2
+    batch, feeds = rows(half, len(s))
+    ort = torch.from_numpy(fp32.run(feeds)).reshape(-1)
+    out = {"rows": len(s) - half, "max_abs_diff": float((ort - module.score(batch)).abs().max())}
+    served = module.served_model().model  # the served network (modules.nn.dlrm.DLRM)
+    multi = batch["multi"] if batch["multi"].shape[1] else None
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        served(batch["dense"][:16], batch["sparse"][:16], None if multi is None else multi[:16])
+    out["macs"] = flops.get_total_flops() / 2 / 16
+    if f"{name}-int8" in saved:
+        int8 = load_served(run_dir / saved[f"{name}-int8"]["served"]["folder"])
+        bounds = s.window_bounds()
+        equal, aucs, n = 0, [], 0
+        for start, end in bounds[len(bounds) // 2:]:
+            window, f = rows(start, end)
+            a, b = fp32.run(f).reshape(-1), int8.run(f).reshape(-1)
+            equal, n = equal + int(((a > 0) == (b > 0)).sum()), n + len(a)
+            aucs.append(pairwise_auc(torch.sigmoid(torch.from_numpy(b)).numpy(), window["label"].numpy()))
+        out["int8_equal_predictions"] = equal / n
+        out["int8_auc"] = float(np.nanmean(aucs))
+    return out
 
 
 #: a 3-layer, hidden-32 BERT config with the real uncased WordPiece vocabulary size

@@ -99,15 +99,13 @@ def test_the_frontier_benchmark_runs_its_smoke_plan_and_resumes_without_rerunnin
 
 
 @pytest.mark.parametrize("plan", ["default", "smoke"])
-def test_every_job_of_the_frontier_plans_composes_and_builds_its_pruner(plan):
+def test_every_job_of_the_frontier_plans_composes_and_builds_its_pruner(plan, monkeypatch):
     """The real (6-hour) plan cannot run in the tests; each of its jobs' configs is composed and its pruner built
     (settings validated), with the counts the issue asks for: ToP >= 3 targets, SwiftPruner >= 3 budgets,
     layer dropping >= 2 depths, the composite >= 2 points, each method's default point over the seeds."""
-    import sys
-
     from conftest import ROOT, build_pruner
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (restored after the test)
     import frontier
 
     jobs = frontier.PLANS[plan]["jobs"]

@@ -88,3 +88,7 @@ def test_a_new_pruner_runs_through_the_pipeline_with_only_its_class_and_yaml(tmp
     assert results["macs_reduction"] > 1.0
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["pruned"]["checkpoint"].startswith("checkpoints/pruned/")
+    from modules.lit.bert_classifier import BertClassifier  # the kept checkpoint serves one head in every layer
+
+    served = BertClassifier.load_from_checkpoint(tmp_path / "run" / saved["pruned"]["checkpoint"], map_location="cpu").served_model()
+    assert [h for h, _ in served.model.layer_structure()] == [1] * TINY_BERT_CONFIG["num_hidden_layers"]

@@ -10,12 +10,19 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import run
+from conftest import recheck_stream_run
+from pipelines.common import build
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.mark.slow
 def test_dlrm_d2s_run_writes_results_plot_logs_and_checkpoints(tmp_path):
+    """The run's files and numbers; its served models rechecked independently of its code
+    (:func:`conftest.recheck_stream_run`, also run on a cheap stream by tests/test_quantize.py, where it was checked
+    broken once): each exported graph in ONNX Runtime against the reloaded checkpoint's own logits on the stream's
+    second half (6000 rows, within 1e-4), the MACs per sample by FlopCounterMode, the int8 copies' agreement and AUC
+    recounted; the speedups are the ratios of the latencies."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
         cfg = compose(
             "config",
@@ -49,9 +56,19 @@ def test_dlrm_d2s_run_writes_results_plot_logs_and_checkpoints(tmp_path):
     assert sp["history"][-1]["target"] == pytest.approx(0.5)
     assert saved["pruned"]["served_max_abs_logit_diff"] < 1e-4  # the shrunk copy computes the same logits
     assert saved["pruned"]["mlp_shapes"]["top.1"][1] < saved["dense"]["mlp_shapes"]["top.1"][1]  # physically smaller
-    assert set(saved["speedup"]) == {"1", "4096"}
-    for key in ("dense", "pruned"):  # exported, equal to PyTorch in ONNX Runtime, timed there too
+    lat = {k: saved[k]["latency_ms"] for k in ("dense", "pruned")}
+    assert saved["speedup"] == pytest.approx({b: lat["dense"][b] / lat["pruned"][b] for b in ("1", "4096")})
+    dm = build(cfg.data)
+    dm.setup()
+    for key in ("dense", "pruned"):  # exported, equal to the reloaded checkpoint in ONNX Runtime, timed there too
+        got = recheck_stream_run(tmp_path, saved, dm, key)
+        assert got["rows"] == 6000 and got["max_abs_diff"] < 1e-4, (key, got)  # float32 logits, different kernels
+        assert saved[key]["macs_per_sample"] == got["macs"], key
         assert saved[key]["served"]["parity_ok"] and set(saved[key]["latency_ms_onnxruntime"]) == {"1", "4096"}
+        e = saved[f"{key}-int8"]
+        assert e["agreement"]["equal_predictions"] == pytest.approx(got["int8_equal_predictions"], abs=1e-12), key
+        assert e["metrics"]["auc"] == pytest.approx(got["int8_auc"], abs=1e-6), key
+    assert saved["pruned"]["macs_per_sample"] < saved["dense"]["macs_per_sample"]
     for key in ("dense", "pruned"):  # int8 copies (export.quantize=dynamic, MLPs only), on the second half
         e = saved[f"{key}-int8"]
         assert e["quantization"]["op_types"] == ["MatMul", "Gemm"] and set(e["latency_ms_onnxruntime"]) == {"1", "4096"}

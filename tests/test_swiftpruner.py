@@ -163,6 +163,7 @@ def test_masked_distillation_results_describe_its_masks_and_info():
     assert fresh.results() == ft.results()
 
 
+@pytest.mark.slow  # full searches with timing: ~20-40 s on 2 cores, the slowest unmarked tests (issue 33)
 def test_search_at_fit_start_applies_a_within_budget_candidate_and_state_round_trips(tiny_setup, tmp_path):
     dm, teacher_ckpt, _ = tiny_setup
     student = BertClassifier.load_from_checkpoint(teacher_ckpt)
@@ -233,6 +234,7 @@ def test_search_history_is_logged_as_a_wandb_table(tiny_setup, tmp_path):
 
 
 # ------------------------------------------------------------------ the search
+@pytest.mark.slow  # full searches with timing: ~20-40 s on 2 cores, the slowest unmarked tests (issue 33)
 def test_search_is_reproducible_for_a_seed(tiny_setup):
     dm, teacher_ckpt, _ = tiny_setup
     dm.setup("fit")
@@ -242,6 +244,7 @@ def test_search_is_reproducible_for_a_seed(tiny_setup):
     assert strip(runs[0]) == strip(runs[1])
 
 
+@pytest.mark.slow  # full searches with timing: ~20-40 s on 2 cores, the slowest unmarked tests (issue 33)
 def test_written_files_and_a_reused_latency_table(tiny_setup, tmp_path):
     """``write_files`` writes the history, the lookup table and the plot; ``pruner.latency.table``
     reuses the table (same predictions), and a missing or mismatched one is a clear error."""
