@@ -11,9 +11,9 @@ Most cases call a loader, a pruner or ``run.train`` in-process; the cases with `
 run as ``python run.py ...`` in a process of their own (``tests/processes.py``), which must exit with status 2 and print
 one line ``error: <message>`` and no traceback.
 
-The README's troubleshooting section is generated from :data:`CASES`
-(``python -m tests.troubleshooting``); :func:`test_readme_troubleshooting_is_generated_from_the_cases`
-checks it is current.
+docs/troubleshooting.md's tables are generated from :data:`CASES`
+(``python -m tests.troubleshooting``); :func:`test_troubleshooting_page_is_generated_from_the_cases`
+checks they are current.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class Case:
 
     Attributes:
         id: short test id.
-        area: the README table it is listed in (text files, GLUE, streams, Criteo, settings).
-        what: what the user did, as the README lists it.
+        area: the docs/troubleshooting.md table it is listed in (text files, GLUE, streams, Criteo, settings).
+        what: what the user did, as docs/troubleshooting.md lists it.
         run: ``run(inputs_dir, output_dir)`` feeds the input (writes files under ``inputs_dir``).
         match: regex the one-line message must contain.
         accepted: for an input that is handled, not refused: what happens (``run`` checks it).
@@ -662,13 +662,13 @@ def leftovers(out: Path) -> list[str]:
 
 
 def normalized(message: str, inputs: Path) -> str:
-    """``message`` with the case's input folder left out of paths (for the README)."""
+    """``message`` with the case's input folder left out of paths (for docs/troubleshooting.md)."""
     for p in {str(inputs.resolve()), str(inputs)}:
         message = message.replace(p + os.sep, "")
     return re.sub(r"\b\d+\.\d{3} ms\b|\b\d+\.\d{3}\b(?=, or use)", "N", message)  # latencies measured now
 
 
-#: messages of the cases run in this session, by id (the README check reuses them)
+#: messages of the cases run in this session, by id (the troubleshooting page's check reuses them)
 MESSAGES: dict[str, str | None] = {}
 
 
@@ -735,8 +735,8 @@ def test_full_error_shows_the_traceback(cli_results):
     assert leftovers(out) == []
 
 
-# ----------------------------------------------------------------------------- the README section
-def test_readme_troubleshooting_is_generated_from_the_cases(tmp_path):
+# ----------------------------------------------------------------------------- the troubleshooting page
+def test_troubleshooting_page_is_generated_from_the_cases(tmp_path):
     from tests import troubleshooting
 
     for case in CASES:  # cases not run in this session (e.g. under -k) are run now
@@ -745,6 +745,6 @@ def test_readme_troubleshooting_is_generated_from_the_cases(tmp_path):
             msg = message_of(case, inputs, tmp_path / case.id / "run")
             MESSAGES[case.id] = None if msg is None else normalized(msg, inputs)
     expected = troubleshooting.section(CASES, MESSAGES)
-    assert troubleshooting.current_section((ROOT / "README.md").read_text()) == expected, (
-        "README's troubleshooting section is stale; regenerate it: python -m tests.troubleshooting"
+    assert troubleshooting.current_section(troubleshooting.PAGE.read_text()) == expected, (
+        "docs/troubleshooting.md is stale; regenerate it: python -m tests.troubleshooting"
     )

@@ -1,7 +1,7 @@
-"""Serving without the training stack: served folders, predict.py, the README snippet.
+"""Serving without the training stack: served folders, predict.py, the snippet of docs/export.md.
 
 The served folders here are written by the pipeline's own ``write_served_folder`` from
-tiny models and the real tokenizer; ``predict.py`` and the README snippet run in
+tiny models and the real tokenizer; ``predict.py`` and docs/export.md's snippet run in
 subprocesses where torch, Lightning and transformers cannot be imported.
 """
 
@@ -112,10 +112,10 @@ def test_predict_runs_without_torch_and_matches(served_text, no_torch_path, tmp_
     np.testing.assert_allclose(pd.read_csv(__import__("io").StringIO(proc.stdout))[["prob_0", "prob_1"]].to_numpy(), expected, atol=1e-6)
 
 
-def test_the_readme_snippet_serves_an_exported_model(served_text, no_torch_path):
+def test_the_documented_snippet_serves_an_exported_model(served_text, no_torch_path):
     folder, _, _ = served_text
-    readme = (ROOT / "README.md").read_text()
-    snippet = re.search(r"<!-- serve-snippet -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    page = (ROOT / "docs" / "export.md").read_text()
+    snippet = re.search(r"<!-- serve-snippet -->\s*```python\n(.*?)```", page, re.S).group(1)
     assert len(snippet.strip().splitlines()) <= 10
     code = re.sub(r'folder = ".*?"', f'folder = "{folder}"', snippet, count=1)
     proc = run_without_torch(["-c", code], no_torch_path)

@@ -234,7 +234,7 @@ def test_d2s_optuna_search_writes_the_pareto_front(tmp_path):
 
 @pytest.mark.parametrize("launcher, target", [("submitit_local", "LocalLauncher"), ("submitit_slurm", "SlurmLauncher")])
 def test_submitit_launchers_compose_with_the_keys_the_readme_documents(launcher, target, tmp_path):
-    """The submitit launchers README documents (a sweep's jobs run through them as through joblib, whose
+    """The submitit launchers docs/distributed.md documents (a sweep's jobs run through them as through joblib, whose
     two-job sweep above runs for real: both import the task function and its resolvers the same way)."""
     from hydra import compose, initialize_config_dir
 
