@@ -1,13 +1,15 @@
 """Benchmark: dense versus ToP-pruned BERT inference latency, from a finished `pruner=top` run.
 
     python benchmarks/top_latency.py RUN_DIR [--batch-sizes 1 8 32 64] [--repeats 30] [--threads 2]
-        [--onnxruntime-only]
+        [--onnxruntime-only] [--int8]
 
 Reads RUN_DIR/results.json for the dense and pruned checkpoints, rebuilds the run's
 test split, exports both served models to ONNX (RUN_DIR/served/, as export.py does), times
 them in PyTorch eager and in ONNX Runtime interleaved in this process (pruned tokens
 physically removed in both; ``--onnxruntime-only``: the two ONNX Runtime models alone, as a
-server runs them) and writes RUN_DIR/benchmark_top_latency.json, printing a table. Every
+server runs them; ``--int8``: also the run's int8 copies, ``served/dense-int8/`` and
+``served/pruned-int8/`` as the run's ``export.quantize`` wrote them, in the same rounds) and
+writes RUN_DIR/benchmark_top_latency.json, printing a table. Every
 speedup is given twice: the ratio of the median latencies, and the mean and standard error
 of the per-round ratio over the ``--repeats`` interleaved rounds
 (:func:`modules.latency.ratio_over_rounds`), which says whether it differs from a target by
@@ -33,6 +35,7 @@ from pipelines.common import build  # noqa: E402
 from pipelines.reexport import load_run  # noqa: E402
 from modules.latency import ratio_over_rounds  # noqa: E402
 from pipelines.flow import build_task, export_served, median_ms, time_models_rounds  # noqa: E402
+from serving.runtime import MODEL_FILE, make_session  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--onnxruntime-only", action="store_true", help="time the ONNX Runtime models alone (no PyTorch eager in the rounds)")
+    ap.add_argument("--int8", action="store_true", help="also time the run's int8 copies (served/<name>-int8/) in the same rounds")
     args = ap.parse_args(argv)
     results_path = args.run_dir / "results.json"
     config_path = args.run_dir / ".hydra" / "config.yaml"
@@ -72,12 +76,25 @@ def main(argv: list[str] | None = None) -> dict:
         for name in ("dense", "pruned")
     }
     served, sessions, exportables = export_served(cfg, task, args.run_dir.resolve(), models, datamodule, results)
+    if args.int8:
+        for name in ("dense", "pruned"):
+            path = args.run_dir / "served" / f"{name}-int8" / MODEL_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: --int8 needs a run made with export.quantize=dynamic or static.")
+            sessions[f"{name}-int8"] = make_session(path, args.threads)  # timed on its source's inputs
     torch.manual_seed(0)
     rounds, proto = time_models_rounds(cfg, task, {} if args.onnxruntime_only else models, datamodule, sessions, exportables)
     latency = median_ms(rounds)
     pairs = {"speedup_onnxruntime": ("dense@onnxruntime", "pruned@onnxruntime")}
     if not args.onnxruntime_only:
         pairs = {"speedup": ("dense", "pruned"), **pairs, "speedup_vs_dense_torch": ("dense", "pruned@onnxruntime")}
+    if args.int8:  # int8 against dense fp32 (the reference of every speedup), and pruned int8 against dense int8
+        pairs = {
+            **pairs,
+            "dense_int8_vs_dense_onnxruntime": ("dense@onnxruntime", "dense-int8@onnxruntime"),
+            "pruned_int8_vs_dense_onnxruntime": ("dense@onnxruntime", "pruned-int8@onnxruntime"),
+            "pruned_int8_vs_dense_int8": ("dense-int8@onnxruntime", "pruned-int8@onnxruntime"),
+        }
     out = {
         "command": "python benchmarks/top_latency.py RUN_DIR " + " ".join((argv if argv is not None else sys.argv[1:])[1:]),
         "latency_ms": latency,
@@ -87,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "max_abs_diff": {name: e["max_abs_diff"] for name, e in served.items()},
         "macs_reduction": results.get("macs_reduction"),
-        "accuracy": {name: results[name]["metrics"]["accuracy"] for name in ("dense", "pruned")},
+        "accuracy": {name: results[name]["metrics"]["accuracy"] for name in ("dense", "pruned", *(("dense-int8", "pruned-int8") if args.int8 else ()))},
         "protocol": {**proto, "rounds": "onnxruntime models alone" if args.onnxruntime_only else "PyTorch eager and onnxruntime models"},
     }
     (args.run_dir / "benchmark_top_latency.json").write_text(json.dumps(out, indent=2) + "\n")
