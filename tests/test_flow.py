@@ -283,3 +283,22 @@ def test_the_shipped_models_name_their_tasks(model, task):
 
     cfg = compose_config(f"model={model}")
     assert type(build_task(cfg)).__name__ == task and cfg.model.pipeline is None
+
+
+@pytest.mark.parametrize("pipeline, task", [("text", "TextClassificationTask"), ("stream", "StreamTask")])
+def test_export_of_a_run_saved_before_model_task_finds_its_task(tmp_path, pipeline, task):
+    """export.py reads a run dir's saved config: one from before ``model.task`` (``model.pipeline`` set, no task)
+    gets the task its pipeline meant, and no ``model.pipeline`` to be refused."""
+    from omegaconf import OmegaConf
+
+    from pipelines.flow import build_task
+    from pipelines.reexport import load_run
+
+    cfg = compose_config("model=bert" if pipeline == "text" else "model=dlrm", output_dir=tmp_path)
+    saved = OmegaConf.to_container(cfg, resolve=False)
+    saved["model"]["pipeline"], saved["model"]["task"] = pipeline, None
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / ".hydra" / "config.yaml")
+    (tmp_path / "results.json").write_text("{}")
+    loaded, _ = load_run(tmp_path)
+    assert "pipeline" not in loaded.model and type(build_task(loaded)).__name__ == task
