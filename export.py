@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 import pipelines.configs  # noqa: F401  (registers the resolvers before Hydra composes)
-from modules.errors import UserError
+from modules.core.errors import UserError
 from pipelines.common import format_table, write_results
 from pipelines.quantize import raise_if_failed
 

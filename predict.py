@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from modules.errors import UserError
+from modules.core.errors import UserError
+from modules.core.files import atomic_path
 
 USER_ERROR_STATUS = 2
 
@@ -27,7 +28,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     """Predictions for every request in ``cfg.input`` (see conf/predict.yaml), as a frame.
 
     Raises:
-        modules.errors.UserError: an unusable served folder, input file or setting.
+        modules.core.errors.UserError: an unusable served folder, input file or setting.
     """
     from tqdm import tqdm
 
@@ -74,9 +75,8 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_STATUS)
     if cfg.output:
-        tmp = f"{cfg.output}.tmp"
-        out.to_csv(tmp, index=False)
-        os.replace(tmp, cfg.output)
+        with atomic_path(cfg.output) as tmp:
+            out.to_csv(tmp, index=False)
     else:
         out.to_csv(sys.stdout, index=False)
 

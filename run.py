@@ -2,7 +2,7 @@
 
 ``train(cfg)`` does the work and returns the results dict; ``main`` is the thin Hydra
 wrapper that returns the headline metric for sweeps. A user error (bad data, a bad
-setting, a model and pruner that do not go together; ``modules.errors.UserError``) prints
+setting, a model and pruner that do not go together; ``modules.core.errors.UserError``) prints
 one line, ``error: <message>``, and exits with status 2; ``HYDRA_FULL_ERROR=1`` or
 ``debug=true`` shows its traceback. A config Hydra cannot compose (a misspelled key, a
 wrong type, an unknown group option) also exits with status 2, with Hydra's message as one
@@ -29,7 +29,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 import pipelines.configs  # noqa: F401  (registers the config schemas and the resolvers before Hydra composes)
-from modules.errors import ConfigError, UserError
+from modules.core.errors import ConfigError, UserError
 from pipelines import flow, resume
 from pipelines.common import format_table, write_results
 from pipelines.sweep import multirun_job
@@ -91,7 +91,7 @@ def train(cfg: DictConfig) -> dict:
         The results dict (also written to ``<paths.output_dir>/results.json``).
 
     Raises:
-        modules.errors.UserError: bad data or settings (raised before any training where they can be seen then).
+        modules.core.errors.UserError: bad data or settings (raised before any training where they can be seen then).
         pipelines.quantize.QuantizationError: a served model ONNX Runtime could not quantize (raised after
             results.json and every fp32 export are written).
     """

@@ -5,7 +5,7 @@
 Writes a Criteo-format TSV file of ``--rows`` rows (label, 13 integers, 26 hashed
 categoricals, 20% of fields empty) and one of its first ``--small`` rows in a temporary
 dir, then reads each in a fresh process with ``CriteoStream.load`` (the chunked reader,
-``modules/stream_readers.py``) and records its wall-clock rows per second and peak
+``modules/data/stream_readers.py``) and records its wall-clock rows per second and peak
 resident memory (``ru_maxrss``), the memory after imports, and the size of the encoded
 arrays the stream keeps. Also: the large file with ``limit_rows=--small`` (reading stops
 there), and, as the reference for the earlier reader, pandas reading the large file whole
@@ -59,7 +59,7 @@ def child(path: str, limit: int | None, mode: str) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from modules.stream_data import CRITEO_COLUMNS, CriteoStream
+    from modules.data.stream_data import CRITEO_COLUMNS, CriteoStream
 
     torch.set_num_threads(1)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -118,7 +118,7 @@ def main() -> None:
     summary = {
         "command": "python benchmarks/stream_reader.py" + (f" --rows {args.rows}" if args.rows != 2_000_000 else "")
         + (f" --small {args.small}" if args.small != 500_000 else ""),
-        "what": "CriteoStream.load (modules/stream_readers.py: 100,000-row chunks, each encoded at once) on random "
+        "what": "CriteoStream.load (modules/data/stream_readers.py: 100,000-row chunks, each encoded at once) on random "
         "Criteo-format files, each read in a fresh process, one torch thread; peak_rss_mib is the process's ru_maxrss, "
         "kept_data_mib the encoded arrays the stream keeps (or the string frame's deep size for the pandas reference)",
         "load_average_before": [round(x, 2) for x in load_before],

@@ -1,7 +1,7 @@
 """How stable is SwiftPruner's unit selection? Taylor importance from disjoint example sets.
 
 SwiftPruner keeps, in every layer, the heads and FFN neurons with the largest first-order
-Taylor importance (:func:`modules.structured.taylor_importance`) of the dense teacher. This
+Taylor importance (:func:`modules.nn.structured.taylor_importance`) of the dense teacher. This
 script estimates that importance several times, each on its own disjoint seeded set of
 examples, for several (split, number of examples) settings, and reports for the uniform
 configurations near the benchmark's budget (50% of dense batch-1 latency) how many of the kept
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from hydra.utils import instantiate  # noqa: E402
 
-from modules.structured import taylor_importance, top_unit_masks  # noqa: E402
+from modules.nn.structured import taylor_importance, top_unit_masks  # noqa: E402
 from pruners.distillation import load_teacher_model  # noqa: E402
 from pruners.swiftpruner.proxy import by_length, collated  # noqa: E402
 from swiftpruner_search import command_line, compose_config, relative  # noqa: E402

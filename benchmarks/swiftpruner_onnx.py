@@ -28,11 +28,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from modules.bert_classifier import BertClassifier  # noqa: E402
-from modules.latency import measure_latency_ms, protocol  # noqa: E402
-from modules.onnx_export import export_onnx  # noqa: E402
-from modules.served_bert import ExportableBert  # noqa: E402
-from modules.structured import shrink_structured  # noqa: E402
+from modules.lit.bert_classifier import BertClassifier  # noqa: E402
+from modules.served.latency import measure_latency_ms, protocol  # noqa: E402
+from modules.served.onnx_export import export_onnx  # noqa: E402
+from modules.served.served_bert import ExportableBert  # noqa: E402
+from modules.nn.structured import shrink_structured  # noqa: E402
 from pruners.swiftpruner.latency_table import synthetic_inputs  # noqa: E402
 from serving.runtime import make_session  # noqa: E402
 

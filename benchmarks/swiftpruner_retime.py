@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from modules.bert_classifier import BertClassifier  # noqa: E402
+from modules.lit.bert_classifier import BertClassifier  # noqa: E402
 from pruners.swiftpruner.latency_table import measure_model_ms  # noqa: E402
 from swiftpruner_search import benchmark_runs, command_line, relative  # noqa: E402
 

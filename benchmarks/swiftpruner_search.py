@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from modules.core.plots import pyplot, save_figure
 
 RUNS = ROOT / "benchmarks" / "runs"
 
@@ -259,11 +260,7 @@ def summarise(per_seed: list[dict], curves: dict[str, list[list[float]]]) -> dic
 
 def plot_curves(curves: dict[str, list[list[float]]], path: Path) -> None:
     """Mean best-reward-so-far curve of each mutator over seeds (thin lines: single seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for (name, runs), color in zip(curves.items(), ("tab:red", "tab:blue")):
         for c in runs:
@@ -275,8 +272,7 @@ def plot_curves(curves: dict[str, list[list[float]]], path: Path) -> None:
     ax.set_title("SwiftPruner: reinforced vs random mutator")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 # --------------------------------------------------------------------------- toy mutator study
@@ -290,7 +286,7 @@ def toy_problem(seed: int, table, importance_noise: float = 0.5, quality_noise: 
     subset). The mutator gets the true importances times log-normal noise (``importance_noise``),
     as Taylor importance is only an estimate.
     """
-    from modules.structured import UnitImportance
+    from modules.nn.structured import UnitImportance
     from pruners.swiftpruner.evolution import SearchSpace
 
     space = SearchSpace(table.num_layers, tuple(table.head_choices), tuple(table.neuron_choices))

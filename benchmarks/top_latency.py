@@ -12,7 +12,7 @@ server runs them; ``--int8``: also the run's int8 copies, ``served/dense-int8/``
 writes RUN_DIR/benchmark_top_latency.json, printing a table. Every
 speedup is given twice: the ratio of the median latencies, and the mean and standard error
 of the per-round ratio over the ``--repeats`` interleaved rounds
-(:func:`modules.latency.ratio_over_rounds`), which says whether it differs from a target by
+(:func:`modules.served.latency.ratio_over_rounds`), which says whether it differs from a target by
 more than the timing noise. It is a benchmark, not a test: it asserts nothing and only
 reports what it measured.
 """
@@ -30,10 +30,10 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import pipelines.configs  # noqa: E402,F401  (registers the resolvers the run's config uses)
-from modules.bert_classifier import BertClassifier  # noqa: E402
+from modules.lit.bert_classifier import BertClassifier  # noqa: E402
 from pipelines.common import build  # noqa: E402
 from pipelines.reexport import load_run  # noqa: E402
-from modules.latency import ratio_over_rounds  # noqa: E402
+from modules.served.latency import ratio_over_rounds  # noqa: E402
 from pipelines.flow import build_task, export_served, median_ms, time_models_rounds  # noqa: E402
 from serving.runtime import MODEL_FILE, make_session  # noqa: E402
 

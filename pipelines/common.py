@@ -13,7 +13,6 @@ the phase's monitored metric, else the last); a finished phase keeps only that o
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -26,6 +25,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from modules.core.files import write_json
 from pipelines import resume
 from pipelines.tracking import build_loggers, finish_loggers
 from pruners.base import FitPlan
@@ -59,7 +59,7 @@ def check_data_kind(cfg: DictConfig, base: type, needs: str) -> None:
     """
     from hydra.utils import get_class
 
-    from modules.errors import ConfigError
+    from modules.core.errors import ConfigError
 
     target = OmegaConf.select(cfg, "data._target_")
     if target is None or not issubclass(get_class(target), base):
@@ -229,12 +229,7 @@ def json_safe(value: Any) -> Any:
 
 def write_results(out_dir: str | Path, results: dict[str, Any]) -> Path:
     """Write ``results.json`` atomically (temp file + rename) under the run dir and return its path."""
-    path = Path(out_dir) / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(json_safe(results), indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(Path(out_dir) / RESULTS_FILE, json_safe(results), indent=2)
 
 
 def _cell(value: Any, fmt: str) -> str:

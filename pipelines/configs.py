@@ -31,11 +31,11 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import OmegaConf
 
-from modules.bert_classifier import BertClassifier
-from modules.dlrm import DLRMModule
-from modules.packages import default_bert_dir
-from modules.stream_data import CriteoStream, CsvStream, MovieLensStream
-from modules.text_data import GlueDataModule, RottenTomatoesDataModule, TextFileDataModule
+from modules.lit.bert_classifier import BertClassifier
+from modules.lit.dlrm import DLRMModule
+from modules.core.packages import default_bert_dir
+from modules.data.stream_data import CriteoStream, CsvStream, MovieLensStream
+from modules.data.text_data import GlueDataModule, RottenTomatoesDataModule, TextFileDataModule
 from pipelines.teacher import EarlyStoppingAfterMinimum
 from pruners.base import Pruner
 
@@ -69,7 +69,7 @@ def schema(target: Any, **fields: Any) -> Any:
 
 @dataclass
 class LatencyConfig:
-    """How a run times its final models (see ``modules.latency``).
+    """How a run times its final models (see ``modules.served.latency``).
 
     Attributes:
         batch_sizes: batch sizes to time.

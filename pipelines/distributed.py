@@ -14,13 +14,13 @@ from typing import Any
 
 from torch import nn
 
-from modules.distributed import gather_objects, is_global_zero, state_digest, world_size
+from modules.lit.distributed import gather_objects, is_global_zero, state_digest, world_size
 
 __all__ = ["distributed_summary", "is_global_zero", "memory_digest", "models_digest"]
 
 
 def models_digest(digests: dict[str, str]) -> str:
-    """One SHA-256 (16 hex digits) over every final model's :func:`modules.distributed.state_digest`, in name order."""
+    """One SHA-256 (16 hex digits) over every final model's :func:`modules.lit.distributed.state_digest`, in name order."""
     h = hashlib.sha256()
     for name in sorted(digests):
         h.update(f"{name}={digests[name]};".encode())
@@ -28,7 +28,7 @@ def models_digest(digests: dict[str, str]) -> str:
 
 
 def memory_digest(module: nn.Module) -> str:
-    """:func:`modules.distributed.state_digest` of a model as this rank holds it in memory (masks, gates,
+    """:func:`modules.lit.distributed.state_digest` of a model as this rank holds it in memory (masks, gates,
     shapes). Take it right after the phase's fit, before anything is reloaded: only rank 0 writes the
     checkpoints, so digests of reloaded models would agree whatever the ranks decided."""
     return state_digest(module)

@@ -6,7 +6,7 @@ For each final model (``dense``, ``pruned``, each baseline) the run writes
 * ``model.onnx``: the exportable form of the module's served model
   (``exportable()``: ToP's token selection inside the graph, heads, FFN neurons and MLP
   neurons physically removed), dynamic batch (and sequence) axes, opset
-  :data:`modules.onnx_export.OPSET`, checked with ``onnx.checker``;
+  :data:`modules.served.onnx_export.OPSET`, checked with ``onnx.checker``;
 * what it needs to be fed (the data module's ``write_serving_files``: ``tokenizer.json``
   for text, the feature schema for the recommender, in ``litprune.json``);
 * ``litprune.json``: kind, labels, inputs and outputs with shapes, the pruning summary,
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from modules.onnx_export import OPSET, export_onnx
-from modules.version import VERSION
+from modules.served.onnx_export import OPSET, export_onnx
+from modules.core.version import VERSION
 from pipelines.common import run_relative
 from pipelines.threads import latency_threads
 from serving.runtime import META_FILE, MODEL_FILE, graph_feeds, make_session

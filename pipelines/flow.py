@@ -47,8 +47,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from modules.errors import ConfigError
-from modules.latency import measure_latency_rounds, protocol
+from modules.core.errors import ConfigError
+from modules.served.latency import measure_latency_rounds, protocol
 from pipelines.common import build, check_data_kind, fit_phase, run_relative
 from pipelines.distributed import distributed_summary, is_global_zero, memory_digest
 from pipelines.export import add_runtime_speedups, export_models, max_abs_diff, onnxruntime_version, write_served_folder
@@ -132,8 +132,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     Raises:
         ConfigError: no usable task, or data of the wrong kind for the model (before loading it).
         pruners.base.PrunerConfigError: the pruner cannot prune this model or data (before any training).
-        modules.errors.DataError: unusable data.
-        modules.errors.UserError: the task's check of the dense model refuses it (text:
+        modules.core.errors.DataError: unusable data.
+        modules.core.errors.UserError: the task's check of the dense model refuses it (text:
             :class:`pipelines.teacher.MajorityClassTeacherError`, after the dense phase, before any pruning phase).
     """
     out_dir = Path(out_dir)

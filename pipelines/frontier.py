@@ -18,6 +18,7 @@ import math
 import statistics
 from pathlib import Path
 from typing import Any, Iterator
+from modules.core.plots import pyplot, save_figure
 
 #: file name of the plot in a sweep dir
 FRONTIER_PNG = "frontier.png"
@@ -97,11 +98,7 @@ def plot(groups: list[dict[str, Any]], batches: list[str], path: str | Path, tit
     """PNG of test accuracy vs ONNX Runtime latency (fraction of dense) per batch size, one panel each:
     every group with its standard-error bars where it has seeds, int8 points hollow, the Pareto front joined.
     False (nothing written) when no group has a latency at these batch sizes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     batches = [b for b in batches if any(b in g["relative_latency"] for g in groups)]
     if not batches:
         return False
@@ -130,6 +127,5 @@ def plot(groups: list[dict[str, Any]], batches: list[str], path: str | Path, tit
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True

@@ -42,7 +42,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from modules.errors import ConfigError, UserError
+from modules.core.errors import ConfigError, UserError
 from serving.runtime import META_FILE, MODEL_FILE, graph_feeds
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from modules.errors import ConfigError, MissingFileError, UserError
+from modules.core.errors import ConfigError, MissingFileError, UserError
 from pipelines.common import RESULTS_FILE
 from pipelines.flow import build_task, serve_and_time
 

@@ -23,7 +23,7 @@ through :class:`AtomicCheckpointIO` (temp file in the same folder, fsync, rename
 load with ``torch.load(weights_only=True)``.
 
 Overrides on resume: only settings that cannot change the result are accepted
-(:data:`RESUME_ALLOWED`); any other is refused with a :class:`~modules.errors.ConfigError`
+(:data:`RESUME_ALLOWED`); any other is refused with a :class:`~modules.core.errors.ConfigError`
 naming it.
 """
 
@@ -42,7 +42,8 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from modules.errors import ConfigError, UserError
+from modules.core.errors import ConfigError, UserError
+from modules.core.files import atomic_path, write_json
 
 RECORD_FILE = "complete.json"
 FINAL_CKPT = "final.ckpt"
@@ -109,25 +110,6 @@ def is_finished(out_dir: str | Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- records
-def fsync_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: ranks never share a temp file
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def read_record(phase_dir: Path) -> dict[str, Any] | None:
     """The phase's completion record, or None when the phase has not finished."""
     path = Path(phase_dir) / RECORD_FILE
@@ -139,7 +121,7 @@ def read_record(phase_dir: Path) -> dict[str, Any] | None:
 def write_record(phase_dir: Path, phase: str, score: float | None, global_step: int | None, **extra: Any) -> None:
     """Write the phase's completion record (``final.ckpt`` is its checkpoint) atomically; ``extra`` adds keys."""
     record = {"done": True, "phase": phase, "checkpoint": FINAL_CKPT, "score": score, "global_step": global_step, **extra}
-    fsync_write(Path(phase_dir) / RECORD_FILE, (json.dumps(record, indent=1) + "\n").encode())
+    write_json(Path(phase_dir) / RECORD_FILE, record, indent=1, fsync=True)
 
 
 def newest_checkpoint(phase_dir: Path) -> Path | None:
@@ -160,22 +142,16 @@ def resumed_events(out_dir: str | Path) -> list[dict[str, Any]]:
 
 def _record_resume(out_dir: Path, phase: str, global_step: int) -> None:
     events = resumed_events(out_dir) + [{"phase": phase, "global_step": int(global_step)}]
-    fsync_write(out_dir / "checkpoints" / RESUMED_FILE, (json.dumps(events, indent=1) + "\n").encode())
+    write_json(out_dir / "checkpoints" / RESUMED_FILE, events, indent=1, fsync=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO writing each checkpoint atomically next to its destination (same filesystem)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        """``torch.save`` into ``<path>.tmp``, fsync, rename onto ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        """``torch.save`` into a temp file next to ``path``, fsync, rename onto ``path`` (:func:`modules.core.files.atomic_path`)."""
+        with atomic_path(path, fsync=True) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 # ----------------------------------------------------------------------------- callbacks

@@ -20,7 +20,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from modules.core.files import atomic_path, write_text
+from modules.core.plots import pyplot, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +189,10 @@ def write_summary(sweep_dir: str | Path, objectives: list[str] | None = None, di
     columns: list[str] = []
     for r in rows:
         columns.extend(k for k in r if k not in columns)
-    tmp = sweep_dir / f".{SUMMARY_CSV}.{os.getpid()}.tmp"
-    with tmp.open("w", newline="") as f:
+    with atomic_path(sweep_dir / SUMMARY_CSV) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows({k: r.get(k) for k in columns} for r in rows)
-    tmp.replace(sweep_dir / SUMMARY_CSV)
     tokens = [r.get("overrides", "").split() for r in rows]
     common = [t for t in tokens[0] if all(t in ts for ts in tokens)] if len(tokens) > 1 else []
     md = [f"# Sweep {sweep_dir.name}", "", f"{len(rows)} jobs, "
@@ -213,9 +212,7 @@ def write_summary(sweep_dir: str | Path, objectives: list[str] | None = None, di
         md += ["", "## Accuracy vs latency across pruners", "",
                f"Every final model's test accuracy vs its ONNX Runtime latency as a fraction of its run's dense model "
                f"(pipelines.frontier), Pareto front joined: ![frontier]({FRONTIER_PNG})"]
-    tmp = sweep_dir / f".{SUMMARY_MD}.{os.getpid()}.tmp"
-    tmp.write_text("\n".join(md) + "\n")
-    tmp.replace(sweep_dir / SUMMARY_MD)
+    write_text(sweep_dir / SUMMARY_MD, "\n".join(md) + "\n")
     return {"rows": rows, "pareto": front}
 
 
@@ -240,11 +237,7 @@ def write_frontier(sweep_dir: Path, rows: list[dict], labels: list[str]) -> bool
 
 def plot_pareto(rows: list[dict], keys: list[str], labels: list[str], front: list[int], path: Path) -> bool:
     """PNG of every completed job in the first two objectives, the Pareto front joined; False if nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pts = [(r[keys[0]], r[keys[1]]) for r in rows if r.get(keys[0]) is not None and r.get(keys[1]) is not None]
     if not pts:
         return False
@@ -256,8 +249,7 @@ def plot_pareto(rows: list[dict], keys: list[str], labels: list[str], front: lis
     ax.set_ylabel(labels[1])
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return True
 
 

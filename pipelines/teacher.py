@@ -31,7 +31,7 @@ import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig
 
-from modules.errors import ConfigError, UserError
+from modules.core.errors import ConfigError, UserError
 from pipelines.common import build_trainer
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class MajorityClassTeacherError(UserError):
 
 @runtime_checkable
 class WarmupSchedule(Protocol):
-    """A LightningModule whose learning rate warms up (``modules.bert_classifier.BertClassifier``)."""
+    """A LightningModule whose learning rate warms up (``modules.lit.bert_classifier.BertClassifier``)."""
 
     def warmup_steps(self) -> int:
         """Optimizer steps of the warm-up of the fit the module is attached to."""
@@ -76,7 +76,7 @@ class EarlyStoppingAfterMinimum(EarlyStopping):
             ``lightning.pytorch.callbacks.EarlyStopping``; ``patience`` counts validations.
 
     Raises:
-        modules.errors.ConfigError: ``min_epochs`` or ``min_steps`` below 0.
+        modules.core.errors.ConfigError: ``min_epochs`` or ``min_steps`` below 0.
     """
 
     def __init__(

@@ -48,6 +48,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from modules.core.files import atomic_path, write_json
 from pipelines.resume import FINAL_CKPT, read_record, write_record
 
 log = logging.getLogger(__name__)
@@ -153,13 +154,11 @@ def valid_entry(entry: Path) -> bool:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def store(entry: Path, ckpt: Path, material: dict[str, Any]) -> None:
@@ -168,9 +167,7 @@ def store(entry: Path, ckpt: Path, material: dict[str, Any]) -> None:
     _link_or_copy(ckpt, entry / CKPT)
     record = {"size": (entry / CKPT).stat().st_size, "sha256": sha256_file(entry / CKPT), "created": time.time(),
               "key_material": material}
-    tmp = entry / f".{RECORD}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, entry / RECORD)
+    write_json(entry / RECORD, record, indent=2, default=str)
 
 
 def dense_teacher(

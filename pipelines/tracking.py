@@ -42,7 +42,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from modules.distributed import is_global_zero
+from modules.core.files import write_json
+from modules.lit.distributed import is_global_zero
 from pipelines.sweep import get_path, headline_figures, multirun_job
 
 
@@ -89,10 +90,7 @@ def run_id(out_dir: str | Path, key: str) -> str | None:
         from wandb.sdk.lib.runid import generate_id
 
         ids[key] = generate_id()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(ids, indent=1) + "\n")
-        tmp.replace(path)
+        write_json(path, ids, indent=1)
     return ids[key]
 
 

@@ -1,8 +1,8 @@
 """The pruner protocol: everything a pipeline may ask of a pruner, and nothing else.
 
-A pruner is a ``lightning.Callback`` (through :class:`modules.objective.TrainingObjective`,
-so the LightningModules call its :meth:`~modules.objective.TrainingObjective.training_loss`
-and :meth:`~modules.objective.TrainingObjective.param_groups`). A pipeline runs it in
+A pruner is a ``lightning.Callback`` (through :class:`modules.lit.objective.TrainingObjective`,
+so the LightningModules call its :meth:`~modules.lit.objective.TrainingObjective.training_loss`
+and :meth:`~modules.lit.objective.TrainingObjective.param_groups`). A pipeline runs it in
 phases and asks it, only through the methods below:
 
 * :meth:`Pruner.check`: can it prune this model on this data? Run before any training.
@@ -43,8 +43,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from modules.errors import UserError
-from modules.objective import TrainingObjective, log_objective_metrics
+from modules.core.errors import UserError
+from modules.lit.objective import TrainingObjective, log_objective_metrics
 
 
 class PrunerConfigError(UserError, ValueError):

@@ -27,7 +27,7 @@ specifies it as (``../shared/notes/algorithms.md`` section 2):
   once, at the first optimizer step of the stream (importance from that first
   minibatch), pruned weights are zeroed and never receive a gradient again.
 * ``granularity=neuron`` removes whole hidden neurons: the consuming layer's input
-  column is masked (its producer row keeps learning), and ``modules.dlrm.export_served``
+  column is masked (its producer row keeps learning), and ``modules.nn.dlrm.export_served``
   physically drops the neuron. ``target_sparsity`` is then the fraction of removable
   hidden neurons removed; the resulting weight sparsity is reported as well.
 
@@ -46,8 +46,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from modules.distributed import mean_
-from modules.dlrm import DLRMModule, neuron_alive
+from modules.core.plots import pyplot, save_figure
+from modules.lit.distributed import mean_
+from modules.lit.dlrm import DLRMModule
+from modules.nn.dlrm import neuron_alive
 from pruners.base import Pruner, PrunerConfigError, check_choice, check_positive_int, check_range
 
 
@@ -173,19 +175,19 @@ class D2SPruner(Pruner):
 
     # ------------------------------------------------------------------ wiring
     def attach(self, model: torch.nn.Module) -> None:
-        """Bind to a ``modules.dlrm.DLRM`` and set its layers' gradient mode (straight-through unless static).
+        """Bind to a ``modules.nn.dlrm.DLRM`` and set its layers' gradient mode (straight-through unless static).
 
         Raises:
             PrunerConfigError: the model has no prunable DLRM layers.
         """
         if not hasattr(model, "mlp_layers"):
-            raise PrunerConfigError(f"pruner=d2s needs a DLRM model (modules.dlrm.DLRM); got {type(model).__name__}.")
+            raise PrunerConfigError(f"pruner=d2s needs a DLRM model (modules.nn.dlrm.DLRM); got {type(model).__name__}.")
         self.model = model
         for layer in self._tensors().values():
             layer.straight_through = self.mode == "adaptive"
 
     def check(self, pl_module: L.LightningModule, datamodule: L.LightningDataModule) -> None:
-        """The model must be a :class:`~modules.dlrm.DLRMModule`.
+        """The model must be a :class:`~modules.lit.dlrm.DLRMModule`.
 
         Raises:
             PrunerConfigError: another model (e.g. ``model=bert``).
@@ -483,11 +485,7 @@ class D2SPruner(Pruner):
         """``sparsity_history.png``: achieved per-layer MLP sparsity and the schedule over the optimizer steps."""
         if not self.history:
             return {}
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         steps = [h["step"] for h in self.history]
         fig, ax = plt.subplots(figsize=(7, 4))
         for layer in self.history[-1]["layers"]:
@@ -500,10 +498,7 @@ class D2SPruner(Pruner):
         ax.legend(fontsize=7)
         fig.tight_layout()
         name = "sparsity_history.png"
-        tmp = Path(out_dir) / f"{name}.tmp"
-        fig.savefig(tmp, dpi=100, format="png")
-        tmp.replace(Path(out_dir) / name)  # atomic replace
-        plt.close(fig)
+        save_figure(fig, Path(out_dir) / name, dpi=100)
         return {"sparsity_history": name}
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.bert_classifier import BertClassifier
-from modules.errors import MissingFileError
+from modules.lit.bert_classifier import BertClassifier
+from modules.core.errors import MissingFileError
 from pruners.base import Pruner, PrunerConfigError, TeacherPlan
 
 
@@ -37,7 +37,7 @@ def load_teacher_model(path: str | Path) -> nn.Module:
             run's own dense phase).
 
     Returns:
-        the checkpoint's :class:`~modules.bert.PrunableBertForSequenceClassification`.
+        the checkpoint's :class:`~modules.nn.bert.PrunableBertForSequenceClassification`.
 
     Raises:
         FileNotFoundError: no file at ``path`` (the message says how to fix it).
@@ -123,7 +123,7 @@ class TeacherPruner(Pruner):
     prunes_model = "bert"
 
     def check(self, pl_module, datamodule) -> None:
-        """The model must be a :class:`~modules.bert_classifier.BertClassifier`, and ``teacher_ckpt``, if set,
+        """The model must be a :class:`~modules.lit.bert_classifier.BertClassifier`, and ``teacher_ckpt``, if set,
         a finished dense model of the same architecture (:func:`check_teacher_matches`).
 
         Raises:
@@ -149,7 +149,7 @@ class TeacherPruner(Pruner):
         return TeacherPlan(self.teacher_ckpt, self.teacher_epochs)
 
     def set_teacher(self, teacher: nn.Module) -> None:
-        """Keep ``teacher`` (a :class:`~modules.bert.PrunableBertForSequenceClassification`), frozen."""
+        """Keep ``teacher`` (a :class:`~modules.nn.bert.PrunableBertForSequenceClassification`), frozen."""
         self.teacher = freeze(teacher)
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -3,7 +3,7 @@
 The simplest structured baseline users try first (Sajjad et al., "On the effect of dropping
 layers of pre-trained transformer models", arXiv 2004.03844, Sec. 3: top-layer dropping;
 ``../shared/notes/algorithms.md`` section 4). The layers above the lowest ``k`` are removed
-from the module's model at the start of the fit (:func:`modules.structured.keep_lowest_layers`),
+from the module's model at the start of the fit (:func:`modules.nn.structured.keep_lowest_layers`),
 so the model trained, checkpointed (the module records the layers present), served and
 exported really has ``k`` layers. The fine-tuning is SwiftPruner's
 (:class:`~pruners.swiftpruner.finetune.MaskedDistillation`: task loss + logits distillation from
@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from modules.distributed import on_rank_zero
-from modules.structured import keep_lowest_layers
+from modules.core.files import write_json
+from modules.lit.distributed import on_rank_zero
+from modules.nn.structured import keep_lowest_layers
 from pruners.base import PrunerConfigError, check_positive_int
 from pruners.swiftpruner.finetune import MaskedDistillation
 from pruners.swiftpruner.latency import LatencyMeter
@@ -149,10 +149,7 @@ class LayerDrop(MaskedDistillation):
             def decide() -> dict[str, Any]:
                 choice = self.choose(pl_module.model)
                 if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(path.name + ".tmp")
-                    tmp.write_text(json.dumps(choice, indent=1))
-                    os.replace(tmp, path)
+                    write_json(path, choice, indent=1)
                 return choice
 
             self.choice = on_rank_zero(decide)

@@ -2,7 +2,7 @@
 
 Pieces:
 
-* :class:`modules.gates.TokenGates` - coarse-to-fine hard-concrete gates (Sec. 3.2): one
+* :class:`modules.nn.gates.TokenGates` - coarse-to-fine hard-concrete gates (Sec. 3.2): one
   gate per *rank bin* per pruning layer, plus one gate per pruning layer deciding whether
   that layer prunes at all. Tokens are ranked by the attention they received in the
   previous layer; pruning is cumulative; [CLS] is never pruned. At evaluation the gates
@@ -17,7 +17,7 @@ Pieces:
   linearly over a warm-up.
 
 Unlike the reference code, which only masks tokens, the model this trains really
-removes them at inference (see ``modules.bert.gather_tokens``).
+removes them at inference (see ``modules.nn.bert.gather_tokens``).
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.bert import layer_macs
-from modules.distributed import gather_rows, mean_
+from modules.nn.bert import layer_macs
+from modules.lit.distributed import gather_rows, mean_
 from pruners.base import FitPlan, PrunerConfigError, check_positive_int, check_range
 from pruners.distillation import TeacherPruner, kd_loss
-from modules.gates import TokenGates, bin_of_rank
+from modules.nn.gates import TokenGates, bin_of_rank
 
 
 def expected_macs(gates: TokenGates, lengths: torch.Tensor, hidden: int, intermediate: int) -> torch.Tensor:
@@ -44,7 +44,7 @@ def expected_macs(gates: TokenGates, lengths: torch.Tensor, hidden: int, interme
     ``m_l = m_{l-1} * keep_ratio_l`` ([CLS] always kept, ``m_0 = length - 1``). Layer i's
     attention is counted on its own length and its feed-forward block on layer i+1's
     (the last layer's on its own), since pruned tokens leave right after the scoring
-    layer's attention (as :meth:`modules.bert.PrunableBertForSequenceClassification.macs`
+    layer's attention (as :meth:`modules.nn.bert.PrunableBertForSequenceClassification.macs`
     counts the model it trains; ToP's reference ``calculate_mac_for_encoder``).
 
     Args:
@@ -75,7 +75,7 @@ def deterministic_kept_lengths(
 
     Exact, because a sample's rank bins depend only on how many candidates it has: the
     ``m`` non-[CLS] tokens entering a pruning layer fall into bins ``floor(r * B / m)``
-    for ranks ``r < m``, whatever the scores (see :func:`modules.gates.rank_bins`).
+    for ranks ``r < m``, whatever the scores (see :func:`modules.nn.gates.rank_bins`).
 
     Args:
         gates: the token gates (layer layout and bin count).

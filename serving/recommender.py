@@ -1,9 +1,9 @@
 """Request rows for an exported DLRM: encode the features as in training, run, give click probabilities.
 
 The feature schema in ``litprune.json`` (written from
-:meth:`modules.stream_data.StreamDataModule.feature_schema`) says, per model input, which
+:meth:`modules.data.stream_data.StreamDataModule.feature_schema`) says, per model input, which
 column of a request row holds it and how it is transformed; categorical values are
-hashed by :func:`modules.features.hash_bucket`, the function training used.
+hashed by :func:`modules.core.features.hash_bucket`, the function training used.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from modules.features import hash_bucket, hash_multi, signed_log1p
+from modules.core.features import hash_bucket, hash_multi, signed_log1p
 from serving.runtime import ServedModel, ServedModelError, sigmoid
 
 

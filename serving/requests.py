@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from modules.errors import MissingFileError
+from modules.core.errors import MissingFileError
 from serving.runtime import ServedModelError
 
 FORMATS = ("auto", "csv", "tsv", "jsonl", "parquet", "lines")
@@ -42,7 +42,7 @@ def read_requests(path: str, fmt: str) -> pd.DataFrame:
     """Read the requests (``lines`` become one ``text`` column, empty lines skipped).
 
     Raises:
-        modules.errors.MissingFileError: no such file.
+        modules.core.errors.MissingFileError: no such file.
         ServedModelError: a file the format cannot parse (names the file and the parser's reason).
     """
     if path != "-" and not Path(path).is_file():

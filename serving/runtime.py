@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from modules.errors import MissingFileError, UserError
+from modules.core.errors import MissingFileError, UserError
 
 MODEL_FILE = "model.onnx"
 META_FILE = "litprune.json"
@@ -80,7 +80,7 @@ def load_served(folder: str | Path, threads: int | None = None) -> ServedModel:
     """Open ``folder`` (a ``served/<name>`` folder of a run).
 
     Raises:
-        modules.errors.MissingFileError: no such folder, or no model.onnx / litprune.json in it.
+        modules.core.errors.MissingFileError: no such folder, or no model.onnx / litprune.json in it.
         ServedModelError: litprune.json is not valid JSON or lacks its ``kind``.
     """
     folder = Path(folder)

@@ -108,7 +108,7 @@ def recount_served(checkpoint: str | Path, datamodule) -> tuple[float, float, li
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from modules.bert_classifier import BertClassifier
+    from modules.lit.bert_classifier import BertClassifier
 
     served = BertClassifier.load_from_checkpoint(checkpoint, map_location="cpu").served_model()
     seen: list[int] = []
@@ -170,9 +170,9 @@ def tiny_setup(tmp_path_factory):
     import pandas as pd
     import torch
 
-    from modules.bert_classifier import BertClassifier
-    from modules.packages import default_bert_dir
-    from modules.text_data import TextFileDataModule
+    from modules.lit.bert_classifier import BertClassifier
+    from modules.core.packages import default_bert_dir
+    from modules.data.text_data import TextFileDataModule
 
     tmp_path = tmp_path_factory.mktemp("tiny_setup")
     config = TINY_BERT_CONFIG.copy()

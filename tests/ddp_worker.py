@@ -1,4 +1,4 @@
-"""A worker for tests/test_ddp.py's 2-process gloo test of modules.distributed (kept light: spawned processes import it)."""
+"""A worker for tests/test_ddp.py's 2-process gloo test of modules.lit.distributed (kept light: spawned processes import it)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from modules.distributed import (  # noqa: E402
+from modules.lit.distributed import (  # noqa: E402
     broadcast,
     gather_objects,
     gather_rows,
@@ -78,7 +78,7 @@ def swiftpruner_worker(rank: int, init_file: str | None, out_dir: str) -> None:
     group (``init_file``) or in one process (None); written to ``<out_dir>/<rank>.pt``."""
     from transformers import BertConfig
 
-    from modules.bert import PrunableBertForSequenceClassification
+    from modules.nn.bert import PrunableBertForSequenceClassification
     from pruners.swiftpruner.evolution import SearchSpace
     from pruners.swiftpruner.importance import Importance
     from pruners.swiftpruner.proxy import Proxy

@@ -56,20 +56,54 @@ def test_dependencies_point_one_way():
     assert not wrong, "\n".join(wrong)
 
 
-def test_serving_imports_nothing_of_the_training_stack():
-    files = [ROOT / "predict.py", *sorted((ROOT / "serving").glob("*.py")), ROOT / "modules" / "features.py",
-             ROOT / "modules" / "errors.py"]
+def imported_names(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module name) of every import in ``path``, function-level imports included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out += [(node.lineno, node.module)]
+    return out
+
+
+def training_stack_imports(files: list[Path], allowed: tuple[str, ...], root: Path = ROOT) -> list[str]:
+    """Imports in ``files`` of the training stack, or of a project module whose name starts with none of ``allowed``."""
     wrong = []
     for path in files:
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-            for n in names:
-                if n.split(".")[0] in TRAINING_STACK:
-                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {n}")
-                if n.split(".")[0] == "modules" and n not in ("modules.features", "modules.errors"):
-                    wrong.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {n} (serving may use modules.features/errors only)")
+        for line, name in imported_names(path):
+            top = name.split(".")[0]
+            if top in TRAINING_STACK:
+                wrong.append(f"{path.relative_to(root)}:{line} imports {name}")
+            if top in LAYERS and not (name + ".").startswith(allowed):
+                wrong.append(f"{path.relative_to(root)}:{line} imports {name} (allowed: {', '.join(a + '*' for a in allowed)})")
+    return wrong
+
+
+CORE_FILES = sorted((ROOT / "modules" / "core").glob("*.py"))
+
+
+def test_serving_imports_nothing_of_the_training_stack():
+    """predict.py and serving/ import no training package, and of modules/ only the torch-free modules.core."""
+    files = [ROOT / "predict.py", *sorted((ROOT / "serving").glob("*.py"))]
+    wrong = training_stack_imports(files, ("modules.core.", "serving."))
     assert not wrong, "\n".join(wrong)
+
+
+def test_modules_core_imports_no_torch_and_nothing_above_it():
+    """modules/core is the torch-free floor: no training stack, no other project package (only itself)."""
+    assert {p.name for p in CORE_FILES} >= {"errors.py", "files.py", "plots.py", "features.py"}
+    wrong = training_stack_imports(CORE_FILES, ("modules.core.",))
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_core_check_sees_a_torch_import(tmp_path):
+    """The check used on modules/core reports a function-level torch import and a modules.nn import."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    import torch\n    from modules.nn.bert import NotBertError\n")
+    assert imported_names(probe) == [(2, "torch"), (3, "modules.nn.bert")]
+    assert training_stack_imports([probe], ("modules.core.",), root=tmp_path) == [
+        "probe.py:2 imports torch", "probe.py:3 imports modules.nn.bert (allowed: modules.core.*)"]
 
 
 def test_the_layer_check_sees_an_import_against_the_order(tmp_path):

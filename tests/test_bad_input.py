@@ -1,7 +1,7 @@
 """Bad input, tried systematically (issue 20): every loader and every pruner fed malformed input.
 
 Each :class:`Case` is one thing a user may get wrong. Running it must raise one clear error
-(a :class:`modules.errors.UserError`, or Hydra's compose error for a bad key or option): one
+(a :class:`modules.core.errors.UserError`, or Hydra's compose error for a bad key or option): one
 line naming the file, line or column, or the setting, saying what was wrong and how to fix
 it (``match``), raised before any training starts (``lightning.Trainer.fit`` is patched to
 fail the test), leaving no results.json and no checkpoints behind. A few inputs are handled
@@ -88,14 +88,14 @@ def text_csv(d: Path, labels=None, texts=None, name: str = "reviews.csv", sep: s
 
 
 def bert_dir() -> str:
-    from modules.packages import default_bert_dir
+    from modules.core.packages import default_bert_dir
 
     return default_bert_dir()
 
 
 def load_text(path: Path | str | None, **kw):
     """A TextFileDataModule of ``path`` (the shipped tokenizer), set up."""
-    from modules.text_data import TextFileDataModule
+    from modules.data.text_data import TextFileDataModule
 
     dm = TextFileDataModule(path=None if path is None else str(path), tokenizer=kw.pop("tokenizer", bert_dir()), **kw)
     dm.setup()
@@ -115,7 +115,7 @@ SST2 = "sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(GOO
 
 
 def load_glue(folder: Path | None, task: str = "sst2"):
-    from modules.text_data import GlueDataModule
+    from modules.data.text_data import GlueDataModule
 
     dm = GlueDataModule(dir=None if folder is None else str(folder), task=task, tokenizer=bert_dir())
     dm.setup()
@@ -137,7 +137,7 @@ STREAM_SETTINGS = dict(timestamp_column="ts", label_column="click", categorical_
 
 
 def load_stream(path: Path, **kw):
-    from modules.stream_data import CsvStream
+    from modules.data.stream_data import CsvStream
 
     dm = CsvStream(path=str(path), **{**STREAM_SETTINGS, **kw})
     dm.setup()
@@ -156,7 +156,7 @@ def criteo_file(d: Path, lines: list[str] | None = None) -> Path:
 
 
 def load_criteo(path: Path, **kw):
-    from modules.stream_data import CriteoStream
+    from modules.data.stream_data import CriteoStream
 
     dm = CriteoStream(path=str(path), **{"window": 4, **kw})
     dm.setup()
@@ -225,7 +225,7 @@ def teacher_of_another_size(d: Path) -> Path:
     """A checkpoint of a tiny dense 2-layer BertClassifier (not the shipped 6-layer MiniLM)."""
     import torch
 
-    from modules.bert_classifier import BertClassifier
+    from modules.lit.bert_classifier import BertClassifier
 
     config = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   max_position_embeddings=128)
@@ -250,7 +250,7 @@ def without_package(name: str, load: Callable[[], object]) -> Callable[[Path, Pa
     def go(d: Path, out: Path):
         import importlib.util
 
-        from modules import packages
+        from modules.core import packages
 
         real = importlib.util.find_spec
         with mock.patch.object(packages.importlib.util, "find_spec", lambda m: None if m == name else real(m)):
@@ -260,13 +260,13 @@ def without_package(name: str, load: Callable[[], object]) -> Callable[[Path, Pa
 
 
 def rotten_tomatoes():
-    from modules.text_data import RottenTomatoesDataModule
+    from modules.data.text_data import RottenTomatoesDataModule
 
     RottenTomatoesDataModule(tokenizer=bert_dir()).setup()
 
 
 def movielens():
-    from modules.stream_data import MovieLensStream
+    from modules.data.stream_data import MovieLensStream
 
     MovieLensStream().setup()
 
@@ -552,9 +552,9 @@ CASES: list[Case] = [
     Case("layerdrop-too-many-layers", X, "`pruner=layerdrop pruner.layers=7` (the model has 6)",
          settings(["pruner=layerdrop", "pruner.layers=7"]), r"pruner\.layers=7: the model has 6 encoder layers; keep 1 to 6"),
     Case("bert-with-stream-data", X, "`model=bert data=movielens`", settings(["data=movielens", "pruner=none"], base=lambda d: ["logger=none", "threads=1"]),
-         r"model=bert needs text data \(data=rotten_tomatoes, .*data\._target_ is modules\.stream_data\.MovieLensStream"),
+         r"model=bert needs text data \(data=rotten_tomatoes, .*data\._target_ is modules\.data\.stream_data\.MovieLensStream"),
     Case("dlrm-with-text-data", X, "`model=dlrm data=rotten_tomatoes`", settings(lambda d: ["data=rotten_tomatoes"], base=lambda d: ["model=dlrm", "logger=none"]),
-         r"model=dlrm needs a stream \(data=movielens, .*data\._target_ is modules\.text_data\.RottenTomatoesDataModule"),
+         r"model=dlrm needs a stream \(data=movielens, .*data\._target_ is modules\.data\.text_data\.RottenTomatoesDataModule"),
     Case("teacher-missing", X, "`pruner.teacher_ckpt` naming no file", settings(lambda d: [f"pruner.teacher_ckpt={d / 'none.ckpt'}"]),
          r"pruner\.teacher_ckpt=.*none\.ckpt does not exist; point it at a checkpoint of a `pruner=none` run"),
     Case("teacher-not-a-checkpoint", X, "`pruner.teacher_ckpt` naming a file that is not a checkpoint",
@@ -636,7 +636,7 @@ def hydra_message(err: BaseException) -> str | None:
 
 def message_of(case: Case, inputs: Path, out: Path) -> str | None:
     """Run ``case``; return its one error message (None for an accepted input). Other exceptions propagate."""
-    from modules.errors import UserError
+    from modules.core.errors import UserError
 
     try:
         case.run(inputs, out)

@@ -7,9 +7,9 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from bert_inputs import bert_inputs
-from modules.bert import PrunableBertForSequenceClassification, layer_macs
-from modules.tokens import gather_tokens
-from modules.gates import TokenGates
+from modules.nn.bert import PrunableBertForSequenceClassification, layer_macs
+from modules.nn.tokens import gather_tokens
+from modules.nn.gates import TokenGates
 
 
 def test_logits_equal_hf_bert(tiny_bert_config):

@@ -102,7 +102,7 @@ def test_two_stages_deciding_the_same_thing_or_structure_after_tokens_are_refuse
 
 
 def test_a_stage_that_cannot_prune_the_model_is_named(tiny_setup):
-    from modules.dlrm import DLRMModule
+    from modules.lit.dlrm import DLRMModule
     from pruners.base import PrunerConfigError
 
     pruner = build_pruner("pruner=swiftpruner_top")
@@ -113,7 +113,7 @@ def test_a_stage_that_cannot_prune_the_model_is_named(tiny_setup):
 
 # ------------------------------------------------------------------ the combined served model
 def tiny_classifier(layers: int = 3):
-    from modules.bert_classifier import BertClassifier
+    from modules.lit.bert_classifier import BertClassifier
 
     torch.manual_seed(0)
     return BertClassifier(bert_config={**TINY_BERT_CONFIG, "num_hidden_layers": layers}, num_labels=2)
@@ -130,7 +130,7 @@ def batch(n: int = 12, b: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def combined(module):
     """Heads (a whole layer's too), FFN neurons and frozen token gates on ``module``, as the two stages leave them."""
-    from modules.gates import TokenGates
+    from modules.nn.gates import TokenGates
 
     heads = torch.tensor([[1, 0, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.float)  # layer 2: headless
     neurons = (torch.rand(3, 64, generator=torch.Generator().manual_seed(1)) > 0.4).float()
@@ -142,7 +142,7 @@ def combined(module):
 
 
 def test_the_served_model_of_heads_neurons_and_tokens_gives_the_masked_models_logits_and_onnx_agrees(tmp_path):
-    from modules.onnx_export import export_onnx
+    from modules.served.onnx_export import export_onnx
     from serving.runtime import make_session
 
     module = combined(tiny_classifier())
@@ -180,9 +180,9 @@ def test_top_after_structure_skips_pruning_layers_scored_by_a_headless_layer():
 
 # ------------------------------------------------------------------ layer dropping
 def test_a_layer_dropped_model_checkpoints_serves_and_exports_with_k_layers(tmp_path):
-    from modules.bert_classifier import BertClassifier
-    from modules.onnx_export import export_onnx
-    from modules.structured import keep_lowest_layers
+    from modules.lit.bert_classifier import BertClassifier
+    from modules.served.onnx_export import export_onnx
+    from modules.nn.structured import keep_lowest_layers
     from serving.runtime import make_session
 
     module = tiny_classifier(3).eval()
@@ -323,7 +323,7 @@ def test_swiftpruner_top_runs_its_stages_in_order_each_from_the_previous_model(t
     again = reexport(tmp_path, names=["structure", "pruned"], quantize="none")
     assert again["pruned"]["served"]["parity_ok"] and again["structure"]["served"]["parity_ok"]
     # predict's path (ONNX Runtime only) gives the combined model's probabilities
-    from modules.bert_classifier import BertClassifier
+    from modules.lit.bert_classifier import BertClassifier
     from serving.runtime import load_served
     from serving.text import TextClassifier
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from modules.dlrm import DLRM, DLRMModule, export_served
-from modules.stream_data import CsvStream
+from modules.lit.dlrm import DLRMModule
+from modules.nn.dlrm import DLRM, export_served
+from modules.data.stream_data import CsvStream
 from pruners.base import PrunerConfigError
 from pruners.d2s import D2SPruner, cubic_sparsity, keep_top
 
@@ -246,7 +247,7 @@ class TwoLayers(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from modules.dlrm import MaskedLinear
+        from modules.nn.dlrm import MaskedLinear
 
         self.a = MaskedLinear(2, 2, bias=False)
         self.b = MaskedLinear(2, 1, bias=False)

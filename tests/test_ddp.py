@@ -18,8 +18,9 @@ import pytest
 import torch
 from processes import run_script
 
-from modules.distributed import broadcast, gather_objects, gather_rows, mean_, state_digest, world_size
-from modules.dlrm import MaskedLinear, rank_share
+from modules.lit.distributed import broadcast, gather_objects, gather_rows, mean_, state_digest, world_size
+from modules.lit.dlrm import rank_share
+from modules.nn.dlrm import MaskedLinear
 
 TINY_BERT = ("model.module.bert_config={vocab_size:30522,hidden_size:32,num_hidden_layers:3,num_attention_heads:4,"
              "intermediate_size:64,max_position_embeddings:128}")
@@ -108,7 +109,7 @@ def test_top_on_two_ranks_freezes_alike_and_survives_the_freeze(tmp_path):
     assert set(results["pruned"]["latency_ms"]) == {"1"}
     # The test split, run whole on each rank with synced metrics, gives one process's figures.
     from conftest import compose_config
-    from modules.bert_classifier import BertClassifier
+    from modules.lit.bert_classifier import BertClassifier
     from pipelines.common import build
     from pipelines.tasks.text_classification import evaluate_test_split
 
@@ -197,8 +198,8 @@ def test_digest_changes_with_a_mask_or_a_shape_and_not_with_weights():
 
 def test_digest_covers_top_gates_and_their_frozen_snapshot(tiny_bert_config):
     """The digest of a ToP model changes with any gate's log_alpha and with the frozen evaluation gates."""
-    from modules.bert_classifier import BertClassifier
-    from modules.gates import TokenGates
+    from modules.lit.bert_classifier import BertClassifier
+    from modules.nn.gates import TokenGates
     from pipelines.distributed import memory_digest
 
     module = BertClassifier(bert_config=tiny_bert_config, num_labels=2)

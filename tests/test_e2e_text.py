@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 import run
 from conftest import recount_served
-from modules.bert_classifier import BertClassifier
+from modules.lit.bert_classifier import BertClassifier
 from pipelines.common import build
 from pipelines.tasks.text_classification import evaluate_test_split
 

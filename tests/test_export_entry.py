@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from modules.errors import ConfigError, MissingFileError
+from modules.core.errors import ConfigError, MissingFileError
 from pipelines.reexport import RunDirError, reexport
 from tests.conftest import compose_config
 from tests.processes import run_script

@@ -9,6 +9,7 @@ with an A/A control, results.json. A config that still sets the removed ``model.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import compose_config
-from modules.errors import ConfigError
+from modules.core.errors import ConfigError
 from pipelines.common import build
 from pipelines.tasks.base import Task
 from pruners.base import Pruner, PrunerConfigError
@@ -92,16 +93,16 @@ class FakeExportable(nn.Module):
 
 
 class FakeModule(L.LightningModule):
-    """A linear classifier with a feature mask (its pruning decisions, in its state)."""
+    """A linear classifier (``.model``) with a feature mask (its pruning decisions, in its state)."""
 
     def __init__(self, lr: float = 0.1):
         super().__init__()
         self.save_hyperparameters()
-        self.linear = nn.Linear(FEATURES, 2)
+        self.model = nn.Linear(FEATURES, 2)
         self.register_buffer("feature_mask", torch.ones(FEATURES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x * self.feature_mask)
+        return self.model(x * self.feature_mask)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -114,9 +115,12 @@ class FakeModule(L.LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
-    def served_model(self) -> FakeServed:
+    def served_model(self) -> "FakeModule":
+        """A copy in eval mode whose ``.model`` is the served network (the contract of every module here)."""
+        served = copy.deepcopy(self, {id(self.model): None})
         kept = self.feature_mask.nonzero().flatten()
-        return FakeServed(self.linear.weight.detach(), self.linear.bias.detach(), kept).eval()
+        served.model = FakeServed(self.model.weight.detach(), self.model.bias.detach(), kept)
+        return served.eval()
 
 
 class DropLastFeature(Pruner):
@@ -158,25 +162,25 @@ class FakeTask(Task):
     def evaluate(self, cfg, datamodule, phase, module, served) -> dict[str, Any]:
         x, y = datamodule.splits["test"]
         with torch.no_grad():
-            return {"metrics": {"accuracy": float((served(x).argmax(-1) == y).float().mean())}}
+            return {"metrics": {"accuracy": float((served.model(x).argmax(-1) == y).float().mean())}}
 
     def figures(self, cfg, datamodule, results, modules, served) -> None:
-        for name, model in served.items():
-            results[name]["macs_per_sample"] = int(model.weight.numel())
-            results[name]["params"] = sum(p.numel() for p in model.parameters())
+        for name, copy_ in served.items():
+            results[name]["macs_per_sample"] = int(copy_.model.weight.numel())
+            results[name]["params"] = sum(p.numel() for p in copy_.model.parameters())
 
     def finish(self, cfg, datamodule, out_dir, results, served) -> dict[str, str]:
         (Path(out_dir) / "fake.txt").write_text("done\n")
         return {"fake": "fake.txt"}
 
-    def exportable(self, served: FakeServed) -> FakeExportable:
-        return FakeExportable(served)
+    def exportable(self, served: FakeModule) -> FakeExportable:
+        return FakeExportable(served.model)
 
     def served_meta(self, name, exportable, results) -> dict[str, Any]:
         return {"kind": "fake", **exportable.io_meta(), "pruning": exportable.summary()}
 
     def logits(self, served, batch: torch.Tensor) -> torch.Tensor:
-        return served(batch)
+        return served.model(batch)
 
     def feeds(self, exportable, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"x": batch}

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from modules.latency import measure_latency_ms, measure_latency_rounds, ratio_over_rounds
+from modules.served.latency import measure_latency_ms, measure_latency_rounds, ratio_over_rounds
 
 
 def test_rounds_interleave_the_calls_after_their_warmup():
@@ -21,7 +21,7 @@ def test_rounds_interleave_the_calls_after_their_warmup():
 
 
 def test_median_latency_is_the_median_of_the_rounds(monkeypatch):
-    import modules.latency as latency
+    import modules.served.latency as latency
 
     monkeypatch.setattr(latency, "measure_latency_rounds", lambda calls, *a: {"m": [3.0, 1.0, 2.0, 10.0, 2.5]})
     assert measure_latency_ms({"m": lambda: None}) == {"m": statistics.median([3.0, 1.0, 2.0, 10.0, 2.5])}

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from modules.bert import PrunableBertForSequenceClassification
-from modules.structured import shrink_structured
+from modules.nn.bert import PrunableBertForSequenceClassification
+from modules.nn.structured import shrink_structured
 from pruners.swiftpruner.latency_table import LatencyTable, measure_model_ms, synthetic_inputs
 
 HEADS = [4, 0, 2]  # unsorted on purpose: measure sorts them

@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import BertConfig
 
-from modules.bert import PrunableBertForSequenceClassification
-from modules.dlrm import DLRM, export_served
-from modules.gates import TokenGates
-from modules.onnx_export import OPSET, export_onnx
-from modules.served_bert import ExportableBert
-from modules.served_dlrm import ExportableDLRM
-from modules.structured import shrink_structured
+from modules.nn.bert import PrunableBertForSequenceClassification
+from modules.nn.dlrm import DLRM, export_served
+from modules.nn.gates import TokenGates
+from modules.served.onnx_export import OPSET, export_onnx
+from modules.served.served_bert import ExportableBert
+from modules.served.served_dlrm import ExportableDLRM
+from modules.nn.structured import shrink_structured
 from serving.runtime import make_session
 
 TOL = 1e-4

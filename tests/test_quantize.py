@@ -21,11 +21,11 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CONF, compose_config
-from modules.bert_classifier import BertClassifier
-from modules.dlrm import DLRMModule
-from modules.errors import ConfigError
-from modules.served_bert import ExportableBert
-from modules.stream_data import CsvStream
+from modules.lit.bert_classifier import BertClassifier
+from modules.lit.dlrm import DLRMModule
+from modules.core.errors import ConfigError
+from modules.served.served_bert import ExportableBert
+from modules.data.stream_data import CsvStream
 from pipelines.configs import ExportConfig
 from pipelines.export import write_served_folder
 from pipelines.quantize import QuantizationError, agreement, check_settings, run_batches, write_int8_folder
@@ -153,7 +153,7 @@ def test_static_int8_text_folder_is_calibrated_in_the_chosen_format(text_fp32, f
 def test_top_token_selection_survives_quantization(mode, fmt, tmp_path):
     """ToP's served graph (TopK + GatherElements on frozen gates) quantizes; the token selection stays in the
     graph and the int8 logits stay close to fp32's at every batch size, padded or not."""
-    from modules.onnx_export import export_onnx
+    from modules.served.onnx_export import export_onnx
     from tests.conftest import TINY_BERT_CONFIG
     from tests.test_onnx import VARIANTS, text_batch, tiny_bert
 

@@ -279,7 +279,7 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, pruner):
 
 # ------------------------------------------------------------------ fast checks of the pieces
 def test_resume_argv_uses_the_saved_config_and_refuses_result_changing_overrides(tmp_path):
-    from modules.errors import ConfigError
+    from modules.core.errors import ConfigError
     from pipelines.resume import resume_argv
 
     assert resume_argv(["run.py", "seed=1"]) == (["run.py", "seed=1"], None)

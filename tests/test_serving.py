@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import torch
 
-from modules.bert_classifier import BertClassifier
-from modules.dlrm import DLRMModule
-from modules.stream_data import CsvStream
+from modules.lit.bert_classifier import BertClassifier
+from modules.lit.dlrm import DLRMModule
+from modules.data.stream_data import CsvStream
 from pipelines.export import write_served_folder
 from serving.recommender import ClickModel
 from serving.runtime import load_served, sigmoid, softmax

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from modules.dlrm import DLRMModule
-from modules.packages import package_file
-from modules.stream_data import (
+from modules.lit.dlrm import DLRMModule
+from modules.core.packages import package_file
+from modules.data.stream_data import (
     CriteoStream,
     CsvStream,
     MovieLensStream,
@@ -22,7 +22,7 @@ from modules.stream_data import (
     past_history,
     read_recbole_table,
 )
-from modules.text_data import DataError
+from modules.core.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # set per test and restored (tests/conftest.py)
 

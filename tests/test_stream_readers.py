@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import modules.stream_readers as readers
-from modules.stream_data import CriteoStream
+import modules.data.stream_readers as readers
+from modules.data.stream_data import CriteoStream
 from test_stream_data import criteo_line, csv_stream, write_log
 
 

@@ -9,9 +9,9 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from bert_inputs import bert_inputs
-from modules.bert import PrunableBertForSequenceClassification, layer_macs
-from modules.structured import UnitImportance, shrink_structured, taylor_importance, top_unit_masks
-from modules.gates import TokenGates
+from modules.nn.bert import PrunableBertForSequenceClassification, layer_macs
+from modules.nn.structured import UnitImportance, shrink_structured, taylor_importance, top_unit_masks
+from modules.nn.gates import TokenGates
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # set per test and restored (tests/conftest.py)
 
@@ -298,7 +298,7 @@ def test_state_dict_round_trip_of_masked_model(tiny_bert_config):
 def test_lightning_checkpoint_restores_masks(tmp_path, tiny_bert_config):
     import lightning as L
 
-    from modules.bert_classifier import BertClassifier
+    from modules.lit.bert_classifier import BertClassifier
 
     module = BertClassifier(bert_config=tiny_bert_config, num_labels=3)
     heads, neurons = _masks(module.model.config)

@@ -15,9 +15,9 @@ from transformers import BertConfig
 import pruners.swiftpruner as package
 from conftest import build_pruner, compose_config, recount_served
 from pipelines.common import build
-from modules.bert import PrunableBertForSequenceClassification
-from modules.bert_classifier import BertClassifier
-from modules.structured import UnitImportance, shrink_structured, top_unit_masks
+from modules.nn.bert import PrunableBertForSequenceClassification
+from modules.lit.bert_classifier import BertClassifier
+from modules.nn.structured import UnitImportance, shrink_structured, top_unit_masks
 from pruners.base import FitPlan, PrunerConfigError, TeacherPlan
 from pruners.swiftpruner import (
     Importance,
@@ -421,7 +421,7 @@ def test_proxy_scores_the_candidates_shrunk_copy_and_leaves_the_dense_model_unto
 def test_importance_batch_by_batch_equals_taylor_importance_on_all_batches(tiny_setup):
     """Importance.estimate takes each batch on its own (so ranks can share them) and averages in order:
     bit for bit what taylor_importance gives on all the batches at once."""
-    from modules.structured import taylor_importance
+    from modules.nn.structured import taylor_importance
 
     dm, teacher_ckpt, _ = tiny_setup
     dm.setup("fit")

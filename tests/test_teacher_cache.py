@@ -56,7 +56,7 @@ def key(d: Path, *overrides: str) -> str:
 
 @pytest.fixture
 def inputs(tmp_path) -> Path:
-    from modules.packages import default_bert_dir
+    from modules.core.packages import default_bert_dir
 
     (tmp_path / "reviews.csv").write_text("text,label\n" + "".join(f"film {i},{i % 2}\n" for i in range(40)))
     os.symlink(default_bert_dir(), tmp_path / "bert")  # the same files under another folder

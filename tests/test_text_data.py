@@ -8,9 +8,10 @@ import json
 import pandas as pd
 import pytest
 
-from modules import packages
-from modules.packages import MissingDataPackageError, default_bert_dir
-from modules.text_data import DataError, GlueDataModule, RottenTomatoesDataModule, TextFileDataModule
+from modules.core import packages
+from modules.core.packages import MissingDataPackageError, default_bert_dir
+from modules.core.errors import DataError
+from modules.data.text_data import GlueDataModule, RottenTomatoesDataModule, TextFileDataModule
 
 
 @pytest.fixture(scope="module")

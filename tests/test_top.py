@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from modules.bert import layer_macs
+from modules.nn.bert import layer_macs
 from pruners.base import PrunerConfigError
-from modules.gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGates, TokenGates, rank_bins
+from modules.nn.gates import LOG_ALPHA_MAX, LOG_ALPHA_MIN, HardConcreteGates, TokenGates, rank_bins
 from pruners.top import (
     ToPPruner,
     arp2_loss,
@@ -185,7 +185,7 @@ def test_bad_settings_are_config_errors_naming_the_setting(kwargs, setting):
 
 
 def test_pruning_layer_zero_is_rejected_by_the_gates_and_before_training_by_the_pruner(tiny_bert_config):
-    from modules.bert_classifier import BertClassifier
+    from modules.lit.bert_classifier import BertClassifier
 
     with pytest.raises(ValueError, match="pruning_layers"):
         TokenGates(4, [0, 1])
@@ -248,7 +248,7 @@ def test_frozen_snapshot_survives_a_state_dict_round_trip_and_old_state_dicts_lo
 def test_deterministic_kept_lengths_equal_the_encoders_at_eval(tiny_bert_config):
     from transformers import BertConfig
 
-    from modules.bert import PrunableBertForSequenceClassification
+    from modules.nn.bert import PrunableBertForSequenceClassification
 
     torch.manual_seed(1)
     model = PrunableBertForSequenceClassification(BertConfig(**tiny_bert_config, num_labels=2)).eval()
@@ -321,7 +321,7 @@ def test_cached_teacher_outputs_equal_fresh_ones_whatever_the_padding(tiny_setup
 def _tiny_model_with_frozen_gates(tiny_bert_config, layer_on, kept, seed=1):
     from transformers import BertConfig
 
-    from modules.bert import PrunableBertForSequenceClassification
+    from modules.nn.bert import PrunableBertForSequenceClassification
 
     torch.manual_seed(seed)
     model = PrunableBertForSequenceClassification(BertConfig(**tiny_bert_config, num_labels=2)).eval()
@@ -380,9 +380,9 @@ def test_what_each_layer_reads_counts_token_kinds_of_the_kept_tokens(tmp_path, t
     read what the deterministic gates keep (``deterministic_kept_lengths``)."""
     import pandas as pd
 
-    from modules.bert_classifier import BertClassifier
-    from modules.packages import default_bert_dir
-    from modules.text_data import TextFileDataModule
+    from modules.lit.bert_classifier import BertClassifier
+    from modules.core.packages import default_bert_dir
+    from modules.data.text_data import TextFileDataModule
     from pipelines.tasks.text_classification import kept_tokens_per_layer
 
     texts = ["An unbelievably dull, overlong film!", "Great acting; the plot, however, meanders.",
@@ -528,7 +528,7 @@ def test_training_loss_is_task_plus_kd_plus_lagrangian_of_expected_sparsity_minu
     changes it: checked, it fails), the KD loss against the teacher's logits, and the total."""
     from types import SimpleNamespace
 
-    from modules.bert_classifier import BertClassifier
+    from modules.lit.bert_classifier import BertClassifier
     from pruners.distillation import kd_loss, load_teacher_model
 
     dm, teacher_ckpt, _ = tiny_setup
@@ -570,7 +570,7 @@ def test_training_loss_is_task_plus_kd_plus_lagrangian_of_expected_sparsity_minu
 def _pruned_tiny_model(teacher_ckpt):
     """The tiny teacher with frozen token gates (both pruning layers on, 2 of 4 rank bins kept, then 3),
     a head removed from layers 0 and 2 and a quarter of every layer's FFN neurons masked: its served copy."""
-    from modules.bert_classifier import BertClassifier
+    from modules.lit.bert_classifier import BertClassifier
 
     module = BertClassifier.load_from_checkpoint(teacher_ckpt)
     module.token_gates = TokenGates(3, [1, 2], bin_count=4)

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 
-from modules.bert_classifier import BertClassifier
+from modules.lit.bert_classifier import BertClassifier
 from conftest import build_pruner
 from pruners.top import ToPPruner
 
@@ -144,7 +144,7 @@ def test_gradient_clipping_clips_the_model_weights_only(tiny_bert_config):
     joint norm to about 100 and shrank the model's gradient 100-fold; this test failed."""
     import torch
 
-    from modules.bert_classifier import BertClassifier
+    from modules.lit.bert_classifier import BertClassifier
 
     module = BertClassifier(bert_config=tiny_bert_config, num_labels=2)
     gate = torch.nn.Parameter(torch.zeros(4))

@@ -8,7 +8,8 @@ and ``exportable()``, and a config in ``conf/model/``: no edit in ``run.py`` or 
 Terms used below:
 
 * *module*: the model's LightningModule (what is fitted and checkpointed);
-* *served model*: ``module.served_model()``, the physically pruned copy that is tested, timed and exported;
+* *served model*: ``module.served_model()``, a copy of the module in eval mode whose ``.model`` is the
+  physically pruned network (a plain ``nn.Module``) that is tested, timed and exported;
 * *batch*: one input of the served model in the task's own form (a dict of tensors, a tuple, ...),
   passed back to the task's :meth:`Task.logits` and :meth:`Task.feeds` only;
 * *exportable*: the ONNX-exportable wrapper of a served model (:meth:`Task.exportable`), with
@@ -89,9 +90,10 @@ class Task:
 
         return get_class(cfg.model.module._target_).load_from_checkpoint(checkpoint, map_location="cpu")
 
-    def teacher(self, dense_served: torch.nn.Module) -> torch.nn.Module:
-        """The network handed to a pruner that distils (:meth:`pruners.base.Pruner.set_teacher`)."""
-        return dense_served
+    def teacher(self, dense_served: L.LightningModule) -> torch.nn.Module:
+        """The network handed to a pruner that distils (:meth:`pruners.base.Pruner.set_teacher`): the dense
+        model's served network (``.model``)."""
+        return dense_served.model
 
     # ------------------------------------------------------------------ results
     def describe(self, cfg: DictConfig, datamodule) -> dict[str, Any]:
@@ -104,7 +106,7 @@ class Task:
         return None
 
     def act_on_dense_check(self, cfg: DictConfig, check: DenseCheck, prunes: bool, run_dir: Path) -> None:
-        """Refuse (raise a :class:`modules.errors.UserError`) or flag the dense model the check found unusable."""
+        """Refuse (raise a :class:`modules.core.errors.UserError`) or flag the dense model the check found unusable."""
 
     def evaluate(self, cfg: DictConfig, datamodule, phase: str, module: L.LightningModule,
                  served: torch.nn.Module) -> dict[str, Any]:

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from modules.dlrm import count_nonzero_params
-from modules.served_dlrm import ExportableDLRM
-from modules.stream_data import StreamDataModule
+from modules.core.plots import pyplot, save_figure
+from modules.nn.dlrm import count_nonzero_params
+from modules.served.served_dlrm import ExportableDLRM
+from modules.data.stream_data import StreamDataModule
 from pipelines.common import build, fit_phase, run_relative
 from pipelines.tasks.base import Task
 from pruners.base import FitPlan
@@ -71,11 +72,7 @@ def served_macs(model) -> int:
 
 def plot_stream(results: dict[str, Any], names: list[str], path: Path) -> Path:
     """PNG: ROC AUC per window of each model in ``names`` (prequential: scored before training on it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, style in zip(names, ("-", "--", ":", "-.")):
         pw = results[name]["per_window"]
@@ -87,15 +84,11 @@ def plot_stream(results: dict[str, Any], names: list[str], path: Path) -> Path:
     ax.set_title("AUC per window (headline metrics: second half, right of the dotted line)")
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(path)  # atomic: an earlier plot is never left half-written
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 class StreamTask(Task):
-    """A DLRM (:class:`modules.dlrm.DLRMModule`) trained prequentially on a stream (:class:`modules.stream_data.StreamDataModule`).
+    """A DLRM (:class:`modules.lit.dlrm.DLRMModule`) trained prequentially on a stream (:class:`modules.data.stream_data.StreamDataModule`).
 
     Batches are ``(dense, sparse, multi)`` row tensors (``multi`` None without multi-valued
     features). Every phase trains a fresh module from ``cfg.seed`` over the whole stream (the
@@ -158,9 +151,10 @@ class StreamTask(Task):
                 continue
             with torch.no_grad():
                 reference = modules[name].score({"dense": x[0], "sparse": x[1], "multi": x[2], "label": x[0][:, 0]})
-                diff = (served[name](*x) - reference).abs().max()
+                diff = (served[name].model(*x) - reference).abs().max()
             results[name]["served_max_abs_logit_diff"] = float(diff)
-        for key, model in served.items():
+        for key, copy in served.items():
+            model = copy.model  # the served network
             results[key]["params"] = count_nonzero_params(model)
             results[key]["mlp_params"] = int(sum(int((l.weight != 0).sum()) for m in model.mlps().values() for l in m.layers))
             results[key]["macs_per_sample"] = served_macs(model)
@@ -179,19 +173,19 @@ class StreamTask(Task):
         return {"auc_per_window": run_relative(plot_path, out_dir)}
 
     def exportable(self, served: torch.nn.Module) -> ExportableDLRM:
-        """The served DLRM itself, wrapped (no new copy)."""
-        return ExportableDLRM(served)
+        """The served network itself (``served.model``), wrapped (no new copy)."""
+        return ExportableDLRM(served.model)
 
     def served_meta(self, name: str, exportable: torch.nn.Module, results: dict[str, Any]) -> dict[str, Any]:
         """``kind: recommender``, inputs and outputs, and the pruning summary."""
         return {"kind": "recommender", **exportable.io_meta(), "pruning": exportable.summary()}
 
     def logits(self, served: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """``(B,)`` click logits."""
-        return served(*batch)
+        """``(B,)`` click logits of the served network (``served.model``)."""
+        return served.model(*batch)
 
     def feeds(self, exportable: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        """:meth:`modules.served_dlrm.ExportableDLRM.feeds`."""
+        """:meth:`modules.served.served_dlrm.ExportableDLRM.feeds`."""
         return exportable.feeds(*batch)
 
     def latency_batches(self, cfg: DictConfig, datamodule, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
@@ -200,7 +194,7 @@ class StreamTask(Task):
 
     def latency_what(self, cfg: DictConfig) -> str:
         """The served copies' forward pass on the newest rows."""
-        return ("served copies (modules.dlrm.export_served: masks folded into nn.Linear/nn.EmbeddingBag, hidden "
+        return ("served copies (modules.nn.dlrm.export_served: masks folded into nn.Linear/nn.EmbeddingBag, hidden "
                 "neurons whose weights are all masked physically removed, so only neuron-level pruning shrinks the "
                 "MLPs; unstructured zeros stay in dense kernels)")
 
@@ -242,7 +236,7 @@ class StreamTask(Task):
         The fp32 models' headline metrics are prequential (each window scored by the model as it
         stood then); an int8 copy exists only for the final model, hence this comparison.
         """
-        from modules.dlrm import window_metrics
+        from modules.lit.dlrm import window_metrics
 
         per = {key: [window_metrics(torch.from_numpy(z), y) for z, y in zip(logits, labels)]
                for key, logits in (("fp32", fp32), ("int8", int8))}

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from modules.served_bert import ExportableBert
-from modules.text_data import TextClassificationDataModule
+from modules.served.served_bert import ExportableBert
+from modules.data.text_data import TextClassificationDataModule
 from pipelines.common import build, build_trainer
 from pipelines.tasks.base import DenseCheck, Task
 from pipelines.tracking import finish_loggers, phase_test_loggers
@@ -64,7 +64,7 @@ def kept_tokens_per_layer(module: L.LightningModule, datamodule) -> dict[str, An
         ``kept_tokens_per_layer``: per layer, the mean tokens per sentence (CLS included,
         padding excluded) its attention computes on; ``kept_token_kinds_per_layer``: per
         layer, ``{kind: mean tokens per sentence}`` for the kinds of
-        :meth:`modules.text_data.TextClassificationDataModule.token_kinds` ([CLS], [SEP],
+        :meth:`modules.data.text_data.TextClassificationDataModule.token_kinds` ([CLS], [SEP],
         punctuation, subword pieces, other words), summing to the layer's kept tokens.
     """
     module.eval()
@@ -99,7 +99,7 @@ def _numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 
 class TextClassificationTask(Task):
-    """A BERT sequence classifier (:class:`modules.bert_classifier.BertClassifier`) on text data.
+    """A BERT sequence classifier (:class:`modules.lit.bert_classifier.BertClassifier`) on text data.
 
     Batches are the text data module's collated dicts (``input_ids``, ``attention_mask``, ``labels``, ...).
     Each pruner phase starts from a copy of the previous phase's kept checkpoint (the first from
@@ -118,10 +118,6 @@ class TextClassificationTask(Task):
     def build_module(self, cfg: DictConfig, datamodule) -> L.LightningModule:
         """``cfg.model.module`` with the data's label count and metrics."""
         return build(cfg.model.module, num_labels=datamodule.num_labels, metrics=list(datamodule.metrics))
-
-    def teacher(self, dense_served: torch.nn.Module) -> torch.nn.Module:
-        """The dense served classifier's network (``.model``)."""
-        return dense_served.model
 
     def describe(self, cfg: DictConfig, datamodule) -> dict[str, Any]:
         """``data`` (its ``_target_``) and ``splits`` (examples per split)."""
@@ -201,7 +197,7 @@ class TextClassificationTask(Task):
         return served(batch).logits
 
     def feeds(self, exportable: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """:meth:`modules.served_bert.ExportableBert.feeds`."""
+        """:meth:`modules.served.served_bert.ExportableBert.feeds`."""
         return ExportableBert.feeds(batch)
 
     def latency_batches(self, cfg: DictConfig, datamodule, batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -235,7 +231,7 @@ class TextClassificationTask(Task):
     def onnx_scores(self, datamodule, fp32: list[np.ndarray], int8: list[np.ndarray],
                     labels: list[torch.Tensor]) -> dict[str, Any]:
         """``metrics``: the data's metrics of the int8 predictions (argmax) on the test split."""
-        from modules.bert_classifier import build_metrics
+        from modules.lit.bert_classifier import build_metrics
 
         # rank 0 alone scores the int8 models (the other ranks are done): no sync across ranks
         metrics = build_metrics(list(datamodule.metrics), datamodule.num_labels, sync_on_compute=False)

@@ -2,7 +2,7 @@
 
 A candidate fixes how many heads and neurons each layer keeps; which ones is decided
 once, before the search, by the first-order Taylor importance of the dense fine-tuned
-model (:func:`modules.structured.taylor_importance`) on a seeded subset of training
+model (:func:`modules.nn.structured.taylor_importance`) on a seeded subset of training
 sentences (2,048 by default, the sample size of Kwon et al. 2022, arXiv 2204.09656, whose
 mask search also scores units on training examples).
 """
@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from modules.distributed import shared_map
-from modules.structured import UnitImportance, taylor_importance
+from modules.lit.distributed import shared_map
+from modules.nn.structured import UnitImportance, taylor_importance
 from pruners.base import PrunerConfigError, check_choice, check_positive_int
 from pruners.swiftpruner.proxy import by_length, collated
 
@@ -74,7 +74,7 @@ class Importance:
         """Heads (L, A) and neurons (L, I) importance of ``model`` on ``batches`` (:func:`taylor_importance`).
 
         Each batch's |dL/dm| is taken on its own, under several ranks by the rank whose share it is
-        (:func:`modules.distributed.shared_map`), and they are averaged in batch order: the
+        (:func:`modules.lit.distributed.shared_map`), and they are averaged in batch order: the
         value :func:`taylor_importance` gives on all the batches in one process, bit for bit.
 
         Raises:

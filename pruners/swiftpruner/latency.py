@@ -35,10 +35,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from modules.errors import MissingFileError
-from modules.latency import measure_latency_ms
-from modules.onnx_export import export_onnx
-from modules.served_bert import ExportableBert
+from modules.core.errors import MissingFileError
+from modules.served.latency import measure_latency_ms
+from modules.served.onnx_export import export_onnx
+from modules.served.served_bert import ExportableBert
 
 from pruners.base import PrunerConfigError, check_choice, check_positive_int, check_range
 from pruners.swiftpruner.evolution import SearchSpace
@@ -103,7 +103,7 @@ class LatencyMeter:
         table: path of a ``latency_table.json`` written by an earlier run on this machine (same
             choices and shape) to use instead of measuring; None measures.
         runtime: where whole models are timed: ``torch`` (eager PyTorch) or ``onnxruntime``
-            (the model exported to ONNX as a run exports it, :class:`modules.served_bert.ExportableBert`,
+            (the model exported to ONNX as a run exports it, :class:`modules.served.served_bert.ExportableBert`,
             in an ONNX Runtime session with the run's thread count), so the budget holds in the
             runtime the model is served with. The dense reference, the lookup table's calibration
             models, every candidate's direct timing and the verification all use it; the table's
@@ -164,7 +164,7 @@ class LatencyMeter:
         """
         if self.budget_ms is None:
             return
-        from modules.structured import shrink_structured
+        from modules.nn.structured import shrink_structured
 
         heads, neurons = model.layer_structure()[0]
         head_mask, neuron_mask = torch.zeros(space.num_layers, heads), torch.zeros(space.num_layers, neurons)

@@ -14,10 +14,10 @@ with ``h_l`` kept heads and ``n_l`` kept FFN neurons of layer ``l``.
 * The isolated block timings are calibrated against two whole-model anchors (every
   layer at the smallest / largest choices), see :meth:`LatencyTable.measure`.
 * :func:`measure_model_ms` times a whole model directly, to check the prediction on
-  physically shrunk models (:func:`modules.structured.shrink_structured`).
+  physically shrunk models (:func:`modules.nn.structured.shrink_structured`).
 
 Every figure is a median over interleaved timed calls of
-:func:`modules.latency.measure_latency_ms` (CPU, ``torch.inference_mode``, fixed
+:func:`modules.served.latency.measure_latency_ms` (CPU, ``torch.inference_mode``, fixed
 thread count, warm-up), in milliseconds.
 
 Shapes: ``B`` batch, ``N`` sequence length, ``H`` hidden size, ``A`` heads per layer,
@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from modules.bert import PrunableBertForSequenceClassification
-from modules.latency import measure_latency_ms
+from modules.nn.bert import PrunableBertForSequenceClassification
+from modules.served.latency import measure_latency_ms
 from pruners.base import PrunerConfigError, check_choice, check_positive_int
 
 #: version of the :meth:`LatencyTable.state_dict` layout
@@ -109,7 +109,7 @@ def measure_model_ms(
     Args:
         model: full-size or shrunk model, on any device (inputs follow it).
         batch_size, seq_len: input shape (B, N), unpadded.
-        warmup, repeats, threads: as in :func:`modules.latency.measure_latency_ms`
+        warmup, repeats, threads: as in :func:`modules.served.latency.measure_latency_ms`
             (threads None keeps the current torch setting).
 
     Returns:
@@ -292,7 +292,7 @@ class LatencyTable:
         layer keeps its first h heads physically (``keep_units``; which heads does not
         matter for latency, only how many) and its attention block is timed; likewise
         for n FFN neurons. All choices of one layer are timed interleaved in one
-        :func:`~modules.latency.measure_latency_ms` call, so machine noise hits them
+        :func:`~modules.served.latency.measure_latency_ms` call, so machine noise hits them
         alike.
 
         ``layers="shared"``: every encoder layer of a full-size BERT has the same

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from modules.core.plots import pyplot, save_figure
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -37,13 +38,7 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> Path:
     Returns:
         ``path`` as a Path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     cands = result["candidates"]
     metric = result["proxy"]["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -79,8 +74,4 @@ def plot_pareto(result: dict[str, Any], path: str | Path) -> Path:
     ax.set_title("SwiftPruner search: quality vs latency")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    tmp.replace(path)  # atomic replace
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

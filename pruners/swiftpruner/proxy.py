@@ -1,8 +1,8 @@
 """SwiftPruner's proxy (``pruner.proxy``): a fast quality score of a candidate before any fine-tuning.
 
 A candidate's masks (each layer's most important heads and FFN neurons,
-:func:`modules.structured.top_unit_masks`) are applied to a copy of the dense fine-tuned
-model, the copy is physically shrunk (:func:`modules.structured.shrink_structured`) and
+:func:`modules.nn.structured.top_unit_masks`) are applied to a copy of the dense fine-tuned
+model, the copy is physically shrunk (:func:`modules.nn.structured.shrink_structured`) and
 scored on a seeded subset of the validation split: accuracy, or ROC AUC (threshold-free:
 it ignores the shift of the decision threshold that pruning causes and fine-tuning undoes).
 """
@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from modules.distributed import shared_map
-from modules.structured import UnitImportance, shrink_structured, top_unit_masks
+from modules.lit.distributed import shared_map
+from modules.nn.structured import UnitImportance, shrink_structured, top_unit_masks
 from pruners.base import PrunerConfigError, check_choice, check_positive_int
 from pruners.swiftpruner.evolution import SearchSpace
 
@@ -101,12 +101,12 @@ class Proxy:
     def scorer(self, model: nn.Module, importance: UnitImportance, space: SearchSpace, batches: list[dict]) -> Callable[[tuple[int, ...]], float]:
         """``genes -> score``: the candidate's shrunk copy of ``model`` scored on ``batches`` (``model`` is not modified).
 
-        Under several ranks every rank scores its share of the batches (:func:`modules.distributed.shared_map`)
+        Under several ranks every rank scores its share of the batches (:func:`modules.lit.distributed.shared_map`)
         and the logits are gathered in batch order, so every rank gets the score one process gets;
         every rank must call the scorer with the same genes.
 
         Args:
-            model: the dense fine-tuned :class:`~modules.bert.PrunableBertForSequenceClassification`.
+            model: the dense fine-tuned :class:`~modules.nn.bert.PrunableBertForSequenceClassification`.
             importance: the unit importance that decides which units a candidate keeps.
             space: the search space the genes belong to.
             batches: :meth:`batches`.

@@ -7,7 +7,7 @@ latency-aware reward, with latency predicted by a lookup table. No code is publi
 package implements the project's specification:
 
 * units that really lower CPU latency: attention heads and FFN neurons per layer (masks
-  while training, physically removed for timing and serving, :mod:`modules.structured`);
+  while training, physically removed for timing and serving, :mod:`modules.nn.structured`);
 * a candidate = per layer, the number of heads and of FFN neurons kept, from
   ``head_choices`` and ``ffn_fractions``; it keeps the layer's most important units
   (``pruner.importance``, :mod:`.importance`);
@@ -31,15 +31,15 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 import torch
 
-from modules.distributed import broadcast, is_global_zero, on_rank_zero
-from modules.structured import UnitImportance, top_unit_masks
+from modules.core.files import atomic_path
+from modules.lit.distributed import broadcast, is_global_zero, on_rank_zero
+from modules.nn.structured import UnitImportance, top_unit_masks
 from pruners.base import PrunerConfigError, check_positive_int, check_range
 from pruners.swiftpruner.evolution import EvolutionarySearch, SearchSpace
 from pruners.swiftpruner.finetune import MaskedDistillation
@@ -166,13 +166,8 @@ class SwiftPruner(MaskedDistillation):
 
             def save(search_state: dict[str, Any]) -> None:
                 """Write the search state atomically next to the phase's checkpoints."""
-                state_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = state_file.with_name(state_file.name + ".tmp")
-                with open(tmp, "wb") as f:
-                    torch.save(search_state, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, state_file)
+                with atomic_path(state_file, fsync=True) as tmp:
+                    torch.save(search_state, tmp)
 
         self.result, self.evolution = run_search(model, datamodule, self.space(model), self.importance, self.proxy,
                                                  self.latency, self.search, state=state,

@@ -26,8 +26,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from modules.distributed import is_global_zero, on_rank_zero
-from modules.structured import UnitImportance, shrink_structured, top_unit_masks
+from modules.lit.distributed import is_global_zero, on_rank_zero
+from modules.nn.structured import UnitImportance, shrink_structured, top_unit_masks
 from pruners.base import PrunerConfigError, check_choice, check_positive_int, check_range
 from pruners.swiftpruner.evolution import EvolutionarySearch, SearchSpace
 from pruners.swiftpruner.importance import Importance
@@ -262,7 +262,7 @@ class CandidateTimer:
 
     Args:
         model: the dense model; a scratch copy of it takes each candidate's masks.
-        importance: decides which units a candidate keeps (:func:`modules.structured.top_unit_masks`).
+        importance: decides which units a candidate keeps (:func:`modules.nn.structured.top_unit_masks`).
         space: the search space the genes belong to.
         reference: times the shrunk copy (:class:`~pruners.swiftpruner.latency.DenseReference`).
     """
@@ -316,13 +316,13 @@ def run_search(model: nn.Module, datamodule, space: SearchSpace, importance: Imp
     """The whole search on the dense fine-tuned ``model`` (see the module docstring).
 
     Under several ranks every rank calls it and they go in lockstep: the importance and every
-    proxy score are computed in shares and gathered (:func:`modules.distributed.shared_map`), so
+    proxy score are computed in shares and gathered (:func:`modules.lit.distributed.shared_map`), so
     every rank runs the same evolution; rank 0 alone times (the dense model, the lookup table,
-    the candidates, the picks) and shares the figures (:func:`modules.distributed.on_rank_zero`),
+    the candidates, the picks) and shares the figures (:func:`modules.lit.distributed.on_rank_zero`),
     so its timings are not contended by the others' work. In one process this is the plain flow.
 
     Args:
-        model: the dense fine-tuned :class:`~modules.bert.PrunableBertForSequenceClassification`
+        model: the dense fine-tuned :class:`~modules.nn.bert.PrunableBertForSequenceClassification`
             (unmasked, full size) the importance and the proxy use, on any device; it is not
             modified (copies are masked).
         datamodule: a set-up text data module.

@@ -5,9 +5,9 @@
   (arXiv 2306.14393): stretch (-0.1, 1.1), temperature 2/3, epsilon 1e-6. A gate sample is
   ``z = clamp(sigmoid((log u - log(1 - u) + log_alpha) / T) (r - l) + l, 0, 1)``.
 * :class:`TokenGates`: ToP's coarse-to-fine token gates (arXiv 2306.14393 Sec. 3.2), the
-  ``token_pruner`` hook of :class:`modules.bert.PrunableBertForSequenceClassification`.
+  ``token_pruner`` hook of :class:`modules.nn.bert.PrunableBertForSequenceClassification`.
   They live with the model (saved in its state dict, rebuilt by
-  :class:`modules.bert_classifier.BertClassifier` from a checkpoint); the ToP pruner
+  :class:`modules.lit.bert_classifier.BertClassifier` from a checkpoint); the ToP pruner
   (``pruners.top``) trains them.
 """
 

@@ -21,7 +21,7 @@ What the encoder adds over HF BERT:
   (the mask variable xi_h of Michel et al. 2019, arXiv 1905.10650); a neuron mask
   multiplies the intermediate activations. With all-ones masks (the default) they
   are not applied at all, so the forward is exactly the unmasked one. Masks never
-  speed anything up: ``modules.structured.shrink_structured`` builds the physically
+  speed anything up: ``modules.nn.structured.shrink_structured`` builds the physically
   smaller copy whose latency and :meth:`~PrunableBertForSequenceClassification.macs`
   really drop.
 
@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig
 
-from modules.errors import MissingFileError, UserError
-from modules.tokens import attention_received, gather_tokens
+from modules.core.errors import MissingFileError, UserError
+from modules.nn.tokens import attention_received, gather_tokens
 from transformers.activations import ACT2FN
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertPooler
 
@@ -53,7 +53,7 @@ class NotBertError(UserError, ValueError):
 
 
 class TokenPrunerHook(Protocol):
-    """What the encoder asks of a token pruner (implemented by :class:`modules.gates.TokenGates`)."""
+    """What the encoder asks of a token pruner (implemented by :class:`modules.nn.gates.TokenGates`)."""
 
     pruning_layers: tuple[int, ...]
 
@@ -182,7 +182,7 @@ class BertSelfAttention(nn.Module):
     Holds ``head_mask`` (A,), a float 0/1 buffer (saved in the state dict; missing in
     HF state dicts, which then load as all ones). Set it with :meth:`set_head_mask`,
     which also switches its application on or off; a mask that requires grad is
-    always applied (how :func:`modules.structured.taylor_importance` takes dL/dm).
+    always applied (how :func:`modules.nn.structured.taylor_importance` takes dL/dm).
 
     Args:
         config: a ``transformers.BertConfig``.
@@ -228,7 +228,7 @@ class BertSelfAttention(nn.Module):
         """Physically keep only ``heads`` (1-D long indices, ascending): slices Q/K/V output rows.
 
         In place and shape-changing: an optimizer holding the old parameters goes stale
-        (call it on a copy, see :func:`modules.structured.shrink_structured`). The caller
+        (call it on a copy, see :func:`modules.nn.structured.shrink_structured`). The caller
         also slices the columns of the attention output projection. ``head_mask``
         becomes all ones of the new length.
         """
@@ -368,7 +368,7 @@ class BertIntermediate(nn.Module):
         """Physically keep only ``neurons`` (1-D long indices, ascending): slices the dense rows.
 
         In place and shape-changing (use on a copy, see
-        :func:`modules.structured.shrink_structured`); the caller slices the columns of
+        :func:`modules.nn.structured.shrink_structured`); the caller slices the columns of
         the FFN output projection. ``neuron_mask`` becomes all ones of the new length.
         """
         self.dense = _slice_linear(self.dense, rows=neurons)
@@ -400,7 +400,7 @@ class BertLayer(nn.Module):
         input columns per kept neuron. Empty index tensors remove every head (the
         attention sublayer then adds only its output bias before the LayerNorm) or
         every neuron (likewise for the FFN). In place and shape-changing: use on a
-        copy (:func:`modules.structured.shrink_structured`).
+        copy (:func:`modules.nn.structured.shrink_structured`).
         """
         attn = self.attention.self
         d = attn.head_dim

@@ -23,7 +23,7 @@ Every source yields a :class:`EncodedStream` of ``N`` rows in time order:
 
 The stream is cut into windows by ``window``: an integer (rows per window) or a time
 span string understood by ``pandas.Timedelta`` (``"7D"``, ``"12h"``). A training
-"batch" is one whole window (see ``modules.dlrm.DLRMModule``).
+"batch" is one whole window (see ``modules.lit.dlrm.DLRMModule``).
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from modules.data_checks import check_field_counts, delimiter_hint, integer_values, parser_message, utf8_error
-from modules.features import MISSING, hash_bucket, hash_multi, signed_log1p  # noqa: F401  (re-exported)
-from modules.packages import package_file
-from modules.resumable import ResumableLoader, loop_progress
-from modules.stream_readers import count_lines, criteo_chunks, keep_earliest, log_chunks, log_columns
-from modules.text_data import DataError
+from modules.data.data_checks import check_field_counts, delimiter_hint, integer_values, parser_message, utf8_error
+from modules.core.features import MISSING, hash_bucket, hash_multi, signed_log1p  # noqa: F401  (re-exported)
+from modules.core.packages import package_file
+from modules.data.resumable import ResumableLoader, loop_progress
+from modules.data.stream_readers import count_lines, criteo_chunks, keep_earliest, log_chunks, log_columns
+from modules.core.errors import DataError
 
 def past_history(keys: pd.Series, timestamps: pd.Series, labels: pd.Series, prior: float = 0.5, strength: float = 5.0) -> tuple[np.ndarray, np.ndarray]:
     """Per row: how many earlier events the same key had, and its smoothed past click rate.
@@ -324,7 +324,7 @@ class StreamDataModule(L.LightningDataModule):
         feature), ``column`` (the row's column holding it) and ``transform`` (``identity``
         or ``signed_log1p``: ``sign(x) log(1 + |x|)``, missing -> 0); ``sparse`` and
         ``multi``: the categorical columns in model order, hashed as
-        :func:`modules.features.hash_bucket` does into ``[1, hash_buckets)``; multi-valued
+        :func:`modules.core.features.hash_bucket` does into ``[1, hash_buckets)``; multi-valued
         columns are split on ``multi_separator`` (whitespace when null).
         """
         self.setup()
@@ -419,7 +419,7 @@ class MovieLensStream(StreamDataModule):
     interaction counts so far, smoothed user / item click rates so far, item age.
 
     Raises:
-        modules.packages.MissingDataPackageError: recbole is not installed (names the pip command).
+        modules.core.packages.MissingDataPackageError: recbole is not installed (names the pip command).
     """
 
     def __init__(self, window: int | str = "7D", batch_size: int = 256, hash_buckets: int = 4096, limit_rows: int | None = None):

@@ -1,6 +1,6 @@
 """Feature encodings shared by training and serving, in numpy and pandas only (no torch).
 
-The stream data modules (``modules.stream_data``) encode training rows with these, and
+The stream data modules (``modules.data.stream_data``) encode training rows with these, and
 the served recommender (``serving.recommender``) encodes request rows with the very
 same functions, so a row is hashed and transformed identically in both.
 """

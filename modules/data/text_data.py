@@ -18,16 +18,12 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from modules.data_checks import delimiter_hint, parser_message, utf8_error
-from modules.errors import UserError
-from modules.packages import package_file
-from modules.resumable import EpochSeededSampler, ResumableLoader, loop_progress
+from modules.data.data_checks import delimiter_hint, parser_message, utf8_error
+from modules.core.errors import DataError
+from modules.core.packages import package_file
+from modules.data.resumable import EpochSeededSampler, ResumableLoader, loop_progress
 
 SPLITS = ("train", "validation", "test")
-
-
-class DataError(UserError, ValueError):
-    """A data file or data setting is unusable; the message says what and how to fix it."""
 
 
 class TokenizedDataset(Dataset):
@@ -402,7 +398,7 @@ def require_columns(df: pd.DataFrame, columns: dict[str, str | None], path: str 
     """Raise DataError naming a configured column that the file lacks, and the columns it has.
 
     ``columns`` maps a setting (``text_column``, named as ``data.<setting>``) to its column; a
-    header read as one column holding another delimiter adds a hint (:func:`modules.data_checks.delimiter_hint`).
+    header read as one column holding another delimiter adds a hint (:func:`modules.data.data_checks.delimiter_hint`).
     """
     for setting, column in columns.items():
         if column is not None and column not in df.columns:

@@ -30,8 +30,8 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from modules.data_checks import check_field_counts, parser_message, utf8_error
-from modules.text_data import DataError
+from modules.data.data_checks import check_field_counts, parser_message, utf8_error
+from modules.core.errors import DataError
 
 #: rows per chunk (when a reader is given none)
 CHUNK_ROWS = 100_000

@@ -1,7 +1,7 @@
 """The served BERT classifier as one plain tensor function, for ONNX export.
 
-:class:`ExportableBert` wraps a served :class:`modules.bert.PrunableBertForSequenceClassification`
-(heads and FFN neurons already physically removed, :func:`modules.structured.shrink_structured`)
+:class:`ExportableBert` wraps a served :class:`modules.nn.bert.PrunableBertForSequenceClassification`
+(heads and FFN neurons already physically removed, :func:`modules.nn.structured.shrink_structured`)
 and its frozen ToP token gates, and computes ``(input_ids, attention_mask, token_type_ids)
 -> logits`` with no Python decision that depends on the data, so ``torch.onnx.export``
 records every step in the graph:
@@ -15,7 +15,7 @@ records every step in the graph:
   layer ``l - 1``'s feed-forward block and every later layer of the exported model really
   run on fewer tokens, at every batch size.
 
-It computes what :meth:`~modules.bert.PrunableBertForSequenceClassification.forward`
+It computes what :meth:`~modules.nn.bert.PrunableBertForSequenceClassification.forward`
 computes with ``remove_pruned=True`` (same ranking, ties broken by position, same
 gather order); a test checks the logits agree.
 
@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from modules.bert import PrunableBertForSequenceClassification
-from modules.tokens import attention_received
-from modules.gates import TokenGates, bin_of_rank
+from modules.nn.bert import PrunableBertForSequenceClassification
+from modules.nn.tokens import attention_received
+from modules.nn.gates import TokenGates, bin_of_rank
 
 
 class ExportableBert(nn.Module):

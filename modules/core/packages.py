@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from modules.errors import UserError
+from modules.core.errors import UserError
 
 # module name -> (pip name, version) of the packages in requirements-data.txt
 DATA_PACKAGES = {

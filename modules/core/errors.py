@@ -19,3 +19,7 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class ConfigError(UserError, ValueError):
     """A model or run setting is invalid; the message names the setting, the value and what is allowed."""
+
+
+class DataError(UserError, ValueError):
+    """A data file or data setting is unusable; the message says what and how to fix it."""

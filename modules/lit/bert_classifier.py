@@ -3,7 +3,7 @@
 Task loss is cross-entropy; metrics come from torchmetrics (accuracy, F1, and MCC
 where the task reports it); AdamW with linear warm-up then linear decay. Pruners
 change the training objective through ``Pruner.training_loss`` and may attach token
-gates (``self.token_gates``, :class:`modules.gates.TokenGates`), which are part of the
+gates (``self.token_gates``, :class:`modules.nn.gates.TokenGates`), which are part of the
 module's state dict, so ``BertClassifier.load_from_checkpoint(path)`` restores the pruned
 model; :meth:`BertClassifier.served_model` builds the copy that is tested, timed and served.
 """
@@ -19,11 +19,11 @@ import torch.nn.functional as F
 import torchmetrics
 from transformers import BertConfig
 
-from modules.bert import EncoderOutput, PrunableBertForSequenceClassification, layer_macs
-from modules.errors import ConfigError
-from modules.gates import TokenGates
-from modules.objective import objectives_of, log_objective_metrics
-from modules.structured import keep_lowest_layers, shrink_structured
+from modules.nn.bert import EncoderOutput, PrunableBertForSequenceClassification, layer_macs
+from modules.core.errors import ConfigError
+from modules.nn.gates import TokenGates
+from modules.lit.objective import objectives_of, log_objective_metrics
+from modules.nn.structured import keep_lowest_layers, shrink_structured
 
 METRICS = ("accuracy", "f1", "mcc")
 
@@ -114,7 +114,7 @@ class BertClassifier(L.LightningModule):
         self, batch: dict[str, torch.Tensor], return_scores: bool = False, return_kept_masks: bool = False
     ) -> EncoderOutput:
         """Run the classifier on a batch of (B, N) ``input_ids``/``attention_mask``/``token_type_ids``
-        (``return_scores``, ``return_kept_masks``: see :class:`modules.bert.EncoderOutput`)."""
+        (``return_scores``, ``return_kept_masks``: see :class:`modules.nn.bert.EncoderOutput`)."""
         return self.model(
             batch["input_ids"],
             batch.get("attention_mask"),
@@ -258,15 +258,18 @@ class BertClassifier(L.LightningModule):
     def served_model(self) -> "BertClassifier":
         """The model as served, in eval mode: what testing, latency, MACs and export run.
 
-        Masked attention heads and FFN neurons are physically removed
-        (:func:`modules.structured.shrink_structured`, on a copy; the module itself is
+        The same contract as every LightningModule here (``DLRMModule.served_model``): a
+        :class:`BertClassifier` in eval mode whose ``.model`` is the served network, a plain
+        ``nn.Module``. Masked attention heads and FFN neurons are physically removed
+        (:func:`modules.nn.structured.shrink_structured`, on a copy; the module itself is
         unchanged), and the token gates, if any, run deterministically with pruned tokens
         gathered out before each pruning layer (``remove_pruned_at_eval``). With nothing
         masked, the module itself is returned (switched to eval mode). The served model gives the masked model's
         logits (tested).
 
         Returns:
-            a :class:`BertClassifier` in eval mode.
+            a :class:`BertClassifier` in eval mode; ``.model`` is the served
+            :class:`modules.nn.bert.PrunableBertForSequenceClassification`.
         """
         layers = self.model.bert.encoder.layer
         if not any(l.attention.self.head_mask_applied or l.intermediate.neuron_mask_applied for l in layers):
@@ -277,8 +280,8 @@ class BertClassifier(L.LightningModule):
 
     def exportable(self) -> "ExportableBert":
         """The served model as one plain tensor function for ONNX export
-        (:class:`modules.served_bert.ExportableBert`: token selection inside the graph)."""
-        from modules.served_bert import ExportableBert
+        (:class:`modules.served.served_bert.ExportableBert`: token selection inside the graph)."""
+        from modules.served.served_bert import ExportableBert
 
         served = self.served_model()
         return ExportableBert(served.model, served.token_gates)

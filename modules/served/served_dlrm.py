@@ -1,10 +1,10 @@
 """The served DLRM as one plain tensor function, for ONNX export.
 
-:class:`ExportableDLRM` wraps the served copy of :func:`modules.dlrm.export_served` (masks
+:class:`ExportableDLRM` wraps the served copy of :func:`modules.nn.dlrm.export_served` (masks
 folded, dead hidden neurons removed) and computes ``(dense, sparse[, multi]) -> click
 logit`` with embedding lookups written as ``Gather`` plus a masked sum or mean, the
 ops every ONNX runtime has (``nn.EmbeddingBag`` has no ONNX counterpart). Ids are
-wrapped into the table as :func:`modules.dlrm.wrap_ids` does, so an id never seen in
+wrapped into the table as :func:`modules.nn.dlrm.wrap_ids` does, so an id never seen in
 training still maps to a valid row. A test checks it equals the served copy.
 
 Shapes: ``B`` batch, ``K`` numeric features, ``F_s`` single-valued and ``F_m``
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.dlrm import DLRM
+from modules.nn.dlrm import DLRM
 
 
 def _lookup(weight: torch.Tensor, ids: torch.Tensor, mean: bool) -> torch.Tensor:
@@ -41,7 +41,7 @@ class ExportableDLRM(nn.Module):
     (:attr:`input_names`).
 
     Args:
-        served: a served :class:`modules.dlrm.DLRM` (from :func:`modules.dlrm.export_served`);
+        served: a served :class:`modules.nn.dlrm.DLRM` (from :func:`modules.nn.dlrm.export_served`);
             weights are shared.
     """
 

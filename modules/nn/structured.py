@@ -3,7 +3,7 @@
 Groundwork for SwiftPruner (arXiv 2209.00625), whose layer-wise sparsity must
 really lower CPU latency, so the units are whole heads and whole FFN neurons:
 
-* training uses the masks of :class:`modules.bert.PrunableBertForSequenceClassification`
+* training uses the masks of :class:`modules.nn.bert.PrunableBertForSequenceClassification`
   (``set_structured_masks``), which keep every parameter shape, so the optimizer
   stays valid (style notes, pitfall 6);
 * :func:`shrink_structured` returns a physically smaller deep copy for export and
@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from modules.bert import PrunableBertForSequenceClassification
+from modules.nn.bert import PrunableBertForSequenceClassification
 
 
 def shrink_structured(model: PrunableBertForSequenceClassification) -> PrunableBertForSequenceClassification:
@@ -39,7 +39,7 @@ def shrink_structured(model: PrunableBertForSequenceClassification) -> PrunableB
     every head removed adds only the attention output bias before its LayerNorm (and
     can no longer give token scores); with every neuron removed, only the FFN output
     bias. ``model.config`` is copied unchanged (it describes the unpruned architecture;
-    :meth:`~modules.bert.PrunableBertForSequenceClassification.layer_structure` gives
+    :meth:`~modules.nn.bert.PrunableBertForSequenceClassification.layer_structure` gives
     the new sizes), so the copy is rebuilt from its object, not from the config.
 
     The original ``model`` is not modified: keep training it (with its optimizer) and
@@ -73,7 +73,7 @@ def keep_lowest_layers(model: PrunableBertForSequenceClassification, k: int) -> 
     ``k``-th layer's output. ``model.config`` keeps describing the unpruned architecture
     (``num_hidden_layers``; dense MACs are counted from it), and the layer count a checkpoint
     needs to rebuild the model is the number of layers present (``len(model.bert.encoder.layer)``;
-    :class:`modules.bert_classifier.BertClassifier` stores it). Layer dropping as the simplest
+    :class:`modules.lit.bert_classifier.BertClassifier` stores it). Layer dropping as the simplest
     structured baseline: Sajjad et al. 2023 (arXiv 2004.03844, "top-layer dropping").
 
     Args:

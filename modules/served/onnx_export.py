@@ -1,7 +1,7 @@
 """Write a served model to ONNX and check the file (``torch.onnx.export``, ``onnx.checker``).
 
 The models passed here are the exportable forms of the served models
-(:class:`modules.served_bert.ExportableBert`, :class:`modules.served_dlrm.ExportableDLRM`):
+(:class:`modules.served.served_bert.ExportableBert`, :class:`modules.served.served_dlrm.ExportableDLRM`):
 plain tensor functions whose data-dependent steps (ToP's kept-token count) are graph
 ops, so one file serves every batch size and sequence length.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from modules.core.files import atomic_path
 
 #: ONNX opset of every exported model (the issue asks for >= 17)
 OPSET = 18
@@ -50,10 +51,8 @@ def export_onnx(
     import onnx
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     module.eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         # The tracer warns that the kept-token count is data dependent: that is what TopK's K input is for.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -70,6 +69,5 @@ def export_onnx(
             opset_version=opset,
             dynamo=False,
         )
-    onnx.checker.check_model(str(tmp), full_check=True)
-    tmp.replace(path)
+        onnx.checker.check_model(str(tmp), full_check=True)  # a file that fails the check never replaces ``path``
     return path

@@ -1,0 +1,1 @@
+"""Plain ``torch.nn`` models and their parts: the prunable BERT, DLRM, gates, token and structured pruning ops."""
