@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 import pipelines.configs  # noqa: F401  (registers the config schemas and the resolvers before Hydra composes)
 from modules.core.errors import ConfigError, UserError
-from pipelines import resume
+from pipelines import flow, resume
 from pipelines.common import format_table, write_results
 from pipelines.sweep import multirun_job
 from pipelines.threads import apply_threads
@@ -40,7 +40,6 @@ from pipelines.quantize import raise_if_failed
 
 log = logging.getLogger(__name__)
 
-PIPELINES = ("text", "stream")
 #: exit status of a user error (argparse's convention for bad usage)
 USER_ERROR_STATUS = 2
 _task_started = False
@@ -50,12 +49,17 @@ def check_run_settings(cfg: DictConfig) -> None:
     """Settings of the run itself that Lightning or torch would otherwise reject late or obscurely.
 
     Raises:
-        ConfigError: an unknown ``model.pipeline``, ``threads`` or ``latency.threads`` below 1, ``trainer.limit_train_batches=0``,
+        ConfigError: a ``model.pipeline`` (removed: ``model.task`` says what a run does), ``threads`` or
+            ``latency.threads`` below 1, ``trainer.limit_train_batches=0``,
             a run without an end (``trainer.max_epochs`` below 1 and no ``trainer.max_steps``), or a bad
             quantization setting (``export.quantize``, ...; :func:`pipelines.quantize.check_settings`).
     """
-    if cfg.model.get("pipeline") not in PIPELINES:
-        raise ConfigError(f"model.pipeline={cfg.model.get('pipeline')!r} is not one of {list(PIPELINES)}.")
+    if cfg.model.get("pipeline") is not None:
+        raise ConfigError(
+            f"model.pipeline={cfg.model.pipeline!r} is no longer a setting: the model config's task "
+            "(model.task._target_, e.g. pipelines.tasks.text_classification.TextClassificationTask or "
+            "pipelines.tasks.stream.StreamTask) says what a run does; delete model.pipeline from the model config."
+        )
     threads = cfg.get("threads")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads={threads} must be >= 1, or null for the cores the process may use.")
@@ -77,7 +81,7 @@ def check_run_settings(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run the pipeline the model config names, write ``results.json`` under the run dir, log the
+    """Run the flow (:mod:`pipelines.flow`) with the task the model config names, write ``results.json`` under the run dir, log the
     run's conclusions to its loggers (``pipelines.tracking.log_results``), print a table.
 
     Args:
@@ -100,14 +104,10 @@ def train(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the saved config; stderr stays for errors
     threads = apply_threads(cfg)
     started = time.time()
-    if cfg.model.pipeline == "text":
-        from pipelines.text import run
-    else:
-        from pipelines.stream import run
-    results = run(cfg, out_dir)
+    results = flow.run(cfg, out_dir)
     results["resumed"] = resume.resumed_events(out_dir)
     results["threads"] = threads
-    results.setdefault("wall_clock_s", math.floor(time.time() - started))
+    results["wall_clock_s"] = math.floor(time.time() - started)
     if is_global_zero():  # under DDP every rank runs train(); rank 0 alone writes and prints
         path = write_results(out_dir, results)
         log_results(cfg, out_dir, results)  # the results run of the run's W&B group (pipelines.tracking)

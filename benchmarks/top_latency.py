@@ -27,13 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 import pipelines.configs  # noqa: E402,F401  (registers the resolvers the run's config uses)
 from modules.lit.bert_classifier import BertClassifier  # noqa: E402
 from pipelines.common import build  # noqa: E402
 from pipelines.reexport import load_run  # noqa: E402
 from modules.served.latency import ratio_over_rounds  # noqa: E402
-from pipelines.text import export_text_models, median_ms, time_models_rounds  # noqa: E402
+from pipelines.flow import build_task, export_served, median_ms, time_models_rounds  # noqa: E402
 from serving.runtime import MODEL_FILE, make_session  # noqa: E402
 
 
@@ -64,24 +65,25 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"{results_path} has no pruned model; benchmark a run with a pruner (e.g. pruner=top).")
     cfg, _ = load_run(args.run_dir.resolve())
     cfg.threads = args.threads
+    for key, value in (("threads", args.threads), ("batch_sizes", args.batch_sizes), ("warmup", args.warmup),
+                       ("repeats", args.repeats), ("examples", args.examples)):
+        OmegaConf.update(cfg, f"latency.{key}", value, force_add=True)
+    task = build_task(cfg)
     datamodule = build(cfg.data)
     datamodule.setup("test")
     models = {  # checkpoints are recorded relative to the run dir
         name: BertClassifier.load_from_checkpoint(args.run_dir / results[name]["checkpoint"], map_location="cpu").served_model()
         for name in ("dense", "pruned")
     }
-    served, sessions = export_text_models(cfg, args.run_dir.resolve(), models, datamodule, results)
+    served, sessions, exportables = export_served(cfg, task, args.run_dir.resolve(), models, datamodule, results)
     if args.int8:
         for name in ("dense", "pruned"):
             path = args.run_dir / "served" / f"{name}-int8" / MODEL_FILE
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: --int8 needs a run made with export.quantize=dynamic or static.")
-            sessions[f"{name}-int8"] = make_session(path, args.threads)
+            sessions[f"{name}-int8"] = make_session(path, args.threads)  # timed on its source's inputs
     torch.manual_seed(0)
-    rounds, proto = time_models_rounds(
-        {} if args.onnxruntime_only else models, datamodule, args.batch_sizes, args.warmup, args.repeats, args.threads,
-        args.examples, sessions=sessions,
-    )
+    rounds, proto = time_models_rounds(cfg, task, {} if args.onnxruntime_only else models, datamodule, sessions, exportables)
     latency = median_ms(rounds)
     pairs = {"speedup_onnxruntime": ("dense@onnxruntime", "pruned@onnxruntime")}
     if not args.onnxruntime_only:

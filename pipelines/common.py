@@ -1,4 +1,4 @@
-"""Pieces every pipeline shares: loggers, callbacks, trainers, fit phases, and the run's results.json.
+"""Pieces every phase of a run shares: loggers, callbacks, trainers, fit phases, and the run's results.json.
 
 A run may fit several times (a dense teacher, then the pruned student, then baselines).
 Each fit is a *phase* (:func:`fit_phase`) with its own checkpoint folder
@@ -136,7 +136,7 @@ def check_settings_apply(cfg: DictConfig, pruner: Any | None) -> None:
         inner = key.removeprefix("trainer.")
         if key.startswith("trainer.") and inner in model_trainer and cfg.trainer.get(inner) != model_trainer[inner]:
             raise ConfigError(f"{key} does not apply to model={cfg.model.name}: its fits run model.trainer.{inner}="
-                              f"{model_trainer[inner]} (the {cfg.model.pipeline} pipeline needs it); set that instead.")
+                              f"{model_trainer[inner]} (the model needs it); set that instead.")
     if "trainer.max_epochs" not in user or pruner is None:
         return
     teacher = pruner.teacher_plan()
@@ -225,6 +225,7 @@ def fit_phase(
     plan: FitPlan,
     extra_callbacks: tuple | list = (),
     after_fit=None,
+    checkpoint_every_batch: bool = False,
 ) -> tuple[str, float | None]:
     """Fit ``module`` as its own phase; return (checkpoint to use, its monitored score or None).
 
@@ -242,6 +243,8 @@ def fit_phase(
         extra_callbacks: e.g. the pruner.
         after_fit: ``after_fit(module, loggers)`` runs before the phase's loggers are
             finished (to log plots into the phase's run).
+        checkpoint_every_batch: write the resumable checkpoint after every training batch too
+            (a stream's window; :attr:`pipelines.tasks.base.Task.checkpoint_every_batch`).
 
     A finished phase (its completion record says done) is not fitted again: the module and
     the callbacks' state come from its kept checkpoint; a phase in progress continues from
@@ -254,7 +257,7 @@ def fit_phase(
     """
     loggers = build_loggers(cfg, phase)
     callbacks = build_callbacks(cfg, phase, monitor=plan.monitor, mode=plan.mode, has_logger=bool(loggers))
-    callbacks += resume.phase_callbacks(phase, stream=cfg.model.get("pipeline") == "stream", seed=cfg.seed,
+    callbacks += resume.phase_callbacks(phase, stream=checkpoint_every_batch, seed=cfg.seed,
                                         out_dir=cfg.paths.output_dir)
     model_trainer = cfg.model.get("trainer")
     overrides = OmegaConf.to_container(model_trainer, resolve=True) if model_trainer else {}

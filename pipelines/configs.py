@@ -129,20 +129,24 @@ class ExportConfig:
 
 @dataclass
 class ModelConfig:
-    """The ``model`` group: which LightningModule, with which pipeline.
+    """The ``model`` group: which LightningModule, with which task.
 
     Attributes:
         name: short name (``bert``, ``dlrm``), used in run and W&B names.
-        pipeline: ``text`` (``pipelines.text``) or ``stream`` (``pipelines.stream``).
+        task: what differs between kinds of model in a run (``_target_``: a
+            :class:`pipelines.tasks.base.Task`, e.g. ``pipelines.tasks.stream.StreamTask``), :mod:`pipelines.flow`.
+        pipeline: removed (the task replaced it); a config that still sets it is refused with one line
+            (``run.check_run_settings``), so a model config from before the change cannot run a flow it did not name.
         module: the LightningModule's node (``_target_`` and constructor settings).
         pretrained: text: local Hugging Face BERT folder (default: the shipped MiniLM).
         monitor: text: the metric that picks the dense model's checkpoint.
-        trainer: trainer settings the pipeline needs, applied over ``cfg.trainer``; a command-line
+        trainer: trainer settings the model needs, applied over ``cfg.trainer``; a command-line
             ``trainer.<key>`` for one of them is refused (``pipelines.common.check_settings_apply``).
     """
 
     name: str = "???"
-    pipeline: str = "???"
+    task: Any = None
+    pipeline: Optional[str] = None
     module: Any = None
     pretrained: Optional[str] = None
     monitor: Optional[str] = None

@@ -3,7 +3,7 @@
 Reads the run's own configuration (``DIR/.hydra/config.yaml``) and ``results.json``,
 reloads each final model from the checkpoint results.json names, builds its served copy,
 and runs the same export, parity check and PyTorch / ONNX Runtime timing as the end of a
-run (``serve_and_time`` of the run's pipeline). results.json is then replaced atomically
+run (:func:`pipelines.flow.serve_and_time` with the run's task). results.json is then replaced atomically
 with the new ``served`` entries and latency figures; nothing else in it changes.
 """
 
@@ -17,7 +17,12 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from modules.core.errors import ConfigError, MissingFileError, UserError
-from pipelines.common import RESULTS_FILE, build
+from pipelines.common import RESULTS_FILE
+from pipelines.flow import build_task, serve_and_time
+
+
+#: the task of a run saved before ``model.task`` existed, by its ``model.pipeline``
+LEGACY_TASKS = {"text": "pipelines.tasks.text_classification.TextClassificationTask", "stream": "pipelines.tasks.stream.StreamTask"}
 
 
 class RunDirError(UserError, ValueError):
@@ -54,6 +59,9 @@ def load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
     # runs made before a setting existed get its default
     for key, schema in (("export", ExportConfig), ("latency", LatencyConfig)):
         cfg[key] = OmegaConf.merge(OmegaConf.structured(schema), cfg.get(key) or {})
+    legacy = cfg.model.pop("pipeline", None)  # runs made before model.task named their flow by this string
+    if cfg.model.get("task") is None and legacy in LEGACY_TASKS:
+        cfg.model.task = {"_target_": LEGACY_TASKS[legacy]}
     return cfg, results
 
 
@@ -118,16 +126,6 @@ def reexport(
         modules = {"dense": module_cls.load_from_checkpoint(str(final_models(results, ["dense"], run_dir)["dense"]), map_location="cpu"), **modules}
     for name in modules:
         results.pop(int8_name(name), None)
-    if cfg.model.pipeline == "text":
-        from pipelines.text import serve_and_time
-
-        dm = build(cfg.data)
-        dm.setup("fit")
-        serve_and_time(cfg, run_dir, results, {k: m.served_model() for k, m in modules.items()}, dm)
-    else:
-        from pipelines.stream import serve_and_time
-
-        dm = build(cfg.data, _convert_="all")
-        dm.setup("fit")
-        serve_and_time(cfg, run_dir, results, {k: m.served_model().model for k, m in modules.items()}, dm)
+    task = build_task(cfg)
+    serve_and_time(cfg, task, run_dir, results, {k: m.served_model() for k, m in modules.items()}, task.build_data(cfg))
     return results

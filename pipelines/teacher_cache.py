@@ -1,6 +1,6 @@
 """Reuse of dense teachers across runs: a sweep over pruner settings fine-tunes each distinct teacher once.
 
-The same cache holds a stream run's dense reference (``pipelines.stream``): a sweep over D2S
+The same cache holds a stream run's dense reference (``pipelines.tasks.stream``): a sweep over D2S
 settings trains it once.
 
 An entry lives in ``<paths.teacher_cache_dir>/<key>/`` (default

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: modules the fork server imports once (the entry scripts' imports, and the pipelines run.py imports late)
-PRELOAD = ["run", "export", "pipelines.text", "pipelines.stream", "pipelines.reexport", __name__]
+PRELOAD = ["run", "export", "pipelines.flow", "pipelines.tasks.text_classification", "pipelines.tasks.stream", "pipelines.reexport", __name__]
 FRESH = os.environ.get("LITPRUNE_TEST_FRESH_INTERPRETER") == "1"
 
 _context = None

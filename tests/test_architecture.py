@@ -119,7 +119,7 @@ def test_pipelines_ask_pruners_only_through_the_protocol():
 
     pruner_classes = {cls.__name__ for cls in selectable_pruners()} | {"MaskedDistillation", "TeacherPruner"}
     wrong = []
-    for path in sorted((ROOT / "pipelines").glob("*.py")):
+    for path in sorted((ROOT / "pipelines").rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr"):

@@ -8,7 +8,7 @@ ONNX Runtime; layer dropping serves and exports a model that really has k layers
 stage's model, and a run killed inside its second stage resumes to the uninterrupted result.
 
 Guards run once broken (issue 31): with the pipeline starting every phase from the dense checkpoint
-(``start`` not advanced in ``pipelines.text.run``), the stage-order test failed (the tokens phase
+(``start`` not advanced in ``pipelines.text.run``, now ``pipelines.flow.run``), the stage-order test failed (the tokens phase
 started from ``checkpoints/dense``); with ``_check_composable`` returning at once, the refused-pair
 tests failed (DID NOT RAISE); with ``on_load_checkpoint`` not dropping layers, the layer-drop
 checkpoint round trip failed (``RuntimeError: Error(s) in loading state_dict for BertClassifier``).
@@ -298,16 +298,16 @@ def test_swiftpruner_top_runs_its_stages_in_order_each_from_the_previous_model(t
     starting from the previous one's kept checkpoint; the tokens phase keeps the structure's masks; the pruned
     (served, exported) model removes heads, neurons and tokens; results hold a section per stage."""
     import run
-    from pipelines import text
+    from pipelines import flow
 
     starts = []
-    real = text.prune_phase
+    real = flow.prune_phase
 
     def spy(cfg, phase, pruner, start, *args, **kwargs):
         starts.append((phase, Path(start).resolve()))
         return real(cfg, phase, pruner, start, *args, **kwargs)
 
-    monkeypatch.setattr(text, "prune_phase", spy)
+    monkeypatch.setattr(flow, "prune_phase", spy)
     cfg = compose_config(*COMPOSITE, output_dir=tmp_path)
     results = run.train(cfg)
     ckpts = tmp_path / "checkpoints"

@@ -111,7 +111,7 @@ def test_top_on_two_ranks_freezes_alike_and_survives_the_freeze(tmp_path):
     from conftest import compose_config
     from modules.lit.bert_classifier import BertClassifier
     from pipelines.common import build
-    from pipelines.text import evaluate_test_split
+    from pipelines.tasks.text_classification import evaluate_test_split
 
     cfg = compose_config("model=bert", "pruner=top", "logger=csv", "data.limit_per_split=32", output_dir=tmp_path / "one")
     datamodule = build(cfg.data)

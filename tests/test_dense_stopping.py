@@ -168,16 +168,16 @@ def small_run(data: Path, *more: str) -> list[str]:
 
 
 class PruningStarted(Exception):
-    """Raised by the patched ``pipelines.text.prune_phase``: the run got past the dense model's check."""
+    """Raised by the patched ``pipelines.flow.prune_phase``: the run got past the dense model's check."""
 
 
 def stop_at_pruning(monkeypatch) -> None:
-    from pipelines import text
+    from pipelines import flow
 
     def prune_phase(*args, **kwargs):
         raise PruningStarted
 
-    monkeypatch.setattr(text, "prune_phase", prune_phase)
+    monkeypatch.setattr(flow, "prune_phase", prune_phase)
 
 
 @pytest.mark.slow
@@ -187,7 +187,7 @@ def test_a_run_on_imbalanced_data_trains_past_the_minimum_then_refuses_before_pr
     and the run exits 2 with one line before the pruning phase: no results.json, no pruned checkpoint,
     nothing in the teacher cache. Resumed with ``allow_majority_class_teacher=true``, it goes on to the
     pruning phase from the kept dense checkpoint without fitting it again. Broken once (the
-    ``act_on_teacher_check`` call removed from pipelines/text.py): the run went on into the pruning
+    ``act_on_teacher_check`` call removed from pipelines/text.py, now pipelines/tasks/text_classification.py): the run went on into the pruning
     phase and the test failed (the run had not ended when ``run_script`` timed out at 300 s)."""
     import lightning as L
     from hydra import compose, initialize_config_dir

@@ -13,7 +13,7 @@ import run
 from conftest import recount_served
 from modules.lit.bert_classifier import BertClassifier
 from pipelines.common import build
-from pipelines.text import evaluate_test_split
+from pipelines.tasks.text_classification import evaluate_test_split
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -47,7 +47,7 @@ SAME = ["pruner.target_sparsity=0.3", "pruner.pruning_epochs=2", "latency.repeat
 
 
 def key(d: Path, *overrides: str) -> str:
-    """The cache key of the dense teacher of ``python run.py <base> <overrides>``, as pipelines.text makes it."""
+    """The cache key of the dense teacher of ``python run.py <base> <overrides>``, as pipelines.flow makes it."""
     cfg = compose_config("pruner=top", "data=text_csv", f"data.path={d / 'reviews.csv'}", "logger=none", *overrides,
                          output_dir=d / "run")
     epochs = build(cfg.pruner).teacher_plan().epochs

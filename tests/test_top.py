@@ -383,7 +383,7 @@ def test_what_each_layer_reads_counts_token_kinds_of_the_kept_tokens(tmp_path, t
     from modules.lit.bert_classifier import BertClassifier
     from modules.core.packages import default_bert_dir
     from modules.data.text_data import TextFileDataModule
-    from pipelines.text import kept_tokens_per_layer
+    from pipelines.tasks.text_classification import kept_tokens_per_layer
 
     texts = ["An unbelievably dull, overlong film!", "Great acting; the plot, however, meanders.",
              "I loved it.", "Boring... truly boring", "a masterpiece of understatement"] * 8
@@ -618,7 +618,7 @@ def test_kept_tokens_per_layer_equal_the_tokens_each_served_layer_receives(tiny_
     encoder layer's attention in the served model receives, read by forward hooks on one test sample at a time (no
     padding), averaged over the test split. Counting each batch's longest sample for every sample (padding
     included): checked, it fails."""
-    from pipelines.text import kept_tokens_per_layer
+    from pipelines.tasks.text_classification import kept_tokens_per_layer
 
     dm, teacher_ckpt, _ = tiny_setup
     dm.setup("test")
