@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
             feeds = {k: v.numpy() for k, v in x.items()}
             calls = {}
             for k, e in exportables.items():
-                calls[f"{k}@torch"] = lambda e=e: e(**x)
-                calls[f"{k}@onnxruntime"] = lambda s=sessions[k]: s.run(None, feeds)
+                calls[f"{k}@torch"] = lambda e=e, x=x: e(**x)
+                calls[f"{k}@onnxruntime"] = lambda s=sessions[k], feeds=feeds: s.run(None, feeds)
             ms = measure_latency_ms(calls, args.warmup, args.repeats, args.threads)
             raw[str(bs)] = ms
             for k in exportables:

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from modules.core.plots import pyplot, save_figure
+from modules.core.plots import pyplot, save_figure  # noqa: E402
 
 RUNS = ROOT / "benchmarks" / "runs"
 

@@ -168,7 +168,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
         def fit() -> str:
             """Fit the dense phase; remember its best monitored score."""
-            path, fitted["score"] = fit_phase(cfg, "dense", dense_module, datamodule, plan,
+            path, fitted["score"] = fit_phase(cfg, "dense", dense_module, datamodule, plan,  # noqa: F821 (called before the del below)
                                               checkpoint_every_batch=task.checkpoint_every_batch)
             return path
 
@@ -356,7 +356,7 @@ def time_models_rounds(
     for bs in lat.batch_sizes:
         batches = task.latency_batches(cfg, datamodule, int(bs))
 
-        def call_torch(model: torch.nn.Module):
+        def call_torch(model: torch.nn.Module, batches: list = batches):
             """A zero-argument call running ``model`` on every latency batch."""
             return lambda: [task.logits(model, b) for b in batches]
 

@@ -278,7 +278,7 @@ class SweepSummary(Callback):
         error = None
         if status == "failed":
             try:
-                job_return.return_value  # raises the job's exception
+                _ = job_return.return_value  # raises the job's exception
             except Exception as err:  # noqa: BLE001  (any error of the job is its row's message)
                 error = f"{type(err).__name__}: {err}"
         record = {"status": status, "overrides": " ".join(hc.overrides.task), "error": error, "ended": time.time()}

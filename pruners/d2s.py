@@ -381,7 +381,7 @@ class D2SPruner(Pruner):
         """
         out = {}
         layers = self.model.mlp_layers()
-        for name, (producer, consumer) in self.model.hidden_neurons().items():
+        for name, (producer, _consumer) in self.model.hidden_neurons().items():
             cname = _consumer_name(name)
             row = self.weight_importance(name, producer).mean(dim=1)
             col = self.weight_importance(cname, layers[cname]).mean(dim=0)
@@ -412,7 +412,7 @@ class D2SPruner(Pruner):
         """Fraction of each MLP layer's weights still in the served model (after neuron removal)."""
         layers = self.model.mlp_layers()
         alive_out = {n: torch.ones(l.out_features, dtype=torch.bool, device=l.mask.device) for n, l in layers.items()}
-        for name, (producer, consumer) in self.model.hidden_neurons().items():
+        for name, (producer, _consumer) in self.model.hidden_neurons().items():
             cname = _consumer_name(name)
             alive_out[name] = neuron_alive(producer, layers[cname])
         out = {}

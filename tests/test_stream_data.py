@@ -66,7 +66,7 @@ def test_movielens_stream_is_time_ordered_with_consecutive_windows():
     assert len(s) == 20000
     assert (s.timestamp[1:] >= s.timestamp[:-1]).all()
     assert (s.window[1:] - s.window[:-1]).ge(0).all() and (s.window[1:] - s.window[:-1]).le(1).all()
-    for w, (a, b) in enumerate(s.window_bounds()):
+    for a, b in s.window_bounds():
         assert float(s.timestamp[b - 1] - s.timestamp[a]) < 7 * 86400  # a window spans less than 7 days
     assert s.sparse.shape == (20000, 7) and s.multi.shape[:2] == (20000, 1) and s.dense.shape == (20000, 5)
     assert set(s.label.unique().tolist()) == {0.0, 1.0}
@@ -203,7 +203,7 @@ def criteo_line(label, ints, cats):
 def test_criteo_format_with_empty_fields(tmp_path):
     rng = np.random.default_rng(0)
     lines = []
-    for i in range(50):
+    for _ in range(50):
         ints = ["" if rng.random() < 0.2 else int(rng.integers(-2, 500)) for _ in range(13)]
         cats = ["" if rng.random() < 0.2 else f"{rng.integers(0, 2**32):08x}" for _ in range(26)]
         lines.append(criteo_line(int(rng.integers(0, 2)), ints, cats))

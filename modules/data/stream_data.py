@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from modules.data.data_checks import check_field_counts, delimiter_hint, integer_values, parser_message, utf8_error
+from modules.data.data_checks import delimiter_hint, integer_values
 from modules.core.features import MISSING, hash_bucket, hash_multi, signed_log1p  # noqa: F401  (re-exported)
 from modules.core.packages import package_file
 from modules.data.resumable import ResumableLoader, loop_progress

@@ -11,7 +11,7 @@ model; :meth:`BertClassifier.served_model` builds the copy that is tested, timed
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -24,6 +24,9 @@ from modules.core.errors import ConfigError
 from modules.nn.gates import TokenGates
 from modules.lit.objective import objectives_of, log_objective_metrics
 from modules.nn.structured import keep_lowest_layers, shrink_structured
+
+if TYPE_CHECKING:  # the annotation only; the method imports it when called
+    from modules.served.served_bert import ExportableBert
 
 METRICS = ("accuracy", "f1", "mcc")
 
@@ -210,7 +213,7 @@ class BertClassifier(L.LightningModule):
         """AdamW with linear warm-up and decay over the model's trainable weights, plus the
         training objectives' own parameter groups (``TrainingObjective.param_groups``, the pruners') at constant learning rates."""
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for p in self.model.parameters():
             if not p.requires_grad:
                 continue
             (no_decay if p.ndim == 1 else decay).append(p)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -21,6 +21,9 @@ from modules.core.errors import ConfigError
 from modules.lit.distributed import gather_rows, global_rank, world_size
 from modules.lit.objective import log_objective_metrics, objectives_of
 from modules.nn.dlrm import DLRM, export_served
+
+if TYPE_CHECKING:  # the annotation only; the method imports it when called
+    from modules.served.served_dlrm import ExportableDLRM
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -164,7 +164,7 @@ def taylor_importance(
             missing = [k for k in ("input_ids", "labels") if k not in batch]
             if missing:
                 raise ValueError(f"taylor_importance: batch {count} has no {missing}; it needs input_ids and labels.")
-            get = lambda k: batch[k].to(device) if batch.get(k) is not None else None  # noqa: E731
+            get = lambda k, batch=batch: batch[k].to(device) if batch.get(k) is not None else None  # noqa: E731
             with torch.enable_grad():  # also when called under torch.no_grad()
                 out = model(get("input_ids"), get("attention_mask"), get("token_type_ids"))
                 loss = F.cross_entropy(out.logits, get("labels"))

@@ -296,7 +296,7 @@ def pick(candidates: list[dict], timer: Callable[[Sequence[int]], float], budget
         if genes in seen:
             continue
         seen.add(genes)
-        verified = latency.verify(lambda: timer(genes))
+        verified = latency.verify(lambda genes=genes: timer(genes))
         if verified is None:
             return cand, rejected
         cand["verify_rounds_ms"], cand["verified_ms"] = verified
