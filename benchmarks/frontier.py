@@ -77,9 +77,9 @@ PLANS: dict[str, dict] = {
     "smoke": {
         "common": ["threads=1", "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                    TINY_BERT, "allow_majority_class_teacher=true", "data.limit_per_split=48", "data.batch_size=8",
-                   "trainer.max_epochs=1",
                    "trainer.num_sanity_val_steps=0", "latency.batch_sizes=[1,32]", "latency.repeats=2", "latency.warmup=1",
                    "latency.examples=32", "export.parity_examples=32"],
+        "dense": ["trainer.max_epochs=1"],  # the dense job's fit (pruner=none); each pruner job runs its own epochs
         "jobs": [
             ("top_0.30", "top", ["pruner.target_sparsity=0.3", "pruner.pruning_epochs=2", "pruner.bin_count=4"], True),
             ("swiftpruner_1000ms", "swiftpruner", [*(f"pruner.{s}" for s in SMOKE_SWIFT), "pruner.latency.budget_ms=1000"], False),
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = PLANS[args.plan]
     base = Path(args.log_dir).resolve() / "frontier" / args.plan
     started = time.time()
-    teacher = Path(args.teacher) if args.teacher else teacher_checkpoint(base, plan["common"], args.overrides)
+    teacher = Path(args.teacher) if args.teacher else teacher_checkpoint(base, [*plan["common"], *plan.get("dense", [])], args.overrides)
     jobs = []
     for name, pruner, overrides, default_point in plan["jobs"]:
         for seed in args.seeds if default_point else args.seeds[:1]:

@@ -9,7 +9,7 @@ improved for ``patience`` validations, at most ``pruner.teacher_epochs`` epochs.
 counted from the first validation can end a phase on small data during its warm-up, at the
 majority-class rate; small data is where a teacher needs every step and where steps are
 cheap, so with 300 steps a 3-epoch teacher at batch 32 on fewer than 3,200 examples trains
-all its epochs (README.md, the dense phase, has the measurements).
+all its epochs (benchmarks/top.md has the measurements).
 
 A dense model that ends at the rate of always answering the most frequent class (too few
 epochs, too little data, bad labels) is a useless teacher: a pruned model distilled from it

@@ -285,7 +285,7 @@ STRUCTURE = ["head_choices=[2,4]", "ffn_fractions=[0,0.5,1]", "search.generation
              "latency.budget_ms=1000", "latency.verify_rounds=0", "latency.calibration_models=2"]
 COMPOSITE = ["threads=1", "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
              "latency.batch_sizes=[1]", "latency.repeats=1", "latency.warmup=0", "model=bert", TINY,
-             "allow_majority_class_teacher=true", "data.limit_per_split=48", "data.batch_size=8", "trainer.max_epochs=1",
+             "allow_majority_class_teacher=true", "data.limit_per_split=48", "data.batch_size=8",
              "trainer.val_check_interval=0.5",
              "trainer.num_sanity_val_steps=0", "latency.examples=2", "pruner=swiftpruner_top", "pruner.teacher_epochs=1",
              *(f"pruner.stages.structure.{s}" for s in STRUCTURE),

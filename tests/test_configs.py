@@ -172,7 +172,7 @@ def test_the_checkpoint_callback_is_what_the_run_sets(tmp_path):
           r"pruner\.stages\.structure\.finetune_epochs and pruner\.stages\.tokens\.pruning_epochs")),
         (["model=dlrm", "pruner=d2s", "trainer.max_epochs=2"],
          (r"^trainer\.max_epochs does not apply to model=dlrm: "
-          r"its fits run model\.trainer\.max_epochs=1 \(the stream pipeline needs it\); set that instead\.$")),
+          r"its fits run model\.trainer\.max_epochs=1 \(the model needs it\); set that instead\.$")),
         (["model=dlrm", "pruner=none", "trainer.gradient_clip_val=0.5"],
          r"^trainer\.gradient_clip_val does not apply to model=dlrm: its fits run model\.trainer\.gradient_clip_val=None"),
     ],

@@ -109,7 +109,7 @@ class StreamTask(Task):
 
     def build_module(self, cfg: DictConfig, datamodule) -> L.LightningModule:
         """Seed with ``cfg.seed``, then ``cfg.model.module`` with the data's feature sizes: every phase starts alike."""
-        L.seed_everything(cfg.seed, workers=True)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # quiet: a refused pruner's error stays the only line
         return build(cfg.model.module, **datamodule.model_sizes(), _convert_="all")
 
     def start_module(self, cfg: DictConfig, datamodule, checkpoint: str) -> L.LightningModule:
