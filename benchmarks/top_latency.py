@@ -35,6 +35,7 @@ from pipelines.common import build  # noqa: E402
 from pipelines.reexport import load_run  # noqa: E402
 from modules.served.latency import ratio_over_rounds  # noqa: E402
 from pipelines.flow import build_task, export_served, median_ms, time_models_rounds  # noqa: E402
+from pipelines.quantize import INT8_SUFFIX  # noqa: E402
 from serving.runtime import MODEL_FILE, make_session  # noqa: E402
 
 
@@ -78,10 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
     served, sessions, exportables = export_served(cfg, task, args.run_dir.resolve(), models, datamodule, results)
     if args.int8:
         for name in ("dense", "pruned"):
-            path = args.run_dir / "served" / f"{name}-int8" / MODEL_FILE
+            path = args.run_dir / "served" / f"{name}{INT8_SUFFIX}" / MODEL_FILE
             if not path.is_file():
                 raise FileNotFoundError(f"{path} not found: --int8 needs a run made with export.quantize=dynamic or static.")
-            sessions[f"{name}-int8"] = make_session(path, args.threads)  # timed on its source's inputs
+            sessions[f"{name}{INT8_SUFFIX}"] = make_session(path, args.threads)  # timed on its source's inputs
     torch.manual_seed(0)
     rounds, proto = time_models_rounds(cfg, task, {} if args.onnxruntime_only else models, datamodule, sessions, exportables)
     latency = median_ms(rounds)
@@ -91,9 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.int8:  # int8 against dense fp32 (the reference of every speedup), and pruned int8 against dense int8
         pairs = {
             **pairs,
-            "dense_int8_vs_dense_onnxruntime": ("dense@onnxruntime", "dense-int8@onnxruntime"),
-            "pruned_int8_vs_dense_onnxruntime": ("dense@onnxruntime", "pruned-int8@onnxruntime"),
-            "pruned_int8_vs_dense_int8": ("dense-int8@onnxruntime", "pruned-int8@onnxruntime"),
+            "dense_int8_vs_dense_onnxruntime": ("dense@onnxruntime", f"dense{INT8_SUFFIX}@onnxruntime"),
+            "pruned_int8_vs_dense_onnxruntime": ("dense@onnxruntime", f"pruned{INT8_SUFFIX}@onnxruntime"),
+            "pruned_int8_vs_dense_int8": (f"dense{INT8_SUFFIX}@onnxruntime", f"pruned{INT8_SUFFIX}@onnxruntime"),
         }
     out = {
         "command": "python benchmarks/top_latency.py RUN_DIR " + " ".join((argv if argv is not None else sys.argv[1:])[1:]),
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "max_abs_diff": {name: e["max_abs_diff"] for name, e in served.items()},
         "macs_reduction": results.get("macs_reduction"),
-        "accuracy": {name: results[name]["metrics"]["accuracy"] for name in ("dense", "pruned", *(("dense-int8", "pruned-int8") if args.int8 else ()))},
+        "accuracy": {name: results[name]["metrics"]["accuracy"] for name in ("dense", "pruned", *((f"dense{INT8_SUFFIX}", f"pruned{INT8_SUFFIX}") if args.int8 else ()))},
         "protocol": {**proto, "rounds": "onnxruntime models alone" if args.onnxruntime_only else "PyTorch eager and onnxruntime models"},
     }
     (args.run_dir / "benchmark_top_latency.json").write_text(json.dumps(out, indent=2) + "\n")
