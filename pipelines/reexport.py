@@ -25,6 +25,43 @@ from pipelines.flow import build_task, serve_and_time
 LEGACY_TASKS = {"text": "pipelines.tasks.text_classification.TextClassificationTask", "stream": "pipelines.tasks.stream.StreamTask"}
 
 
+#: the package of each module that moved into a sub-package of modules/ (issue 32), for ``_target_`` paths of older runs
+LEGACY_MODULES = {
+    **dict.fromkeys(("errors", "version", "features", "packages"), "core"),
+    **dict.fromkeys(("bert", "gates", "structured", "tokens"), "nn"),
+    **dict.fromkeys(("bert_classifier", "objective", "distributed"), "lit"),
+    **dict.fromkeys(("text_data", "stream_data", "stream_readers", "data_checks", "resumable"), "data"),
+    **dict.fromkeys(("served_bert", "served_dlrm", "onnx_export", "latency"), "served"),
+}
+
+
+def current_target(target: str) -> str:
+    """``target`` (a ``_target_`` path) as the modules/ sub-packages spell it: ``modules.text_data.X`` ->
+    ``modules.data.text_data.X``; ``modules.dlrm.DLRMModule`` -> ``modules.lit.dlrm``, other ``modules.dlrm`` names ->
+    ``modules.nn.dlrm``. Any other path is returned unchanged."""
+    parts = target.split(".")
+    if len(parts) < 3 or parts[0] != "modules":
+        return target
+    if parts[1] == "dlrm":
+        package = "lit" if parts[2] == "DLRMModule" else "nn"
+    else:
+        package = LEGACY_MODULES.get(parts[1])
+    return ".".join(["modules", package, *parts[1:]]) if package else target
+
+
+def _update_targets(node: Any) -> None:
+    """Rewrite every ``_target_`` under ``node`` (a plain dict/list tree) with :func:`current_target`, in place."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_" and isinstance(value, str):
+                node[key] = current_target(value)
+            else:
+                _update_targets(value)
+    elif isinstance(node, list):
+        for value in node:
+            _update_targets(value)
+
+
 class RunDirError(UserError, ValueError):
     """The run dir cannot be exported: not a finished run, or a broken results.json."""
 
@@ -53,7 +90,9 @@ def load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
 
     from pipelines.configs import ExportConfig, LatencyConfig
 
-    cfg = OmegaConf.load(cfg_path)
+    saved = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=False)
+    _update_targets(saved)  # runs saved before modules/ had sub-packages name the old module paths
+    cfg = OmegaConf.create(saved)
     OmegaConf.set_struct(cfg, False)
     cfg.paths.output_dir = str(run_dir)
     # runs made before a setting existed get its default

@@ -306,3 +306,29 @@ def test_export_of_a_run_saved_before_model_task_finds_its_task(tmp_path, pipeli
     (tmp_path / "results.json").write_text("{}")
     loaded, _ = load_run(tmp_path)
     assert "pipeline" not in loaded.model and type(build_task(loaded)).__name__ == task
+
+
+def test_export_of_a_run_saved_before_the_modules_sub_packages_builds_its_data_and_module(tmp_path):
+    """A run dir saved before modules/ had sub-packages names ``modules.text_data.RottenTomatoesDataModule`` and
+    ``modules.bert_classifier.BertClassifier``: load_run rewrites every ``_target_`` to its new path, so the saved data
+    and module nodes still instantiate (without the rewrite Hydra cannot locate them; run broken once: it failed so)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from pipelines.reexport import current_target, load_run
+
+    assert current_target("modules.dlrm.DLRMModule") == "modules.lit.dlrm.DLRMModule"
+    assert current_target("modules.dlrm.DLRM") == "modules.nn.dlrm.DLRM"
+    assert current_target("modules.data.text_data.X") == "modules.data.text_data.X"  # already current
+    assert current_target("pruners.top.ToPPruner") == "pruners.top.ToPPruner"
+    cfg = compose_config("model=bert", "pruner=top", output_dir=tmp_path)
+    saved = OmegaConf.to_container(cfg, resolve=False)
+    saved["data"]["_target_"] = "modules.text_data.RottenTomatoesDataModule"
+    saved["model"]["module"]["_target_"] = "modules.bert_classifier.BertClassifier"
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / ".hydra" / "config.yaml")
+    (tmp_path / "results.json").write_text("{}")
+    loaded, _ = load_run(tmp_path)
+    assert loaded.data._target_ == "modules.data.text_data.RottenTomatoesDataModule"
+    assert get_class(loaded.model.module._target_).__name__ == "BertClassifier"
+    assert loaded.pruner._target_ == "pruners.top.ToPPruner"
